@@ -1,0 +1,74 @@
+// C++ CPU kernel of apply_rotary, and the operator schema.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+#include "rotary/rotary.h"
+#include "rotary/rotary_math.h"
+
+namespace ie {
+namespace rotary {
+
+void check_args(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq) {
+  IE_CHECK_DIM(x, 3);
+  IE_CHECK_DIM(positions, 1);
+  IE_CHECK_DIM(inv_freq, 1);
+  IE_CHECK_DTYPE(positions, at::kFloat);
+  IE_CHECK_DTYPE(inv_freq, at::kFloat);
+  IE_CHECK_CONTIGUOUS(x);
+  IE_CHECK_CONTIGUOUS(positions);
+  IE_CHECK_CONTIGUOUS(inv_freq);
+  IE_CHECK_SAME_DEVICE(x, positions);
+  IE_CHECK_SAME_DEVICE(x, inv_freq);
+  TORCH_CHECK(positions.size(0) == x.size(0), "positions must have one entry per token of x");
+  TORCH_CHECK(2 * inv_freq.size(0) <= x.size(2), "rotary_dim (2 * inv_freq length) must not exceed the head dim");
+}
+
+at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq, bool inverse) {
+  check_args(x, positions, inv_freq);
+  at::Tensor out = at::empty_like(x);
+  const int64_t tokens = x.size(0), heads = x.size(1), head_dim = x.size(2), half = inv_freq.size(0);
+  const float* pos = positions.data_ptr<float>();
+  const float* freq = inv_freq.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotary_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> cos_a(half), sin_a(half);
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = angle(pos[t], freq[i]);
+          cos_a[i] = static_cast<acc_t>(std::cos(a));
+          sin_a[i] = static_cast<acc_t>(std::sin(a));
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+          for (int64_t i = 0; i < half; ++i) {
+            const int64_t o1 = offset(t, h, i, heads, head_dim), o2 = offset(t, h, i + half, heads, head_dim);
+            acc_t y1, y2;
+            rotate<acc_t>(static_cast<acc_t>(src[o1]), static_cast<acc_t>(src[o2]), cos_a[i], sin_a[i], inverse, y1, y2);
+            dst[o1] = static_cast<scalar_t>(y1);
+            dst[o2] = static_cast<scalar_t>(y2);
+          }
+          for (int64_t d = 2 * half; d < head_dim; ++d) {
+            const int64_t o = offset(t, h, d, heads, head_dim);
+            dst[o] = src[o];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace rotary
+}  // namespace ie
+
+TORCH_LIBRARY_FRAGMENT(internvl3_engine_C, m) {
+  m.def("rotary(Tensor x, Tensor positions, Tensor inv_freq, bool inverse) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(internvl3_engine_C, CPU, m) { m.impl("rotary", &ie::rotary::rotary_cpu); }

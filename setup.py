@@ -1,0 +1,131 @@
+"""Build script for internvl3_engine and its compiled extension ``internvl3_engine._C``.
+
+Build variants (one-line message printed at build time says which was chosen and why):
+  INTERNVL3_ENGINE_BUILD=auto (default)  CUDA when torch is a CUDA build and a CUDA toolkit is found, else CPU
+  INTERNVL3_ENGINE_BUILD=cuda            CUDA kernels + C++ CPU kernels; fails if no toolkit is found
+  INTERNVL3_ENGINE_BUILD=cpu             C++ CPU kernels only
+  INTERNVL3_ENGINE_BUILD=none            pure Python (Triton and PyTorch backends only)
+CUDA_HOME (or CUDA_PATH) names the toolkit; without it the toolkit is located from `nvcc --dryrun`,
+which reports the folder of the real nvcc even when the one on PATH is a wrapper script elsewhere.
+TORCH_CUDA_ARCH_LIST overrides the default GPU architectures (8.0 and 9.0).
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _log(message: str) -> None:
+    print(f"internvl3_engine build: {message}", file=sys.stderr, flush=True)
+
+
+def _toolkit_from_nvcc(nvcc: str) -> str | None:
+    """The toolkit root of the nvcc that `nvcc` really runs, read from its --dryrun trace."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "probe.cu")
+        open(probe, "w").close()
+        try:
+            trace = subprocess.run(
+                [nvcc, "--dryrun", "-c", probe, "-o", os.path.join(tmp, "probe.o")],
+                capture_output=True, text=True, timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    for line in (trace.stdout + trace.stderr).splitlines():
+        match = re.match(r"#\$ _HERE_=(.+)$", line.strip())
+        if match:
+            bin_dir = match.group(1).strip()
+            root = os.path.dirname(bin_dir)
+            if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+                return root
+    return None
+
+
+def find_cuda_toolkit() -> tuple[str | None, str]:
+    """(toolkit root or None, how it was found or why not)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var], f"{var}={os.environ[var]}"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for candidate in sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True):
+            nvcc = candidate
+            break
+    if nvcc is None:
+        return None, "no nvcc on PATH and CUDA_HOME unset"
+    root = _toolkit_from_nvcc(nvcc)
+    if root is None:
+        return None, f"could not read the toolkit folder from `{nvcc} --dryrun`"
+    return root, f"located from `{nvcc} --dryrun`"
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+
+
+def extension_modules():
+    variant = os.environ.get("INTERNVL3_ENGINE_BUILD", "auto").lower()
+    if variant not in ("auto", "cuda", "cpu", "none"):
+        raise SystemExit(f"INTERNVL3_ENGINE_BUILD must be auto, cuda, cpu or none, got {variant!r}")
+    if variant == "none":
+        _log("pure-Python build (INTERNVL3_ENGINE_BUILD=none): no compiled extension")
+        return [], {}
+
+    import torch
+
+    use_cuda, reason = False, ""
+    if variant in ("auto", "cuda"):
+        toolkit, how = find_cuda_toolkit()
+        if torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is not a CUDA build"
+        elif toolkit is None:
+            reason = how
+        else:
+            # torch.utils.cpp_extension reads CUDA_HOME when imported: set it before the import below.
+            os.environ["CUDA_HOME"] = toolkit
+            use_cuda, reason = True, f"toolkit {toolkit} ({how}), torch CUDA {torch.version.cuda}"
+        if variant == "cuda" and not use_cuda:
+            raise SystemExit(f"INTERNVL3_ENGINE_BUILD=cuda but no CUDA build is possible: {reason}")
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    if use_cuda:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        _log(f"CUDA build for archs {archs}: {reason}")
+        define = [("INTERNVL3_ENGINE_WITH_CUDA", "1"), ("INTERNVL3_ENGINE_CUDA_ARCHS", f'"{archs}"')]
+        ext = CUDAExtension(
+            "internvl3_engine._C",
+            _sources("*.cpp") + _sources("*.cu"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        )
+    else:
+        _log(f"CPU-only C++ build: {reason or 'INTERNVL3_ENGINE_BUILD=cpu'}")
+        ext = CppExtension(
+            "internvl3_engine._C",
+            _sources("*.cpp"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    packages=find_packages(include=["internvl3_engine", "internvl3_engine.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
