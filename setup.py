@@ -12,60 +12,19 @@ TORCH_CUDA_ARCH_LIST overrides the default GPU architectures (8.0 and 9.0).
 
 import glob
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+from cuda_toolkit import find_cuda_toolkit  # noqa: E402  (beside this file; not part of the package)
+
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def _log(message: str) -> None:
     print(f"internvl3_engine build: {message}", file=sys.stderr, flush=True)
-
-
-def _toolkit_from_nvcc(nvcc: str) -> str | None:
-    """The toolkit root of the nvcc that `nvcc` really runs, read from its --dryrun trace."""
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = os.path.join(tmp, "probe.cu")
-        open(probe, "w").close()
-        try:
-            trace = subprocess.run(
-                [nvcc, "--dryrun", "-c", probe, "-o", os.path.join(tmp, "probe.o")],
-                capture_output=True, text=True, timeout=60,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-    for line in (trace.stdout + trace.stderr).splitlines():
-        match = re.match(r"#\$ _HERE_=(.+)$", line.strip())
-        if match:
-            bin_dir = match.group(1).strip()
-            root = os.path.dirname(bin_dir)
-            if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
-                return root
-    return None
-
-
-def find_cuda_toolkit() -> tuple[str | None, str]:
-    """(toolkit root or None, how it was found or why not)."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var], f"{var}={os.environ[var]}"
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        for candidate in sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True):
-            nvcc = candidate
-            break
-    if nvcc is None:
-        return None, "no nvcc on PATH and CUDA_HOME unset"
-    root = _toolkit_from_nvcc(nvcc)
-    if root is None:
-        return None, f"could not read the toolkit folder from `{nvcc} --dryrun`"
-    return root, f"located from `{nvcc} --dryrun`"
 
 
 def _sources(pattern: str) -> list[str]:

@@ -1,0 +1,38 @@
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace ie {
+namespace pixel_unshuffle {
+
+// Shared argument checks of the CPU and CUDA entry points (they return the geometry of x).
+void check_factor(int64_t factor);
+void check_layernorm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t factor);
+void check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& mean, const at::Tensor& rstd, int64_t factor);
+// The statistics dtype: double for double x, else float.
+at::ScalarType stats_type(const at::Tensor& x);
+
+// pixel_unshuffle: x [N, h, w, C] -> [N, h/r, w/r, r*r*C]; its backward maps grad back to [N, h, w, C].
+at::Tensor pixel_unshuffle_cpu(const at::Tensor& x, int64_t factor);
+at::Tensor pixel_unshuffle_backward_cpu(const at::Tensor& grad, int64_t factor);
+at::Tensor pixel_unshuffle_cuda(const at::Tensor& x, int64_t factor);
+at::Tensor pixel_unshuffle_backward_cuda(const at::Tensor& grad, int64_t factor);
+
+// pixel_unshuffle_layernorm: (out [N, h*w/r^2, r*r*C], mean, rstd [N*h*w/r^2]) and its backward
+// (dx, dweight, dbias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                             const at::Tensor& bias, double eps, int64_t factor);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                      const at::Tensor& weight, const at::Tensor& mean,
+                                                                      const at::Tensor& rstd, int64_t factor);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                              const at::Tensor& bias, double eps, int64_t factor);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                       const at::Tensor& weight, const at::Tensor& mean,
+                                                                       const at::Tensor& rstd, int64_t factor);
+
+}  // namespace pixel_unshuffle
+}  // namespace ie

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs internvl3_engine with its dependencies and builds the compiled extension.
+# Keeps an installed torch >= 2.11; otherwise installs torch 2.14.1 (a CUDA 13 build).
+# INTERNVL3_ENGINE_BUILD=auto|cuda|cpu|none chooses the extension's variant (see setup.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python - <<'PY' 2>/dev/null
+import sys
+import torch
+major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+sys.exit(0 if (major, minor) >= (2, 11) else 1)
+PY
+then
+  python -m pip install --quiet "torch==2.14.1"
+fi
+python -m pip install --quiet "triton>=3.6" ninja nvidia-ml-py numpy \
+  pytest pytest-benchmark hypothesis matplotlib tqdm
+python -m pip install --quiet --no-build-isolation -e .
+python -m internvl3_engine info
