@@ -1,6 +1,6 @@
 """internvl3_engine: kernels and a parallelism scheduler for training InternVL3-style multimodal LLMs."""
 
-from .backend import BACKENDS, backend, get_backend, set_backend
+from .dispatch import BACKENDS, backend, get_backend, set_backend
 from .info import info
 from .ops.rotary import apply_rotary, rotary_inv_freq
 from .packing import PackedSequences, cu_seqlens_from_lengths, max_seqlen, pack_lengths

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import get_backend, triton_import_error
+from .dispatch import get_backend, triton_import_error
 from .extension import extension_available, extension_cuda_archs, extension_has_cuda, extension_load_error
 from .version import __version__
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from internvl3_engine.backend import why_unusable
+from internvl3_engine.dispatch import why_unusable
 
 # Absolute slack added to the 2x rule, per low precision.
 SLACK = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}

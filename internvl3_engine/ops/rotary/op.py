@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...backend import KernelSet
+from ...dispatch import KernelSet
 from ...extension import kernel
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
 from .reference import rotary_inv_freq, rotary_reference

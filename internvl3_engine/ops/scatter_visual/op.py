@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...backend import KernelSet
+from ...dispatch import KernelSet
 from ...extension import kernel
 from ...validation import FLOAT_DTYPES, check_length, check_tensor
 from .reference import scatter_visual_backward_reference, scatter_visual_reference

@@ -1,0 +1,115 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import internvl3_engine as ie
+from internvl3_engine import dispatch
+from internvl3_engine.dispatch import KernelSet
+
+
+def _kernels(triton=True, cuda=True):
+    return KernelSet(
+        "demo_op",
+        torch=lambda: "torch",
+        triton=(lambda: "triton") if triton else None,
+        cuda=(lambda: "cuda") if cuda else None,
+    )
+
+
+def test_default_is_auto(monkeypatch):
+    monkeypatch.delenv("INTERNVL3_ENGINE_BACKEND", raising=False)
+    assert ie.get_backend() == "auto"
+
+
+def test_context_manager_nests_and_restores():
+    with ie.backend("torch"):
+        assert ie.get_backend() == "torch"
+        with ie.backend("cuda"):
+            assert ie.get_backend() == "cuda"
+        assert ie.get_backend() == "torch"
+    assert ie.get_backend() == "auto"
+
+
+def test_precedence_context_over_global_over_env(monkeypatch):
+    monkeypatch.setenv("INTERNVL3_ENGINE_BACKEND", "triton")
+    assert ie.get_backend() == "triton"
+    ie.set_backend("cuda")
+    try:
+        assert ie.get_backend() == "cuda"
+        with ie.backend("torch"):
+            assert ie.get_backend() == "torch"
+    finally:
+        ie.set_backend(None)
+    assert ie.get_backend() == "triton"
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="name must be one of"):
+        ie.set_backend("cudnn")
+    with pytest.raises(TypeError, match="name must be a str"):
+        with ie.backend(3):
+            pass
+
+
+def test_bad_environment_variable(monkeypatch):
+    monkeypatch.setenv("INTERNVL3_ENGINE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="INTERNVL3_ENGINE_BACKEND must be one of"):
+        ie.get_backend()
+
+
+def test_auto_on_cpu_prefers_compiled_kernels(monkeypatch):
+    monkeypatch.setattr(dispatch, "why_unusable", lambda kind, device: None)
+    assert _kernels().select(torch.device("cpu"))() == "cuda"
+    monkeypatch.setattr(dispatch, "why_unusable", lambda kind, device: None if kind == "torch" else "absent")
+    assert _kernels().select(torch.device("cpu"))() == "torch"
+
+
+def test_auto_on_gpu_follows_gpu_order(monkeypatch):
+    monkeypatch.setattr(dispatch, "why_unusable", lambda kind, device: None)
+    assert _kernels().select(torch.device("cuda"))() == "triton"
+    assert _kernels(triton=False).select(torch.device("cuda"))() == "cuda"
+
+
+def test_explicit_backend_without_such_kernel_runs_auto_choice(monkeypatch):
+    monkeypatch.setattr(dispatch, "why_unusable", lambda kind, device: None)
+    with ie.backend("triton"):
+        assert _kernels(triton=False).select(torch.device("cpu"))() == "cuda"
+
+
+def test_explicit_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, "why_unusable", lambda kind, device: "not built")
+    with ie.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run demo_op on cpu tensors: not built"):
+        _kernels().select(torch.device("cpu"))
+
+
+def test_why_unusable_reports_triton_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = dispatch.why_unusable("triton", torch.device("cpu"))
+    assert reason is not None
+    assert "TRITON_INTERPRET=1" in reason or "not importable" in reason
+
+
+def test_info_keys():
+    result = ie.info()
+    for key in ("version", "torch", "triton", "extension_cpu", "extension_cuda", "cuda_archs", "gpu"):
+        assert key in result
+    assert result["version"] == ie.__version__
+    assert isinstance(result["extension_cpu"], bool) and isinstance(result["extension_cuda"], bool)
+    if result["extension_cuda"]:
+        assert result["cuda_archs"], "a CUDA build names its archs"
+
+
+def test_info_command():
+    printed = subprocess.run([sys.executable, "-m", "internvl3_engine", "info"], capture_output=True, text=True, check=True)
+    assert json.loads(printed.stdout)["version"] == ie.__version__
+
+
+def test_extension_is_built():
+    """The test command installs the package with its extension; CI builds the CUDA variant."""
+    assert ie.info()["extension_cpu"], ie.info()["extension_error"]
+    if os.environ.get("INTERNVL3_ENGINE_BUILD") == "cuda":
+        assert ie.info()["extension_cuda"]
