@@ -27,6 +27,21 @@ def _log(message: str) -> None:
     print(f"internvl3_engine build: {message}", file=sys.stderr, flush=True)
 
 
+def _pip_cuda_include_dirs() -> list[str]:
+    """Header folders of the NVIDIA wheels a pip-installed CUDA torch depends on (nvidia/cu13/include,
+    ...). ATen's CUDA headers include cuSPARSE, cuBLAS, ... headers that a minimal toolkit may lack; they
+    are added as system include folders, searched after the toolkit's own."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for location in spec.submodule_search_locations:
+        found.extend(sorted(glob.glob(os.path.join(location, "*", "include"))))
+    return found
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
 
@@ -63,12 +78,16 @@ def extension_modules():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         _log(f"CUDA build for archs {archs}: {reason}")
         define = [("INTERNVL3_ENGINE_WITH_CUDA", "1"), ("INTERNVL3_ENGINE_CUDA_ARCHS", f'"{archs}"')]
+        system_includes = [flag for folder in _pip_cuda_include_dirs() for flag in ("-isystem", folder)]
         ext = CUDAExtension(
             "internvl3_engine._C",
             _sources("*.cpp") + _sources("*.cu"),
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_compile_args={
+                "cxx": cxx_flags + system_includes,
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + system_includes,
+            },
         )
     else:
         _log(f"CPU-only C++ build: {reason or 'INTERNVL3_ENGINE_BUILD=cpu'}")

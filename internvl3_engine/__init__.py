@@ -2,7 +2,11 @@
 
 from .dispatch import BACKENDS, backend, get_backend, set_backend
 from .info import info
+from .ops.loss_weights import loss_weights
+from .ops.pixel_unshuffle import pixel_unshuffle, pixel_unshuffle_layernorm
 from .ops.rotary import apply_rotary, rotary_inv_freq
+from .ops.scatter_visual import scatter_visual
+from .ops.v2pe_positions import v2pe_position_ids
 from .packing import PackedSequences, cu_seqlens_from_lengths, max_seqlen, pack_lengths
 from .version import __version__
 
@@ -15,8 +19,13 @@ __all__ = [
     "cu_seqlens_from_lengths",
     "get_backend",
     "info",
+    "loss_weights",
     "max_seqlen",
     "pack_lengths",
+    "pixel_unshuffle",
+    "pixel_unshuffle_layernorm",
     "rotary_inv_freq",
+    "scatter_visual",
     "set_backend",
+    "v2pe_position_ids",
 ]

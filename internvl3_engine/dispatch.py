@@ -8,7 +8,9 @@ Backends:
            (see ``KernelSet.gpu_order``), on CPU the C++ kernels when built, else the references.
 
 The choice comes from, in order: the innermost ``with backend(name)``, ``set_backend(name)``, the
-environment variable INTERNVL3_ENGINE_BACKEND, and 'auto'. An explicitly chosen backend that cannot run
+environment variable INTERNVL3_ENGINE_BACKEND, and 'auto'. The choice is process-wide, like the
+torch.backends flags, not per thread: the autograd engine runs CUDA backward passes on its own threads,
+and they must see the backend the forward ran under. An explicitly chosen backend that cannot run
 an op on the given device raises RuntimeError saying why; an op that by design has no kernel of the chosen
 kind (say, no Triton kernel) runs what 'auto' would choose.
 """
@@ -16,7 +18,6 @@ kind (say, no Triton kernel) runs what 'auto' would choose.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .extension import extension_available, extension_has_cuda, extension_load_e
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "INTERNVL3_ENGINE_BACKEND"
 
-_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("internvl3_engine_backend", default=None)
+_context_backends: list[str] = []  # the stack of enclosing `with backend(...)` blocks
 _global_backend: str | None = None
 
 
@@ -50,16 +51,16 @@ def set_backend(name: str | None) -> None:
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[str]:
     """Run the ops inside the ``with`` block on backend ``name``."""
-    token = _context_backend.set(_checked(name, "name"))
+    _context_backends.append(_checked(name, "name"))
     try:
         yield name
     finally:
-        _context_backend.reset(token)
+        _context_backends.pop()
 
 
 def get_backend() -> str:
     """The backend now requested (before per-op resolution)."""
-    chosen = _context_backend.get() or _global_backend
+    chosen = _context_backends[-1] if _context_backends else _global_backend
     if chosen is not None:
         return chosen
     return _checked(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)

@@ -113,3 +113,15 @@ def test_extension_is_built():
     assert ie.info()["extension_cpu"], ie.info()["extension_error"]
     if os.environ.get("INTERNVL3_ENGINE_BUILD") == "cuda":
         assert ie.info()["extension_cuda"]
+
+
+def test_backend_choice_reaches_other_threads():
+    """The autograd engine runs CUDA backward passes on its own threads: they must see the choice."""
+    import threading
+
+    seen = []
+    with ie.backend("torch"):
+        worker = threading.Thread(target=lambda: seen.append(ie.get_backend()))
+        worker.start()
+        worker.join()
+    assert seen == ["torch"]

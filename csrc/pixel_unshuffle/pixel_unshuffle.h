@@ -7,7 +7,7 @@
 namespace ie {
 namespace pixel_unshuffle {
 
-// Shared argument checks of the CPU and CUDA entry points (they return the geometry of x).
+// Shared argument checks of the CPU and CUDA entry points.
 void check_factor(int64_t factor);
 void check_layernorm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t factor);
 void check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,

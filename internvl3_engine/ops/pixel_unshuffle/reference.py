@@ -23,7 +23,8 @@ def pixel_unshuffle_reference(x: torch.Tensor, factor: int) -> torch.Tensor:
     x = x.reshape(n, a, b // r, c * r)
     x = x.permute(0, 2, 1, 3).contiguous()
     x = x.view(n, b // r, a // r, c * r * r)
-    return x.permute(0, 2, 1, 3).contiguous()
+    # clone, not contiguous(): a fresh tensor even where the permutes are trivial (r = 1, empty x)
+    return x.permute(0, 2, 1, 3).clone(memory_format=torch.contiguous_format)
 
 
 def pixel_unshuffle_backward_reference(grad: torch.Tensor, factor: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def pixel_unshuffle_backward_reference(grad: torch.Tensor, factor: int) -> torch
     c = k // (r * r)
     grad = grad.permute(0, 2, 1, 3).contiguous()
     grad = grad.view(n, b_r, a_r * r, c * r)
-    grad = grad.permute(0, 2, 1, 3).contiguous()
+    grad = grad.permute(0, 2, 1, 3).clone(memory_format=torch.contiguous_format)
     return grad.view(n, a_r * r, b_r * r, c)
 
 

@@ -124,7 +124,7 @@ def scatter_visual(text_embeds: torch.Tensor, visual_embeds: torch.Tensor, is_vi
 
     Row t of the result is visual_embeds[j] when ``is_visual[t]`` (bool [T]) and t is the (j+1)-th visual
     token, else text_embeds[t]. Out of place; V must equal the number of visual tokens (ValueError,
-    checked on the values: one host sync). Differentiable in both embeddings: the text gradient is the
+    checked on the values: one host sync in the forward, one in the backward). Differentiable in both embeddings: the text gradient is the
     output gradient with the visual rows zeroed, the visual gradient its visual rows in order.
     """
     check_tensor("text_embeds", text_embeds, dtypes=FLOAT_DTYPES, ndim=2)

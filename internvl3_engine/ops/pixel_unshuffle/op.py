@@ -1,0 +1,201 @@
+"""pixel_unshuffle and pixel_unshuffle_layernorm: validation, backend dispatch, and the torch.library
+custom ops with autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from ...dispatch import KernelSet
+from ...extension import kernel
+from ...validation import FLOAT_DTYPES, check_float, check_tensor
+from .reference import (
+    pixel_unshuffle_backward_reference,
+    pixel_unshuffle_layernorm_backward_reference,
+    pixel_unshuffle_layernorm_reference,
+    pixel_unshuffle_reference,
+    stats_dtype,
+)
+
+
+def _triton(name: str):
+    def run(*args):
+        from . import triton_kernel
+
+        return getattr(triton_kernel, name)(*args)
+
+    return run
+
+
+def _compiled(name: str):
+    def run(*args):
+        return kernel(name)(*args)
+
+    return run
+
+
+PIXEL_UNSHUFFLE = KernelSet(
+    "pixel_unshuffle",
+    torch=pixel_unshuffle_reference,
+    triton=_triton("pixel_unshuffle_triton"),
+    cuda=_compiled("pixel_unshuffle"),
+)
+PIXEL_UNSHUFFLE_BACKWARD = KernelSet(
+    "pixel_unshuffle_backward",
+    torch=pixel_unshuffle_backward_reference,
+    triton=_triton("pixel_unshuffle_backward_triton"),
+    cuda=_compiled("pixel_unshuffle_backward"),
+)
+PIXEL_UNSHUFFLE_LAYERNORM = KernelSet(
+    "pixel_unshuffle_layernorm",
+    torch=pixel_unshuffle_layernorm_reference,
+    triton=_triton("pixel_unshuffle_layernorm_triton"),
+    cuda=_compiled("pixel_unshuffle_layernorm"),
+)
+PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD = KernelSet(
+    "pixel_unshuffle_layernorm_backward",
+    torch=pixel_unshuffle_layernorm_backward_reference,
+    triton=_triton("pixel_unshuffle_layernorm_backward_triton"),
+    cuda=_compiled("pixel_unshuffle_layernorm_backward"),
+)
+
+
+# ---- pixel_unshuffle: a permutation; its backward is the inverse permutation and vice versa.
+
+
+@torch.library.custom_op("internvl3_engine::pixel_unshuffle", mutates_args=())
+def pixel_unshuffle_op(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return PIXEL_UNSHUFFLE.select(x.device)(x, factor)
+
+
+@torch.library.custom_op("internvl3_engine::pixel_unshuffle_backward", mutates_args=())
+def pixel_unshuffle_backward_op(grad: torch.Tensor, factor: int) -> torch.Tensor:
+    return PIXEL_UNSHUFFLE_BACKWARD.select(grad.device)(grad, factor)
+
+
+@pixel_unshuffle_op.register_fake
+def _(x, factor):
+    n, h, w, channels = x.shape
+    return x.new_empty(n, h // factor, w // factor, factor * factor * channels)
+
+
+@pixel_unshuffle_backward_op.register_fake
+def _(grad, factor):
+    n, out_h, out_w, width = grad.shape
+    return grad.new_empty(n, out_h * factor, out_w * factor, width // (factor * factor))
+
+
+def _save_factor(ctx, inputs, output):
+    ctx.factor = inputs[1]
+
+
+def _pixel_unshuffle_backward(ctx, grad):
+    return pixel_unshuffle_backward_op(grad.contiguous(), ctx.factor), None
+
+
+def _pixel_unshuffle_backward_backward(ctx, grad):
+    return pixel_unshuffle_op(grad.contiguous(), ctx.factor), None
+
+
+pixel_unshuffle_op.register_autograd(_pixel_unshuffle_backward, setup_context=_save_factor)
+pixel_unshuffle_backward_op.register_autograd(_pixel_unshuffle_backward_backward, setup_context=_save_factor)
+
+
+# ---- pixel_unshuffle_layernorm: returns (out, mean, rstd); mean and rstd are saved for the backward.
+
+
+@torch.library.custom_op("internvl3_engine::pixel_unshuffle_layernorm", mutates_args=())
+def pixel_unshuffle_layernorm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, factor: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return PIXEL_UNSHUFFLE_LAYERNORM.select(x.device)(x, weight, bias, eps, factor)
+
+
+@torch.library.custom_op("internvl3_engine::pixel_unshuffle_layernorm_backward", mutates_args=())
+def pixel_unshuffle_layernorm_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, factor: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD.select(x.device)(grad, x, weight, mean, rstd, factor)
+
+
+@pixel_unshuffle_layernorm_op.register_fake
+def _(x, weight, bias, eps, factor):
+    n, h, w, channels = x.shape
+    rows = (h // factor) * (w // factor)
+    stats = x.new_empty(n * rows, dtype=stats_dtype(x.dtype))
+    return x.new_empty(n, rows, factor * factor * channels), stats, torch.empty_like(stats)
+
+
+@pixel_unshuffle_layernorm_backward_op.register_fake
+def _(grad, x, weight, mean, rstd, factor):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _layernorm_setup_context(ctx, inputs, output):
+    x, weight, _, _, ctx.factor = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _layernorm_backward(ctx, grad, grad_mean, grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = pixel_unshuffle_layernorm_backward_op(grad.contiguous(), x, weight, mean, rstd, ctx.factor)
+    return dx, dweight, dbias, None, None
+
+
+pixel_unshuffle_layernorm_op.register_autograd(_layernorm_backward, setup_context=_layernorm_setup_context)
+
+
+# ---- public wrappers
+
+
+def _factor(scale_factor) -> int:
+    """r = 1 / scale_factor, which must be an integer >= 1."""
+    scale_factor = check_float("scale_factor", scale_factor, positive=True)
+    inverse = 1.0 / scale_factor
+    factor = round(inverse)
+    if factor < 1 or abs(inverse - factor) > 1e-6 * factor:
+        raise ValueError(f"scale_factor must be 1/r for an integer r >= 1 (0.5, 1/3, ...), got {scale_factor}")
+    return factor
+
+
+def _check_x(x, factor: int) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=4)
+    _, h, w, _ = x.shape
+    if h % factor or w % factor:
+        raise ValueError(f"x's h and w must be divisible by r = {factor} (1/scale_factor), got shape {tuple(x.shape)}")
+
+
+def pixel_unshuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+    """InternVL's pixel unshuffle ("pixel_shuffle" with scale 0.5, ps_version 'v2') of x [N, h, w, C].
+
+    Returns [N, h/r, w/r, r*r*C] with r = 1/scale_factor and
+    out[n, i, j, k] = x[n, r*i + k // (r*C), r*j + (k % (r*C)) // C, k % C]: not the channel order of
+    torch.nn.functional.pixel_unshuffle. Exact (pure data movement) on every backend; differentiable.
+    """
+    factor = _factor(scale_factor)
+    _check_x(x, factor)
+    return pixel_unshuffle_op(x.contiguous(), factor)
+
+
+def pixel_unshuffle_layernorm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, *, scale_factor: float = 0.5
+) -> torch.Tensor:
+    """LayerNorm(r*r*C) of pixel_unshuffle(x) flattened to [N, h*w/r^2, r*r*C]: the InternVL3 projector's
+    first layer, fused (each output row gathers its r contiguous chunks of x once).
+
+    Statistics in float32 (float64 for float64 x), output in x.dtype; weight and bias [r*r*C] share one
+    float dtype, which may differ from x's. Differentiable in x, weight and bias.
+    """
+    factor = _factor(scale_factor)
+    _check_x(x, factor)
+    width = factor * factor * x.shape[3]
+    for name, param in (("weight", weight), ("bias", bias)):
+        check_tensor(name, param, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+        if param.shape[0] != width:
+            raise ValueError(f"{name} must have r*r*C = {width} entries (one per output channel), got {param.shape[0]}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    eps = check_float("eps", eps, positive=True)
+    out, _, _ = pixel_unshuffle_layernorm_op(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, factor)
+    return out
