@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -74,6 +75,17 @@ def triton_import_error() -> str | None:
     except Exception as error:  # triton raises assorted errors on unsupported platforms
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def lazy(module: str, name: str) -> Callable:
+    """A function calling ``module.name``, imported on first call: Triton kernel modules import triton
+    and read TRITON_INTERPRET when imported, which must wait until a Triton kernel is actually used."""
+
+    def run(*args):
+        return getattr(importlib.import_module(module), name)(*args)
+
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
 def triton_interpret() -> bool:

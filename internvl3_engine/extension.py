@@ -44,3 +44,14 @@ def kernel(name: str):
     if not extension_available():
         raise RuntimeError(f"internvl3_engine._C is not available: {extension_load_error()}")
     return getattr(torch.ops.internvl3_engine_C, name)
+
+
+def compiled(name: str):
+    """A function calling the compiled operator ``name``, looked up at call time (so that importing the
+    package never needs the extension)."""
+
+    def run(*args):
+        return kernel(name)(*args)
+
+    run.__name__ = run.__qualname__ = f"compiled_{name}"
+    return run

@@ -4,9 +4,14 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be set
-# before any Triton kernel module is imported (the ops import theirs lazily).
+# before triton is first imported (triton.language's own jit helpers, tl.sqrt_rn among them, are built
+# for the interpreter or not at import), so import it here, once the variable is set: tests that unset
+# the variable later must not be the first to import triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+from internvl3_engine.dispatch import triton_import_error  # noqa: E402
+
+triton_import_error()
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ...dispatch import KernelSet
-from ...extension import kernel
+from ...dispatch import KernelSet, lazy
+from ...extension import compiled
 from ...validation import FLOAT_DTYPES, check_float, check_tensor
 from .reference import (
     pixel_unshuffle_backward_reference,
@@ -18,44 +18,32 @@ from .reference import (
 
 
 def _triton(name: str):
-    def run(*args):
-        from . import triton_kernel
-
-        return getattr(triton_kernel, name)(*args)
-
-    return run
-
-
-def _compiled(name: str):
-    def run(*args):
-        return kernel(name)(*args)
-
-    return run
+    return lazy(f"{__package__}.triton_kernel", name)
 
 
 PIXEL_UNSHUFFLE = KernelSet(
     "pixel_unshuffle",
     torch=pixel_unshuffle_reference,
     triton=_triton("pixel_unshuffle_triton"),
-    cuda=_compiled("pixel_unshuffle"),
+    cuda=compiled("pixel_unshuffle"),
 )
 PIXEL_UNSHUFFLE_BACKWARD = KernelSet(
     "pixel_unshuffle_backward",
     torch=pixel_unshuffle_backward_reference,
     triton=_triton("pixel_unshuffle_backward_triton"),
-    cuda=_compiled("pixel_unshuffle_backward"),
+    cuda=compiled("pixel_unshuffle_backward"),
 )
 PIXEL_UNSHUFFLE_LAYERNORM = KernelSet(
     "pixel_unshuffle_layernorm",
     torch=pixel_unshuffle_layernorm_reference,
     triton=_triton("pixel_unshuffle_layernorm_triton"),
-    cuda=_compiled("pixel_unshuffle_layernorm"),
+    cuda=compiled("pixel_unshuffle_layernorm"),
 )
 PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD = KernelSet(
     "pixel_unshuffle_layernorm_backward",
     torch=pixel_unshuffle_layernorm_backward_reference,
     triton=_triton("pixel_unshuffle_layernorm_backward_triton"),
-    cuda=_compiled("pixel_unshuffle_layernorm_backward"),
+    cuda=compiled("pixel_unshuffle_layernorm_backward"),
 )
 
 

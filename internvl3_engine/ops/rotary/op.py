@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ...dispatch import KernelSet
-from ...extension import kernel
+from ...dispatch import KernelSet, lazy
+from ...extension import compiled
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
 from .reference import rotary_inv_freq, rotary_reference
 
 
-def _rotary_triton(x, positions, inv_freq, inverse):
-    from .triton_kernel import rotary_triton
-
-    return rotary_triton(x, positions, inv_freq, inverse)
-
-
-def _rotary_compiled(x, positions, inv_freq, inverse):
-    return kernel("rotary")(x, positions, inv_freq, inverse)
-
-
-ROTARY = KernelSet("apply_rotary", torch=rotary_reference, triton=_rotary_triton, cuda=_rotary_compiled)
+ROTARY = KernelSet(
+    "apply_rotary", torch=rotary_reference, triton=lazy(f"{__package__}.triton_kernel", "rotary_triton"), cuda=compiled("rotary")
+)
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int, inverse: bool) -> torch.Tensor:

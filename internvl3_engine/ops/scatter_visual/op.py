@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ...dispatch import KernelSet
-from ...extension import kernel
+from ...dispatch import KernelSet, lazy
+from ...extension import compiled
 from ...validation import FLOAT_DTYPES, check_length, check_tensor
 from .reference import scatter_visual_backward_reference, scatter_visual_reference
 
@@ -18,29 +18,15 @@ def _backward_torch(grad, is_visual, visual_before, num_visual):
     return scatter_visual_backward_reference(grad, is_visual)
 
 
-def _forward_triton(text, visual, is_visual, visual_before):
-    from .triton_kernel import scatter_visual_triton
-
-    return scatter_visual_triton(text, visual, is_visual, visual_before)
-
-
-def _backward_triton(grad, is_visual, visual_before, num_visual):
-    from .triton_kernel import scatter_visual_backward_triton
-
-    return scatter_visual_backward_triton(grad, is_visual, visual_before, num_visual)
-
-
-def _forward_compiled(text, visual, is_visual, visual_before):
-    return kernel("scatter_visual")(text, visual, is_visual, visual_before)
-
-
-def _backward_compiled(grad, is_visual, visual_before, num_visual):
-    return tuple(kernel("scatter_visual_backward")(grad, is_visual, visual_before, num_visual))
-
-
-SCATTER_VISUAL = KernelSet("scatter_visual", torch=_forward_torch, triton=_forward_triton, cuda=_forward_compiled)
+_TRITON = f"{__package__}.triton_kernel"
+SCATTER_VISUAL = KernelSet(
+    "scatter_visual", torch=_forward_torch, triton=lazy(_TRITON, "scatter_visual_triton"), cuda=compiled("scatter_visual")
+)
 SCATTER_VISUAL_BACKWARD = KernelSet(
-    "scatter_visual_backward", torch=_backward_torch, triton=_backward_triton, cuda=_backward_compiled
+    "scatter_visual_backward",
+    torch=_backward_torch,
+    triton=lazy(_TRITON, "scatter_visual_backward_triton"),
+    cuda=compiled("scatter_visual_backward"),
 )
 
 

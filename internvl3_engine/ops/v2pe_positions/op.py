@@ -14,17 +14,13 @@ from typing import Optional
 import torch
 
 from ...dispatch import KernelSet
-from ...extension import kernel
+from ...extension import compiled
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_tensor
 from .reference import v2pe_positions_reference
 
 
-def _v2pe_positions_compiled(is_visual, cu_seqlens, delta_per_image, delta_scalar):
-    return kernel("v2pe_positions")(is_visual, cu_seqlens, delta_per_image, delta_scalar)
-
-
 V2PE_POSITIONS = KernelSet(
-    "v2pe_position_ids", torch=v2pe_positions_reference, triton=None, cuda=_v2pe_positions_compiled, gpu_order=("cuda", "torch")
+    "v2pe_position_ids", torch=v2pe_positions_reference, triton=None, cuda=compiled("v2pe_positions"), gpu_order=("cuda", "torch")
 )
 
 
