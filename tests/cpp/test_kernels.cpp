@@ -10,7 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "loss_weights/loss_weights_math.h"
+#include "pixel_unshuffle/pixel_unshuffle_math.h"
 #include "rotary/rotary_math.h"
+#include "v2pe_positions/v2pe_positions_math.h"
 
 namespace {
 
@@ -57,16 +60,71 @@ void test_rotary_op() {
   expect_close(rotary.call(out, positions, inv_freq, true), x, 1e-5, "rotary inverse restores the input");
 }
 
+void test_pixel_unshuffle_op() {
+  // InternVL's rule (ps_version 'v2') as ATen views: [n, A, B, c] -> [n, A/2, B/2, 4c].
+  auto unshuffle = op<at::Tensor(const at::Tensor&, int64_t)>("internvl3_engine_C::pixel_unshuffle");
+  const int64_t n = 2, a = 6, b = 4, c = 3;
+  at::Tensor x = at::randn({n, a, b, c});
+  at::Tensor expected = x.view({n, a, b / 2, 2 * c}).permute({0, 2, 1, 3}).contiguous().view({n, b / 2, a / 2, 4 * c})
+                            .permute({0, 2, 1, 3}).contiguous();
+  expect(at::equal(unshuffle.call(x, 2), expected), "pixel_unshuffle CPU kernel follows InternVL's view/permute rule");
+  const ie::pixel_unshuffle::Geometry g{a, b, c, 2};
+  expect(ie::pixel_unshuffle::row_source_base(g.out_w() + 1, g) == (2 * b + 2) * c, "row (0, 1, 1) starts at x[0, 2, 2]");
+  expect(ie::pixel_unshuffle::source_offset_in_row(2 * c, g) == b * c, "the second chunk of a row comes from the next row of x");
+}
+
+void test_v2pe_positions_op() {
+  auto positions = op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double)>(
+      "internvl3_engine_C::v2pe_positions");
+  // One sample: text, text, a 3-token image at delta 0.5, text; then a text-only sample of 2.
+  at::Tensor is_visual = at::tensor({0, 0, 1, 1, 1, 0, 0, 0}, at::kInt).to(at::kBool);
+  at::Tensor cu_seqlens = at::tensor({0, 6, 8}, at::kInt);
+  at::Tensor expected = at::tensor({0.0f, 1.0f, 1.5f, 2.0f, 2.5f, 4.0f, 0.0f, 1.0f});
+  expect(at::equal(positions.call(is_visual, cu_seqlens, std::nullopt, 0.5), expected), "V2PE worked example, delta 0.5");
+  expect(ie::v2pe::position_after_image(1.0, 3, 0.5) == 3.0, "after an image pos = ceil(pos + n*delta)");
+}
+
+void test_loss_weights_op() {
+  auto weights = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>("internvl3_engine_C::loss_weights");
+  // Sample 0 has 4 supervised tokens, sample 1 has 1.
+  at::Tensor labels = at::tensor({-100, 5, 6, 7, 8, -100, 9}, at::kLong);
+  at::Tensor cu_seqlens = at::tensor({0, 5, 7}, at::kInt);
+  at::Tensor expected = at::tensor({0.0f, 0.5f, 0.5f, 0.5f, 0.5f, 0.0f, 1.0f});
+  expect(at::equal(weights.call(labels, cu_seqlens, ie::loss_weights::kSquare, -100), expected), "square weights 1/sqrt(x)");
+  expect(ie::loss_weights::sample_weight(4, ie::loss_weights::kSample) == 0.25f, "sample weight 1/x");
+}
+
+void test_scatter_visual_op() {
+  auto scatter = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "internvl3_engine_C::scatter_visual");
+  at::Tensor text = at::randn({5, 4}), visual = at::randn({2, 4});
+  at::Tensor is_visual = at::tensor({0, 1, 0, 1, 0}, at::kInt).to(at::kBool);
+  at::Tensor visual_before = at::cumsum(is_visual, 0) - is_visual.to(at::kLong);
+  at::Tensor out = scatter.call(text, visual, is_visual, visual_before);
+  at::Tensor expected = text.clone();
+  expected[1] = visual[0];
+  expected[3] = visual[1];
+  expect(at::equal(out, expected), "scatter_visual places visual rows in order");
+}
+
 }  // namespace
 
 int main() {
   const std::vector<std::pair<std::string, std::function<void()>>> tests = {
       {"rotary_math", test_rotary_math},
       {"rotary_op", test_rotary_op},
+      {"pixel_unshuffle_op", test_pixel_unshuffle_op},
+      {"v2pe_positions_op", test_v2pe_positions_op},
+      {"loss_weights_op", test_loss_weights_op},
+      {"scatter_visual_op", test_scatter_visual_op},
   };
   for (const auto& [name, run] : tests) {
     const int before = failures;
-    run();
+    try {
+      run();
+    } catch (const std::exception& error) {
+      expect(false, name + " threw: " + std::string(error.what()).substr(0, 300));
+    }
     std::cout << (failures == before ? "ok     " : "FAILED ") << name << "\n";
   }
   std::cout << (tests.size()) << " tests, " << failures << " failures\n";
