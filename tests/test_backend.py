@@ -125,3 +125,13 @@ def test_backend_choice_reaches_other_threads():
         worker.start()
         worker.join()
     assert seen == ["torch"]
+
+
+def test_demo_runs_every_op_and_checks_it(capsys):
+    from internvl3_engine.__main__ import main
+
+    for kind in ("auto", "triton", "torch"):
+        assert main(["demo", "--device", "cpu", "--backend", kind]) == 0
+        printed = capsys.readouterr().out
+        for op in ("v2pe_position_ids", "pixel_unshuffle_layernorm", "scatter_visual", "apply_rotary", "loss_weights"):
+            assert op in printed
