@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 
 cmake_dir=build/cmake
-cmake -S . -B "$cmake_dir" -DCMAKE_PREFIX_PATH="$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+mkdir -p "$cmake_dir"
+# libtorch's CMake warns at length about things the CPU kernels do not use: keep its log, show it on failure.
+cmake -S . -B "$cmake_dir" -DCMAKE_PREFIX_PATH="$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+  >"$cmake_dir/configure.log" 2>&1 || { cat "$cmake_dir/configure.log"; exit 1; }
 cmake --build "$cmake_dir" -j "$(nproc)" >/dev/null
 ctest --test-dir "$cmake_dir" --output-on-failure
 

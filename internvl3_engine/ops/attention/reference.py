@@ -1,0 +1,122 @@
+"""Plain PyTorch reference of v2pe_attention: the executable spec every backend is tested against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..rotary.reference import rotary_inv_freq, rotary_reference
+
+
+def v2pe_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    *,
+    theta: float = 1e6,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length attention over the segments of ``cu_seqlens``, one segment at a time.
+
+    q [T, Hq, D], k and v [T, Hk, D]; q head h reads kv head h // (Hq / Hk). With ``positions`` (float32 [T]),
+    q and k are first rotated by the rotary reference (Qwen2 half split, rounded back to the input dtype
+    as apply_rotary does). Scores scaled by ``softmax_scale`` (default 1/sqrt(D)), masked causally within
+    the segment when ``causal``, softmax, times v.
+
+    Returns (out [T, Hq, D] in the input dtype, lse [Hq, T]: the natural log-sum-exp of each row's scaled
+    scores). Every row attends at least to itself, so lse is finite. With ``upcast`` (the spec) the scores,
+    softmax and products run in float32 (float64 for float64 inputs); ``upcast=False`` keeps the matmuls in
+    the input dtype and rounds the probabilities to it before the product with v, as FlashAttention's
+    low-precision test baseline does.
+    """
+    tokens, q_heads, head_dim = q.shape
+    group = q_heads // k.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    if positions is not None:
+        inv_freq = rotary_inv_freq(head_dim, theta, q.device)
+        q = rotary_reference(q, positions, inv_freq)
+        k = rotary_reference(k, positions, inv_freq)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    matmul = compute if upcast else q.dtype
+    bounds = cu_seqlens.tolist()
+    outs, lses = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1).to(matmul)  # [Hq, L, D]
+        ks = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(matmul)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(matmul)
+        scores = (qs @ ks.transpose(1, 2)).to(compute) * scale
+        if causal:
+            length = end - start
+            visible = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~visible, float("-inf"))
+        lses.append(torch.logsumexp(scores, dim=-1))
+        probs = torch.softmax(scores, dim=-1).to(matmul)
+        outs.append((probs @ vs).transpose(0, 1).to(q.dtype))
+    if not outs:
+        return torch.empty_like(q), torch.empty(q_heads, tokens, dtype=compute, device=q.device)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def v2pe_attention_backward_reference(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    *,
+    theta: float = 1e6,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of v2pe_attention_reference, written out (FlashAttention's formulas):
+    P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta) with delta = rowsum(dO * O) - dlse
+    (d lse / dS = P), dQ = scale dS K, dK = scale dS^T Q; GQA sums dK and dV over each kv head's group;
+    with positions, dq and dk are rotated back by -angle (the adjoint of the rotation). Arithmetic in
+    float32 (float64 for float64 inputs), results in the input dtype."""
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    if positions is not None:
+        inv_freq = rotary_inv_freq(head_dim, theta, q.device)
+        q = rotary_reference(q, positions, inv_freq)
+        k = rotary_reference(k, positions, inv_freq)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(tokens, q_heads, head_dim, dtype=compute, device=q.device)
+    dk = torch.zeros(tokens, kv_heads, head_dim, dtype=compute, device=q.device)
+    dv = torch.zeros(tokens, kv_heads, head_dim, dtype=compute, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1).to(compute)  # [Hq, L, D]
+        ks = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(compute)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(compute)
+        dos = grad_out[start:end].transpose(0, 1).to(compute)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if causal:
+            length = end - start
+            visible = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        outs = probs @ vs
+        delta = (dos * outs).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            delta = delta - grad_lse[:, start:end, None].to(compute)
+        dscores = probs * (dos @ vs.transpose(1, 2) - delta)
+        dq[start:end] = (dscores @ ks * scale).transpose(0, 1)
+        dk[start:end] = (dscores.transpose(1, 2) @ qs * scale).unflatten(0, (kv_heads, group)).sum(1).transpose(0, 1)
+        dv[start:end] = (probs.transpose(1, 2) @ dos).unflatten(0, (kv_heads, group)).sum(1).transpose(0, 1)
+    if positions is not None:
+        dq = rotary_reference(dq, positions, inv_freq, inverse=True)
+        dk = rotary_reference(dk, positions, inv_freq, inverse=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

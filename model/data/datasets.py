@@ -1,0 +1,304 @@
+"""InternVL's dataset formats: the meta JSON, conversation / text-only / preference JSONL files.
+
+Meta JSON: {"name": {"root": image folder, "annotation": JSONL path, "repeat_time": float, "length": int,
+optional "data_augment": bool, "kind": "conversation"|"text"|"preference", "modality":
+"language"|"multimodal", "weight": float}}; relative paths are taken from the meta file's folder.
+
+Records (one JSON object a line):
+- conversation: {"image": path | [paths] | absent, "conversations": [{"from": "human"|"gpt", "value": ...}]}
+- text-only: {"text": ...} (or a conversation without images)
+- preference (MPO): {"image": ..., "question" or "prompt": ..., "chosen": ..., "rejected": ...}
+
+A malformed record or a missing or corrupt image is skipped and counted in a DataErrors with its file
+and line; iteration goes on. repeat_time < 1 keeps a seeded subsample, > 1 repeats (the fractional part
+as a seeded subsample), and each epoch is shuffled from (seed, dataset name, epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+from .conversation import ConversationEncoder, DataError, PreferencePair, Sample
+from .tiling import ImageTiler, load_image
+
+KINDS = ("conversation", "text", "preference")
+MODALITIES = ("language", "multimodal")
+Item = Union[Sample, PreferencePair]
+
+
+def seeded_rng(*parts) -> random.Random:
+    """A Random seeded from the parts' text (str seeds hash with SHA-512: the same on every run and
+    platform, independent of PYTHONHASHSEED)."""
+    return random.Random(":".join(str(part) for part in parts))
+
+
+@dataclass
+class DataErrors:
+    """Records skipped by the loader: a count per reason and the first ``keep`` (file, line, reason)."""
+
+    keep: int = 50
+    total: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+
+    def record(self, file: str, line: int, reason: str) -> None:
+        self.total += 1
+        self.by_reason[reason.split(":", 1)[0]] += 1
+        if len(self.examples) < self.keep:
+            self.examples.append((file, line, reason))
+
+    def __len__(self) -> int:
+        return self.total
+
+    def summary(self) -> str:
+        if not self.total:
+            return "data errors: none"
+        lines = [f"data errors: {self.total} records skipped"]
+        lines += [f"  {count} x {reason}" for reason, count in self.by_reason.most_common()]
+        lines += [f"  {file}:{line}: {reason}" for file, line, reason in self.examples]
+        if self.total > len(self.examples):
+            lines.append(f"  ... {self.total - len(self.examples)} more")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "by_reason": dict(self.by_reason), "examples": [list(e) for e in self.examples]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = int(state["total"])
+        self.by_reason = Counter(state["by_reason"])
+        self.examples = [tuple(e) for e in state["examples"]]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of a meta JSON."""
+
+    name: str
+    annotation: str
+    root: str = ""
+    repeat_time: float = 1.0
+    length: Optional[int] = None
+    data_augment: bool = False
+    kind: Optional[str] = None
+    modality: Optional[str] = None
+    weight: Optional[float] = None
+
+    def __post_init__(self):
+        if not (self.repeat_time > 0 and math.isfinite(self.repeat_time)):
+            raise ValueError(f"dataset {self.name!r}: repeat_time must be positive, got {self.repeat_time}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"dataset {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ValueError(f"dataset {self.name!r}: modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.weight is not None and not self.weight >= 0:
+            raise ValueError(f"dataset {self.name!r}: weight must be >= 0, got {self.weight}")
+
+
+def load_meta(path: str) -> list[DatasetSpec]:
+    """The datasets of a meta JSON file, in file order."""
+    with open(path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{path}: a meta file maps dataset names to their settings")
+    base = os.path.dirname(os.path.abspath(path))
+    specs = []
+    for name, entry in meta.items():
+        if not isinstance(entry, dict) or "annotation" not in entry:
+            raise ValueError(f"{path}: dataset {name!r} needs an 'annotation' path")
+        known = {"root", "annotation", "repeat_time", "length", "data_augment", "kind", "modality", "weight"}
+        settings = {key: value for key, value in entry.items() if key in known}
+        settings["annotation"] = os.path.join(base, settings["annotation"])
+        settings["root"] = os.path.join(base, settings.get("root", "") or "")
+        settings["repeat_time"] = float(settings.get("repeat_time", 1.0))
+        specs.append(DatasetSpec(name=name, **settings))
+    return specs
+
+
+class JsonlFile:
+    """Random access to the lines of a JSONL file through their byte offsets (the file is scanned once;
+    records are parsed when read). Blank lines are skipped but keep the numbering of the others."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._offsets: list[int] = []
+        self._line_numbers: list[int] = []
+        with open(path, "rb") as handle:
+            offset = 0
+            for number, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    self._offsets.append(offset)
+                    self._line_numbers.append(number)
+                offset += len(raw)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def line_number(self, index: int) -> int:
+        return self._line_numbers[index]
+
+    def read(self, index: int) -> dict:
+        """The record at ``index``; DataError if the line is not a JSON object."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offsets[index])
+            raw = handle.readline()
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"malformed JSON: {error}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"malformed record: a JSON object is expected, got {type(record).__name__}")
+        return record
+
+
+def record_kind(record: dict) -> str:
+    if "chosen" in record or "rejected" in record:
+        return "preference"
+    if "conversations" in record:
+        return "conversation"
+    if "text" in record:
+        return "text"
+    raise DataError("malformed record: no 'conversations', 'text' or 'chosen'/'rejected' field")
+
+
+def record_images(record: dict) -> list[str]:
+    images = record.get("image", record.get("images"))
+    if images is None:
+        return []
+    if isinstance(images, str):
+        return [images]
+    if isinstance(images, list) and all(isinstance(image, str) for image in images):
+        return images
+    raise DataError("malformed record: 'image' must be a path or a list of paths")
+
+
+class RecordDataset:
+    """One dataset of a meta file: its records as Samples (or PreferencePairs), in a seeded order per epoch.
+
+    ``augment``: the JPEG augmentation, when the spec's data_augment also asks for it (training); the
+    augmentation of a record is seeded from (seed, name, epoch, position), so it is the same after a resume.
+    """
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        encoder: ConversationEncoder,
+        tiler: ImageTiler,
+        errors: Optional[DataErrors] = None,
+        seed: int = 0,
+        augment: bool = True,
+        shuffle: bool = True,
+    ):
+        self.spec = spec
+        self.name = spec.name
+        self.encoder = encoder
+        self.tiler = tiler
+        self.errors = errors if errors is not None else DataErrors()
+        self.seed = seed
+        self.augment = augment and spec.data_augment
+        self.shuffle = shuffle
+        self.file = JsonlFile(spec.annotation)
+        self.kind = spec.kind or self._infer_kind()
+        self.modality = spec.modality or self._infer_modality()
+        self._base_order = self._repeated_indices()
+        self._order_cache: tuple[int, list[int]] = (-1, [])
+
+    def _first_records(self, count: int = 16) -> Iterator[dict]:
+        for index in range(min(count, len(self.file))):
+            try:
+                yield self.file.read(index)
+            except DataError:
+                continue
+
+    def _infer_kind(self) -> str:
+        for record in self._first_records():
+            try:
+                return record_kind(record)
+            except DataError:
+                continue
+        return "conversation"
+
+    def _infer_modality(self) -> str:
+        if self.kind == "text":
+            return "language"
+        for record in self._first_records():
+            if record.get("image", record.get("images")):
+                return "multimodal"
+        return "language"
+
+    def _repeated_indices(self) -> list[int]:
+        size = len(self.file)
+        whole = int(self.spec.repeat_time)
+        extra = round((self.spec.repeat_time - whole) * size)
+        subsample = sorted(seeded_rng(self.seed, self.name, "subsample").sample(range(size), extra))
+        return list(range(size)) * whole + subsample
+
+    def __len__(self) -> int:
+        """Samples per epoch (after repeat_time)."""
+        return len(self._base_order)
+
+    @property
+    def weight(self) -> float:
+        """Mixing weight inside its modality: the spec's, else the epoch size (InternVL's concatenation)."""
+        return float(self.spec.weight) if self.spec.weight is not None else float(len(self))
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Record indices of an epoch, in order."""
+        if self._order_cache[0] != epoch:
+            order = list(self._base_order)
+            if self.shuffle:
+                seeded_rng(self.seed, self.name, "epoch", epoch).shuffle(order)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def source(self, index: int) -> str:
+        return f"{self.file.path}:{self.file.line_number(index)}"
+
+    def get(self, epoch: int, position: int) -> Optional[Item]:
+        """The item at ``position`` of ``epoch``'s order, or None when the record is bad (then counted)."""
+        index = self.epoch_order(epoch)[position]
+        rng = seeded_rng(self.seed, self.name, "augment", epoch, position) if self.augment else None
+        try:
+            return self.load_record(index, rng)
+        except DataError as error:
+            self.errors.record(self.file.path, self.file.line_number(index), str(error))
+            return None
+
+    def load_record(self, index: int, augment_rng: Optional[random.Random] = None) -> Item:
+        """The item of record ``index``; DataError when it cannot be built."""
+        record = self.file.read(index)
+        source = self.source(index)
+        kind = record_kind(record)
+        pixel_values = [self._load_tiles(path, augment_rng) for path in record_images(record)]
+        if kind == "text":
+            if pixel_values:
+                raise DataError("malformed record: a text record has images")
+            return self.encoder.encode_text(record["text"], source)
+        if kind == "conversation":
+            return self.encoder.encode_conversation(record["conversations"], pixel_values, source)
+        prompt = record.get("question", record.get("prompt"))
+        if prompt is None or "chosen" not in record or "rejected" not in record:
+            raise DataError("malformed record: a preference record needs 'question' (or 'prompt'), 'chosen' and 'rejected'")
+        return self.encoder.encode_preference(prompt, record["chosen"], record["rejected"], pixel_values, source)
+
+    def _load_tiles(self, path: str, augment_rng: Optional[random.Random]):
+        full_path = os.path.join(self.spec.root, path)
+        try:
+            image = load_image(full_path)
+        except FileNotFoundError:
+            raise DataError(f"missing image: {full_path}") from None
+        except Exception as error:  # PIL raises many types for corrupt files
+            raise DataError(f"corrupt image: {full_path} ({type(error).__name__}: {error})") from None
+        return self.tiler(image, augment_rng)
+
+    def iterate(self, epoch: int = 0) -> Iterator[Item]:
+        """The valid items of one epoch, in order (bad records counted and skipped)."""
+        for position in range(len(self)):
+            item = self.get(epoch, position)
+            if item is not None:
+                yield item

@@ -1,0 +1,127 @@
+"""Meta JSON and JSONL datasets: record kinds, bad records reported with file and line, repeat_time."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from model.data.conversation import ConversationEncoder, PreferencePair, Sample
+from model.data.datasets import DataErrors, DatasetSpec, RecordDataset, load_meta
+from model.data.tiling import ImageTiler
+from model.data.tokenizer import ByteTokenizer
+
+
+def _turns(question="q", answer="a"):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (60, 30), (255, 0, 0)).save(images / "red.png")
+    Image.new("RGB", (30, 30), (0, 0, 255)).save(images / "blue.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    conversation_lines = [
+        json.dumps({"image": "red.png", "conversations": _turns("<image>\nwhat color?", "red")}),  # line 1
+        "",  # line 2: blank, skipped
+        '{"image": "red.png", "conversations": [',  # line 3: malformed JSON
+        json.dumps({"image": "missing.png", "conversations": _turns()}),  # line 4: missing image
+        json.dumps({"image": "corrupt.png", "conversations": _turns()}),  # line 5: corrupt image
+        json.dumps({"image": ["red.png", "blue.png"], "conversations": _turns("<image> or <image>?", "left")}),  # line 6
+        json.dumps({"conversations": []}),  # line 7: no turns
+        json.dumps([1, 2]),  # line 8: not an object
+        json.dumps({"conversations": _turns("plain", "text")}),  # line 9: a conversation without images
+    ]
+    (tmp_path / "conv.jsonl").write_text("\n".join(conversation_lines) + "\n")
+    (tmp_path / "text.jsonl").write_text("\n".join(json.dumps({"text": f"document {i}"}) for i in range(10)) + "\n")
+    preference_lines = [
+        json.dumps({"image": "blue.png", "question": "<image>color?", "chosen": "blue", "rejected": "red"}),
+        json.dumps({"image": "blue.png", "prompt": "color?", "chosen": "blue"}),  # line 2: no rejected
+    ]
+    (tmp_path / "pref.jsonl").write_text("\n".join(preference_lines) + "\n")
+    meta = {
+        "conv": {"root": "images", "annotation": "conv.jsonl", "repeat_time": 1, "length": 8, "data_augment": True},
+        "text": {"root": "", "annotation": "text.jsonl", "repeat_time": 0.5, "length": 10},
+        "pref": {"root": "images", "annotation": "pref.jsonl", "repeat_time": 1, "length": 2},
+    }
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def _datasets(data_dir, seed=0, errors=None):
+    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=1, system_message=None)
+    tiler = ImageTiler(tile_size=28, max_num=4)
+    errors = errors if errors is not None else DataErrors()
+    return {spec.name: RecordDataset(spec, encoder, tiler, errors, seed=seed) for spec in load_meta(str(data_dir / "meta.json"))}, errors
+
+
+def test_meta_and_kinds(data_dir):
+    datasets, _ = _datasets(data_dir)
+    conv, text, pref = datasets["conv"], datasets["text"], datasets["pref"]
+    assert conv.spec.root == str(data_dir / "images") and conv.spec.annotation == str(data_dir / "conv.jsonl")
+    assert (conv.kind, conv.modality, conv.augment) == ("conversation", "multimodal", True)
+    assert (text.kind, text.modality, text.augment) == ("text", "language", False)
+    assert (pref.kind, pref.modality) == ("preference", "multimodal")
+    assert len(conv) == 8 and len(text) == 5 and len(pref) == 2
+
+
+def test_bad_records_reported_with_file_and_line(data_dir):
+    datasets, errors = _datasets(data_dir)
+    items = list(datasets["conv"].iterate(epoch=0))
+    assert len(items) == 3 and all(isinstance(item, Sample) for item in items)
+    path = str(data_dir / "conv.jsonl")
+    reported = sorted((file, line) for file, line, _ in errors.examples)
+    assert reported == [(path, 3), (path, 4), (path, 5), (path, 7), (path, 8)]
+    reasons = {line: reason for _, line, reason in errors.examples}
+    assert reasons[3].startswith("malformed JSON") and reasons[4].startswith("missing image")
+    assert reasons[5].startswith("corrupt image") and reasons[8].startswith("malformed record")
+    assert errors.total == 5 and "5 records skipped" in errors.summary() and f"{path}:4" in errors.summary()
+    by_source = {item.source: item for item in items}
+    # red.png is 60x30 (aspect 2; (2,1) matches, (4,2) is over max_num 4): grid (2,1) + thumbnail = 3 tiles;
+    # blue.png is 30x30: (1,1), and (2,2) needs area > 0.5*28^2*4 = 1568 > 900: 1 tile.
+    assert by_source[f"{path}:6"].tiles_per_image == [3, 1]
+    assert by_source[f"{path}:1"].tiles_per_image == [3] and by_source[f"{path}:9"].pixel_values is None
+
+    pref_items = list(datasets["pref"].iterate())
+    assert len(pref_items) == 1 and isinstance(pref_items[0], PreferencePair)
+    assert (str(data_dir / "pref.jsonl"), 2) in [(f, l) for f, l, _ in errors.examples]
+    restored = DataErrors()
+    restored.load_state_dict(json.loads(json.dumps(errors.state_dict())))
+    assert restored.summary() == errors.summary()
+
+
+def test_blue_square_single_tile(data_dir):
+    datasets, _ = _datasets(data_dir)
+    record = datasets["conv"].load_record(4)  # line 6 (the blank line 2 has no index)
+    assert record.tiles_per_image == [3, 1] and record.pixel_values.shape == (4, 3, 28, 28)
+
+
+def test_epoch_orders_and_repeat_time(data_dir):
+    datasets, _ = _datasets(data_dir)
+    text = datasets["text"]
+    first, second = text.epoch_order(0), text.epoch_order(1)
+    assert sorted(first) == sorted(second) and len(set(first)) == 5  # the same subsample, reshuffled
+    again, _ = _datasets(data_dir)
+    assert again["text"].epoch_order(0) == first and again["text"].epoch_order(1) == second
+    other_seed, _ = _datasets(data_dir, seed=1)
+    assert other_seed["text"].epoch_order(0) != first
+
+    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=1, system_message=None)
+    spec = DatasetSpec(name="t", annotation=str(data_dir / "text.jsonl"), repeat_time=2.5)
+    repeated = RecordDataset(spec, encoder, ImageTiler(tile_size=28))
+    order = repeated.epoch_order(0)
+    assert len(order) == 25 and all(order.count(i) in (2, 3) for i in range(10))
+    assert sum(order.count(i) == 3 for i in range(10)) == 5
+    with pytest.raises(ValueError):
+        DatasetSpec(name="t", annotation="x", repeat_time=0)
+
+
+def test_augmentation_is_seeded_by_position(data_dir):
+    first, _ = _datasets(data_dir)
+    second, _ = _datasets(data_dir)
+    a = first["conv"].get(0, first["conv"].epoch_order(0).index(0))
+    b = second["conv"].get(0, second["conv"].epoch_order(0).index(0))
+    assert a.pixel_values.equal(b.pixel_values)
+    plain = first["conv"].load_record(0)
+    assert not plain.pixel_values.equal(a.pixel_values)  # the JPEG round trip changed the pixels
