@@ -14,7 +14,7 @@ PY
 then
   python -m pip install --quiet "torch==2.14.1"
 fi
-python -m pip install --quiet "triton>=3.6" ninja nvidia-ml-py numpy pillow tokenizers pyyaml \
+python -m pip install --quiet "triton>=3.6" ninja nvidia-ml-py numpy pillow tokenizers pyyaml safetensors transformers \
   pytest pytest-benchmark hypothesis matplotlib tqdm
 python -m pip install --quiet --no-build-isolation -e .
 python -m internvl3_engine info

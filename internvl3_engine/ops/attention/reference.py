@@ -78,8 +78,8 @@ def v2pe_attention_backward_reference(
     softmax_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of v2pe_attention_reference, written out (FlashAttention's formulas):
-    P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta) with delta = rowsum(dO * O) - dlse
-    (d lse / dS = P), dQ = scale dS K, dK = scale dS^T Q; GQA sums dK and dV over each kv head's group;
+    P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta) with delta = rowsum(P * dP) - dlse
+    (rowsum(P * dP) = rowsum(dO * O), the kernels' form; d lse / dS = P), dQ = scale dS K, dK = scale dS^T Q; GQA sums dK and dV over each kv head's group;
     with positions, dq and dk are rotated back by -angle (the adjoint of the rotation). Arithmetic in
     float32 (float64 for float64 inputs), results in the input dtype."""
     tokens, q_heads, head_dim = q.shape
@@ -108,11 +108,11 @@ def v2pe_attention_backward_reference(
             visible = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        outs = probs @ vs
-        delta = (dos * outs).sum(-1, keepdim=True)
+        dprobs = dos @ vs.transpose(1, 2)
+        delta = (probs * dprobs).sum(-1, keepdim=True)
         if grad_lse is not None:
             delta = delta - grad_lse[:, start:end, None].to(compute)
-        dscores = probs * (dos @ vs.transpose(1, 2) - delta)
+        dscores = probs * (dprobs - delta)
         dq[start:end] = (dscores @ ks * scale).transpose(0, 1)
         dk[start:end] = (dscores.transpose(1, 2) @ qs * scale).unflatten(0, (kv_heads, group)).sum(1).transpose(0, 1)
         dv[start:end] = (probs.transpose(1, 2) @ dos).unflatten(0, (kv_heads, group)).sum(1).transpose(0, 1)
