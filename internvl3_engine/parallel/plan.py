@@ -1,0 +1,73 @@
+"""What to do with each component: the parallelism plan, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SHARDINGS = ("replicate", "zero2", "zero3")
+COMPONENTS = ("vision", "projector", "language")  # in forward execution order
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """How one component (ViT, projector or LLM) is parallelised over the data-parallel ranks.
+
+    sharding: "replicate" (every rank keeps the whole component; gradients all-reduced, as DDP),
+      "zero2" (FSDP2 sharding that keeps parameters gathered from forward to backward: no second
+      all-gather, more memory) or "zero3" (FSDP2 resharding after forward: least memory).
+    param_dtype / reduce_dtype: FSDP2 mixed precision (None keeps the parameters' dtype).
+    activation_checkpointing: recompute each block's activations in backward.
+    compile: torch.compile each block.
+    """
+
+    sharding: str = "zero3"
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+                raise TypeError(f"{name} must be a floating torch.dtype or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Per-component plans plus the mesh shape.
+
+    dp_replicate: number of replica groups (HSDP: FSDP shards within a group of world/dp_replicate ranks
+      and replicates across groups); 1 shards over the whole world.
+    tp: tensor-parallel degree of the LLM (only 1 is supported so far).
+    prefetch: how many FSDP modules ahead (in forward and backward execution order, across component
+      boundaries) to all-gather explicitly; 0 leaves FSDP2's default (the next module in backward only).
+
+    The defaults follow InternVL3's observation that the components want different treatment: the small
+    ViT and projector are cheap to keep gathered (zero2 / replicate), the LLM is sharded fully (zero3).
+    """
+
+    vision: ComponentPlan = field(default_factory=lambda: ComponentPlan(sharding="zero2"))
+    projector: ComponentPlan = field(default_factory=lambda: ComponentPlan(sharding="replicate"))
+    language: ComponentPlan = field(default_factory=lambda: ComponentPlan(sharding="zero3"))
+    dp_replicate: int = 1
+    tp: int = 1
+    prefetch: int = 1
+
+    def __post_init__(self):
+        for name in COMPONENTS:
+            if not isinstance(getattr(self, name), ComponentPlan):
+                raise TypeError(f"{name} must be a ComponentPlan, got {type(getattr(self, name)).__name__}")
+        for name in ("dp_replicate", "tp", "prefetch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "prefetch" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'prefetch' else 1}, got {value!r}")
+        if self.tp != 1:
+            raise ValueError(f"tp must be 1: tensor parallelism of the LLM is not implemented yet, got {self.tp}")
+
+    def component(self, name: str) -> ComponentPlan:
+        return getattr(self, name)
