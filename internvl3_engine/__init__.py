@@ -2,6 +2,8 @@
 
 from .dispatch import BACKENDS, backend, get_backend, set_backend
 from .info import info
+from .ops.attention import v2pe_attention, v2pe_attention_with_lse
+from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.loss_weights import loss_weights
 from .ops.pixel_unshuffle import pixel_unshuffle, pixel_unshuffle_layernorm
 from .ops.rotary import apply_rotary, rotary_inv_freq
@@ -19,6 +21,7 @@ __all__ = [
     "cu_seqlens_from_lengths",
     "get_backend",
     "info",
+    "linear_cross_entropy",
     "loss_weights",
     "max_seqlen",
     "pack_lengths",
@@ -27,5 +30,7 @@ __all__ = [
     "rotary_inv_freq",
     "scatter_visual",
     "set_backend",
+    "v2pe_attention",
+    "v2pe_attention_with_lse",
     "v2pe_position_ids",
 ]

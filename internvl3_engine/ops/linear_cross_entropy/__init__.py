@@ -1,0 +1,13 @@
+"""Fused linear cross-entropy of the LLM head: chunked over tokens, never materialising the [T, V] logits."""
+
+from .op import LINEAR_CROSS_ENTROPY, LINEAR_CROSS_ENTROPY_BACKWARD, default_chunk_size, linear_cross_entropy
+from .reference import linear_cross_entropy_backward_reference, linear_cross_entropy_reference
+
+__all__ = [
+    "LINEAR_CROSS_ENTROPY",
+    "LINEAR_CROSS_ENTROPY_BACKWARD",
+    "default_chunk_size",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward_reference",
+    "linear_cross_entropy_reference",
+]

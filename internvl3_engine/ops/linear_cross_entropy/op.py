@@ -1,0 +1,223 @@
+"""linear_cross_entropy: validation, backend dispatch, the torch.library custom ops with autograd, and
+the loss reductions (plain torch on the per-token CE, so autograd and torch.compile see through them)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...dispatch import KernelSet, lazy
+from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
+from .reference import accumulate_dtype, linear_cross_entropy_backward_reference, linear_cross_entropy_reference
+
+_TRITON = f"{__package__}.triton_kernel"
+# No compiled kernel: the work is two cuBLAS matmuls per chunk plus a row reduction, which the Triton
+# kernels already do at memory speed.
+LINEAR_CROSS_ENTROPY = KernelSet(
+    "linear_cross_entropy",
+    torch=linear_cross_entropy_reference,
+    triton=lazy(_TRITON, "linear_cross_entropy_triton"),
+    gpu_order=("triton", "torch"),
+)
+LINEAR_CROSS_ENTROPY_BACKWARD = KernelSet(
+    "linear_cross_entropy_backward",
+    torch=linear_cross_entropy_backward_reference,
+    triton=lazy(_TRITON, "linear_cross_entropy_backward_triton"),
+    gpu_order=("triton", "torch"),
+)
+
+REDUCTIONS = ("none", "sum", "mean")
+_INT64_RANGE = (-(2**63), 2**63 - 1)
+# Bytes of one chunk's logits counted in float32: 256 MiB on GPU (442 tokens at V = 151674; the matmuls
+# stay large enough to run at full speed), 16 MiB on CPU (the reference's own memory is then the concern).
+_CHUNK_BYTES = {"cuda": 256 * 2**20}
+_CHUNK_BYTES_OTHER = 16 * 2**20
+
+
+def default_chunk_size(vocab: int, device: torch.device) -> int:
+    """Tokens per chunk so that a chunk's [C, V] logits take at most ~256 MiB in float32 on GPU (16 MiB
+    elsewhere), at least 1."""
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES_OTHER)
+    return max(1, budget // (4 * max(vocab, 1)))
+
+
+def _check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is ignore_index or in [0, vocab) (reads the values: one host sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        where = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) (the vocabulary of weight) or ignore_index ({ignore_index}), "
+            f"got {int(labels[where])} at token {where}"
+        )
+
+
+@torch.library.custom_op("internvl3_engine::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_label_values(labels, weight.shape[0], ignore_index)
+    return LINEAR_CROSS_ENTROPY.select(hidden.device)(hidden, weight, bias, labels, ignore_index, chunk_size)
+
+
+@torch.library.custom_op("internvl3_engine::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    grad_ce: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias); grad_bias is an empty tensor when bias is None (a schema
+    cannot return an optional tensor)."""
+    return LINEAR_CROSS_ENTROPY_BACKWARD.select(hidden.device)(
+        grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size
+    )
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, chunk_size):
+    ce = hidden.new_empty(hidden.shape[0], dtype=accumulate_dtype(hidden.dtype))
+    return ce, torch.empty_like(ce)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
+    grad_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ctx.ignore_index, ctx.chunk_size = inputs
+    _, lse = output
+    # lse is returned for the backward only; its own gradient is not supported.
+    ctx.mark_non_differentiable(lse)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+
+
+def _backward(ctx, grad_ce, grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
+        grad_ce.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
+    )
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_same(name: str, value: torch.Tensor, hidden: torch.Tensor) -> None:
+    if value.dtype != hidden.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of hidden ({str(hidden.dtype).replace('torch.', '')}), "
+            f"got {str(value.dtype).replace('torch.', '')}"
+        )
+    check_tensor(name, value, device=hidden.device)
+
+
+def _check_normalizer(normalizer, device: torch.device):
+    if isinstance(normalizer, torch.Tensor):
+        if not normalizer.is_floating_point():
+            raise TypeError(f"normalizer must be a floating-point tensor, got {str(normalizer.dtype).replace('torch.', '')}")
+        check_tensor("normalizer", normalizer, ndim=0, device=device)
+        return normalizer
+    return check_float("normalizer", normalizer, positive=True)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    loss_weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the LLM head without materialising the [T, V] logits.
+
+    ``hidden`` [T, H] and ``weight`` [V, H] (the untied lm_head; same float dtype and device), ``bias``
+    [V] or None, ``labels`` int64 or int32 [T]. logits = hidden @ weight.T + bias is computed like a
+    Linear layer (input-dtype matmul with float32 accumulation) and CE_t = logsumexp(logits_t) -
+    logits_t[label_t] in float32 (float64 for float64 inputs). Labels must be in [0, V) or
+    ``ignore_index`` (ValueError; checked on the values: one host sync).
+
+    Token weights w: ``loss_weights`` float32 [T] (e.g. ``internvl3_engine.loss_weights``), or 1 for
+    every supervised token when None; tokens labelled ``ignore_index`` always weigh 0.
+    ``reduction``: 'none' -> float32 [T] w * CE per token (plain CE, 0 at ignored tokens, when
+    loss_weights is None: summed response log-probs for MPO); 'sum' -> sum(w * CE); 'mean' ->
+    sum(w * CE) / normalizer, with normalizer sum(w) by default (InternVL's sum(w * CE) / sum(w); with
+    loss_weights None, torch's cross_entropy mean). A given ``normalizer`` (positive float, or 0-d
+    tensor, e.g. sum(w) all-reduced over data-parallel ranks; a tensor's value is not checked) replaces
+    sum(w). When the divisor is 0 (no supervised token) the mean is sum(w * CE), i.e. 0 with 0 gradients,
+    not NaN.
+
+    Differentiable in hidden, weight and bias (not twice). The Triton backend works on chunks of
+    ``chunk_size`` tokens (default: a chunk's logits take ~256 MiB in float32 on GPU, 16 MiB on CPU),
+    recomputing each chunk's logits in the backward; the weight and bias gradients are accumulated across
+    chunks in float32 and returned in the parameters' dtype. The 'torch' backend (the reference, also
+    'auto' on CPU) materialises the whole logits.
+    """
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    _check_same("weight", weight, hidden)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have the hidden size of hidden ({hidden.shape[1]}) as its dim 1, got shape {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight must have at least one row (the vocabulary), got 0")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        _check_same("bias", bias, hidden)
+        check_length("bias", bias, vocab, "one per row of weight")
+    check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), ndim=1, device=hidden.device)
+    check_length("labels", labels, hidden.shape[0], "one per token of hidden")
+    if loss_weights is not None:
+        check_tensor("loss_weights", loss_weights, dtypes=(torch.float32,), ndim=1, device=hidden.device)
+        check_length("loss_weights", loss_weights, hidden.shape[0], "one per token of hidden")
+    ignore_index = check_int("ignore_index", ignore_index)
+    if not _INT64_RANGE[0] <= ignore_index <= _INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a str, one of {REDUCTIONS}, got {type(reduction).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
+        normalizer = _check_normalizer(normalizer, hidden.device)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab, hidden.device)
+    elif check_int("chunk_size", chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+    labels = labels.to(torch.int64).contiguous()
+    ce, _ = linear_cross_entropy_op(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index, chunk_size
+    )
+    if reduction == "none" and loss_weights is None:
+        return ce
+    supervised = labels != ignore_index
+    if loss_weights is None:
+        weights = supervised.to(ce.dtype)
+    else:
+        weights = torch.where(supervised, loss_weights.to(ce.dtype), 0)
+    weighted = weights * ce
+    if reduction == "none":
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    divisor = weights.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=ce.dtype, device=ce.device)
+    # A zero divisor means no weighted token: total is 0, and dividing by 1 keeps loss and gradients 0.
+    return total / torch.where(divisor != 0, divisor, 1)

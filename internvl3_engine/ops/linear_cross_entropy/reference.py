@@ -1,0 +1,69 @@
+"""Plain PyTorch reference of linear_cross_entropy: the executable spec.
+
+The op is a Linear layer in the input dtype (matmul with float32 accumulation, output rounded to the
+input dtype, as ``torch.nn.functional.linear`` computes it) followed by a cross-entropy in float32
+(float64 for float64 inputs). The gradient flowing back into the Linear layer is rounded to the input
+dtype, exactly as autograd would round it between a float32 loss and a low-precision Linear layer.
+The reference materialises the whole [T, V] logits; the chunked backends never do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax math and of the per-token results: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(hidden, weight, bias).to(accumulate_dtype(hidden.dtype))
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (ce, lse): lse_t = logsumexp(logits_t), ce_t = lse_t - logits_t[label_t] (0 where
+    label_t == ignore_index). ``chunk_size`` is unused: the reference computes every row at once."""
+    logits = _logits(hidden, weight, bias)
+    lse = torch.logsumexp(logits, dim=-1)
+    supervised = labels != ignore_index
+    picked = logits.gather(1, torch.where(supervised, labels, 0)[:, None]).squeeze(1)
+    ce = torch.where(supervised, lse - picked, 0)
+    return ce, lse
+
+
+def linear_cross_entropy_backward_reference(
+    grad_ce: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (hidden, weight, bias) of sum_t grad_ce_t * ce_t. dlogits = (softmax - onehot(label)) *
+    grad_ce, zero on ignored rows, rounded to the input dtype; the bias gradient is an empty tensor when
+    there is no bias."""
+    logits = _logits(hidden, weight, bias)
+    supervised = labels != ignore_index
+    dlogits = torch.exp(logits - lse[:, None])
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    dlogits[rows, torch.where(supervised, labels, 0)] -= 1
+    dlogits *= torch.where(supervised, grad_ce.to(dlogits.dtype), 0)[:, None]
+    dlogits = dlogits.to(hidden.dtype)
+    grad_hidden = dlogits @ weight
+    grad_weight = dlogits.t() @ hidden
+    if bias is None:
+        grad_bias = hidden.new_empty(0)
+    else:
+        grad_bias = dlogits.sum(0, dtype=accumulate_dtype(hidden.dtype)).to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,303 @@
+"""Safetensors checkpoints of InternVL3 in two layouts, without transformers:
+
+'hf'        transformers' InternVLForConditionalGeneration. In memory its names are ``model.vision_tower.*``,
+            ``model.multi_modal_projector.{layer_norm,linear_1,linear_2}.*``, ``model.language_model.*`` and
+            ``lm_head.*``; its save_pretrained writes them in the older llava-style form (``vision_tower.*``,
+            ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``), which is
+            what this module writes too. Both forms load.
+'opengvlab' the original InternVLChatModel: ``vision_model.*`` with one fused ``attn.qkv`` per layer,
+            ``mlp1.{0,1,3}`` (LayerNorm, Linear, Linear), ``language_model.model.*``, ``language_model.lm_head``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable, Iterator, Optional, Union
+
+import torch
+
+from .config import InternVL3Config
+
+LAYOUTS = ("hf", "opengvlab")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+HEAD = "language.lm_head.weight"
+EMBEDDINGS = "language.embed_tokens.weight"
+
+
+# ---- name rules: (this model's prefix, the layout's prefix); {n} is a layer index. A name maps by its first
+# matching rule, keeping the rest of the name (".weight", ".bias") unchanged.
+
+_TEXT_LAYER_RULES = [
+    ("language.layers.{n}.input_norm.", "layers.{n}.input_layernorm."),
+    ("language.layers.{n}.post_attention_norm.", "layers.{n}.post_attention_layernorm."),
+    ("language.layers.{n}.", "layers.{n}."),
+    ("language.embed_tokens.", "embed_tokens."),
+    ("language.norm.", "norm."),
+]
+
+_HF_RULES = [
+    ("vision.embeddings.cls_token", "model.vision_tower.embeddings.cls_token"),
+    ("vision.embeddings.patch_embedding.", "model.vision_tower.embeddings.patch_embeddings.projection."),
+    ("vision.embeddings.position_embedding", "model.vision_tower.embeddings.position_embeddings"),
+    ("vision.layers.{n}.attn.out_proj.", "model.vision_tower.encoder.layer.{n}.attention.projection_layer."),
+    ("vision.layers.{n}.attn.", "model.vision_tower.encoder.layer.{n}.attention."),
+    ("vision.layers.{n}.norm1.", "model.vision_tower.encoder.layer.{n}.layernorm_before."),
+    ("vision.layers.{n}.norm2.", "model.vision_tower.encoder.layer.{n}.layernorm_after."),
+    ("vision.layers.{n}.ls1", "model.vision_tower.encoder.layer.{n}.lambda_1"),
+    ("vision.layers.{n}.ls2", "model.vision_tower.encoder.layer.{n}.lambda_2"),
+    ("vision.layers.{n}.mlp.", "model.vision_tower.encoder.layer.{n}.mlp."),
+    ("vision.final_norm.", "model.vision_tower.layernorm."),
+    ("projector.norm.", "model.multi_modal_projector.layer_norm."),
+    ("projector.", "model.multi_modal_projector."),
+    ("language.lm_head.", "lm_head."),
+] + [(ours, "model.language_model." + theirs) for ours, theirs in _TEXT_LAYER_RULES]
+
+# q/k/v of the vision layers are fused into attn.qkv in this layout (handled apart from the rules).
+_OPENGVLAB_RULES = [
+    ("vision.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision.embeddings.patch_embedding.", "vision_model.embeddings.patch_embedding."),
+    ("vision.embeddings.position_embedding", "vision_model.embeddings.position_embedding"),
+    ("vision.layers.{n}.attn.out_proj.", "vision_model.encoder.layers.{n}.attn.proj."),
+    ("vision.layers.{n}.", "vision_model.encoder.layers.{n}."),
+    ("projector.norm.", "mlp1.0."),
+    ("projector.linear_1.", "mlp1.1."),
+    ("projector.linear_2.", "mlp1.3."),
+    ("language.lm_head.", "language_model.lm_head."),
+] + [(ours, "language_model.model." + theirs) for ours, theirs in _TEXT_LAYER_RULES]
+
+_QKV = re.compile(r"^vision\.layers\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
+_FUSED_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+# Buffers older checkpoints may carry that this model computes itself.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _compile(template: str) -> tuple[re.Pattern, str]:
+    pattern = re.escape(template).replace(re.escape("{n}"), r"(\d+)")
+    return re.compile("^" + pattern), template
+
+
+def _compiled(rules, reverse: bool) -> list:
+    return [(_compile(theirs if reverse else ours), ours if reverse else theirs) for ours, theirs in rules]
+
+
+_RULES = {
+    ("hf", False): _compiled(_HF_RULES, False),
+    ("hf", True): _compiled(_HF_RULES, True),
+    ("opengvlab", False): _compiled(_OPENGVLAB_RULES, False),
+    ("opengvlab", True): _compiled(_OPENGVLAB_RULES, True),
+}
+
+
+def _rename(name: str, layout: str, reverse: bool) -> Optional[str]:
+    for (pattern, _), target in _RULES[(layout, reverse)]:
+        match = pattern.match(name)
+        if match:
+            renamed = target.replace("{n}", match.group(1)) if match.groups() else target
+            return renamed + name[match.end():]
+    return None
+
+
+def _hf_in_memory_name(name: str) -> str:
+    """transformers' on-disk (llava-style) InternVL names -> its in-memory names."""
+    if name.startswith("language_model.lm_head."):
+        return "lm_head." + name[len("language_model.lm_head."):]
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name[len("language_model.model."):]
+    for prefix in ("language_model.", "vision_tower.", "multi_modal_projector."):
+        if name.startswith(prefix):
+            return "model." + name
+    return name
+
+
+def _on_disk_hf_name(name: str) -> str:
+    """The inverse of ``_hf_in_memory_name``: the names transformers' save_pretrained writes."""
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name[len("model.language_model."):]
+    if name.startswith("model."):
+        return name[len("model."):]
+    return name
+
+
+# ---- state dict conversion
+
+
+def to_layout(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """This model's state dict -> the names (and fused qkv) of ``layout``, as written on disk."""
+    _check_layout(layout)
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if layout == "opengvlab":
+            match = _QKV.match(name)
+            if match:
+                fused.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = tensor
+                continue
+        renamed = _rename(name, layout, reverse=False)
+        if renamed is None:
+            raise ValueError(f"{name} has no counterpart in the {layout!r} layout")
+        out[_on_disk_hf_name(renamed) if layout == "hf" else renamed] = tensor
+    for (layer, kind), parts in fused.items():
+        out[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def from_layout(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict in ``layout`` -> this model's names. ValueError names unknown keys."""
+    _check_layout(layout)
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name, tensor in state.items():
+        if _IGNORED.search(name):
+            continue
+        if layout == "opengvlab":
+            match = _FUSED_QKV.match(name)
+            if match:
+                for kind, part in zip("qkv", tensor.chunk(3, dim=0)):
+                    out[f"vision.layers.{match.group(1)}.attn.{kind}_proj.{match.group(2)}"] = part
+                continue
+        renamed = _rename(_hf_in_memory_name(name) if layout == "hf" else name, layout, reverse=True)
+        if renamed is None:
+            unknown.append(name)
+        else:
+            out[renamed] = tensor
+    if unknown:
+        raise ValueError(f"unexpected keys in a {layout!r} checkpoint: {_some(unknown)}")
+    return out
+
+
+def detect_layout(names: Iterable[str]) -> str:
+    """'opengvlab' when the names are InternVLChatModel's (vision_model.*, mlp1.*), else 'hf'."""
+    for name in names:
+        if name.startswith(("vision_model.", "mlp1.")):
+            return "opengvlab"
+    return "hf"
+
+
+# ---- files
+
+
+def read_config(path: Union[str, os.PathLike]) -> InternVL3Config:
+    return InternVL3Config.from_hf(os.path.join(os.fspath(path), CONFIG_NAME))
+
+
+def _weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+        return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}")
+
+
+def read_tensors(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of a folder's safetensors files, one file open at a time."""
+    from safetensors import safe_open
+
+    for file in _weight_files(os.fspath(path)):
+        with safe_open(file, framework="pt", device=str(device)) as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def load_pretrained(cls, path, *, dtype: Optional[torch.dtype] = None, device=None):
+    """Build ``cls`` (InternVL3) from a checkpoint folder of either layout (see the module docstring)."""
+    folder = os.fspath(path)
+    config = read_config(folder)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    raw = dict(read_tensors(folder, device))
+    state = from_layout(raw, detect_layout(raw))
+    if dtype is not None:
+        state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    if config.text.tie_word_embeddings and HEAD in state:
+        # transformers' rule: a checkpoint holding both matrices with different values is not tied.
+        if not torch.equal(state[HEAD], state[EMBEDDINGS]):
+            config.text.tie_word_embeddings = False
+        else:
+            del state[HEAD]
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {name: tensor.shape for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"the checkpoint in {folder} lacks {_some(missing)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"the checkpoint in {folder} has keys this config does not use: {_some(unexpected)}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name]:
+            raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} is not the config's {tuple(expected[name])}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.text.tie_word_embeddings:
+        model.language.lm_head.weight = model.language.embed_tokens.weight
+    return model
+
+
+def save_pretrained(model, path, *, layout: str = "hf", max_shard_size: int = 5 * 1024**3) -> None:
+    """Write ``model`` (InternVL3) as config.json + safetensors in ``layout``, sharded above ``max_shard_size``."""
+    from safetensors.torch import save_file
+
+    _check_layout(layout)
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    config: InternVL3Config = model.config
+    if layout == "opengvlab" and config.vision.final_norm:
+        raise ValueError("the OpenGVLab layout has no final vision LayerNorm (config.vision.final_norm)")
+    state = model.state_dict()
+    if config.text.tie_word_embeddings:
+        state.pop(HEAD)  # the same storage as the embeddings: written once, as transformers does
+    for name, tensor in state.items():
+        if tensor.is_meta:
+            raise ValueError(f"cannot save a model on the meta device ({name} has no data)")
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in to_layout(state, layout).items()}
+
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    config_dict = config.to_hf() if layout == "hf" else config.to_opengvlab()
+    config_dict["dtype"] = config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as handle:
+        json.dump(config_dict, handle, indent=2, sort_keys=True)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name in sorted(tensors):
+        size = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and shard_bytes + size > max_shard_size:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensors[name]
+        shard_bytes += size
+    for stale in (WEIGHTS_NAME, INDEX_NAME):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, file), metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as handle:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

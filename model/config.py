@@ -1,0 +1,461 @@
+"""InternVL3 configuration: the vision tower (InternViT), the projector (pixel unshuffle + MLP) and the language
+model (Qwen2.5), with the published presets and conversion from/to transformers' InternVL config.json and the
+original OpenGVLab (InternVLChatModel) config.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Union
+
+NORM_TYPES = ("layer_norm", "rms_norm")
+# Activations the model implements (names as transformers' ACT2FN spells them).
+ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "silu")
+
+
+@dataclass
+class VisionConfig:
+    """InternViT. ``qk_norm`` is an RMSNorm over the full q (and k) width before the heads are split;
+    ``final_norm`` is transformers' ``use_mean_pooling=False`` LayerNorm after the last layer (InternVL3's
+    checkpoints have none)."""
+
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    norm_type: str = "layer_norm"
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    layer_scale_init: float = 0.1
+    hidden_act: str = "gelu"
+    final_norm: bool = False
+
+    def __post_init__(self):
+        _check_positive(self, ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size"))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"vision norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"vision hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along each side of a tile."""
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class ProjectorConfig:
+    """``mlp1``: pixel unshuffle by ``downsample_ratio`` -> LayerNorm(norm_eps) -> Linear -> act -> Linear."""
+
+    downsample_ratio: float = 0.5
+    norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+
+    def __post_init__(self):
+        factor = 1.0 / self.downsample_ratio if self.downsample_ratio > 0 else 0.0
+        if not (factor >= 1 and factor == int(factor)):
+            raise ValueError(f"downsample_ratio must be 1/r for an integer r >= 1, got {self.downsample_ratio}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"projector hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+
+    @property
+    def factor(self) -> int:
+        return int(round(1.0 / self.downsample_ratio))
+
+
+@dataclass
+class TextConfig:
+    """Qwen2.5 decoder: RMSNorm, GQA with q/k/v bias, SwiGLU, rotary (here V2PE positions) with ``rope_theta``."""
+
+    vocab_size: int = 151674
+    hidden_size: int = 896
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    intermediate_size: int = 4864
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        _check_positive(
+            self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+        )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"text hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"text num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"text hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# The special token ids of InternVL3's vocabulary (Qwen2.5's plus InternVL's).
+INTERNVL3_IMG_CONTEXT_ID = 151667
+# model.data.ByteTokenizer's <IMG_CONTEXT> (256 + its index among the special tokens), for the tiny preset.
+BYTE_TOKENIZER_VOCAB = 262
+BYTE_TOKENIZER_IMG_CONTEXT_ID = 261
+
+
+@dataclass
+class InternVL3Config:
+    """The whole model. ``image_token_id`` is the ``<IMG_CONTEXT>`` id whose embeddings the projected image rows
+    replace; ``name`` is the preset (or checkpoint) it came from, informational only."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = INTERNVL3_IMG_CONTEXT_ID
+    name: str = "custom"
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.projector, dict):
+            self.projector = ProjectorConfig(**self.projector)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if self.vision.grid_size % self.projector.factor:
+            raise ValueError(
+                f"the patch grid ({self.vision.grid_size}) must be a multiple of the unshuffle factor "
+                f"({self.projector.factor})"
+            )
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary ({self.text.vocab_size})")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """``<IMG_CONTEXT>`` tokens per tile: (image_size / patch_size / r)^2 (256 for InternVL3)."""
+        return (self.vision.grid_size // self.projector.factor) ** 2
+
+    @property
+    def projector_in_features(self) -> int:
+        return self.vision.hidden_size * self.projector.factor**2
+
+    # ---- presets
+
+    @classmethod
+    def preset(cls, name: str) -> "InternVL3Config":
+        """A fresh config of preset ``name`` (one of ``PRESETS``)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+        vision, text, image_token_id = _PRESETS[name]
+        return cls(
+            vision=copy.deepcopy(vision), projector=ProjectorConfig(), text=copy.deepcopy(text),
+            image_token_id=image_token_id, name=name,
+        )
+
+    # ---- plain dictionaries (this project's own format)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InternVL3Config":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    # ---- transformers' InternVL config.json
+
+    @classmethod
+    def from_hf(cls, config: Union[dict, str, os.PathLike]) -> "InternVL3Config":
+        """From a transformers ``InternVLConfig`` (its ``to_dict()``, a config.json path, or the folder holding
+        it). Also accepts the original OpenGVLab ``InternVLChatModel`` config.json (``llm_config``)."""
+        data = _read_json(config)
+        if "llm_config" in data:
+            return _from_opengvlab(data)
+        if data.get("model_type") not in (None, "internvl"):
+            raise ValueError(f"expected an InternVL config (model_type 'internvl'), got {data.get('model_type')!r}")
+        if data.get("vision_feature_layer", -1) != -1:
+            raise ValueError("only vision_feature_layer = -1 (the last layer) is supported")
+        if data.get("vision_feature_select_strategy", "default") != "default":
+            raise ValueError("only vision_feature_select_strategy 'default' (CLS dropped) is supported")
+        vision = data.get("vision_config") or {}
+        text = data.get("text_config") or {}
+        if text.get("model_type", "qwen2") != "qwen2":
+            raise ValueError(f"only a Qwen2 language model is supported, got {text.get('model_type')!r}")
+        if text.get("use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported")
+        _check_rope(text)
+        defaults = TextConfig()
+        return cls(
+            vision=VisionConfig(
+                hidden_size=vision.get("hidden_size", 1024),
+                num_layers=vision.get("num_hidden_layers", 24),
+                num_heads=vision.get("num_attention_heads", 16),
+                intermediate_size=vision.get("intermediate_size", 4096),
+                image_size=_square(vision.get("image_size", 448), "image_size"),
+                patch_size=_square(vision.get("patch_size", 14), "patch_size"),
+                num_channels=vision.get("num_channels", 3),
+                norm_type=vision.get("norm_type", "layer_norm"),
+                norm_eps=vision.get("layer_norm_eps", 1e-6),
+                # transformers' InternVLVisionConfig defaults attention_bias to False
+                qkv_bias=vision.get("attention_bias", False),
+                qk_norm=vision.get("use_qk_norm", False),
+                layer_scale_init=vision.get("layer_scale_init_value", 0.1),
+                hidden_act=vision.get("hidden_act", "gelu"),
+                final_norm=not vision.get("use_mean_pooling", True),
+            ),
+            projector=ProjectorConfig(
+                downsample_ratio=data.get("downsample_ratio", 0.5),
+                hidden_act=data.get("projector_hidden_act", "gelu"),
+            ),
+            text=TextConfig(
+                vocab_size=text.get("vocab_size", 151936),
+                hidden_size=text.get("hidden_size", 4096),
+                num_layers=text.get("num_hidden_layers", 32),
+                num_heads=text.get("num_attention_heads", 32),
+                num_kv_heads=text.get("num_key_value_heads") or text.get("num_attention_heads", 32),
+                intermediate_size=text.get("intermediate_size", 22016),
+                rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+                rope_theta=_rope_theta(text),
+                hidden_act=text.get("hidden_act", "silu"),
+                max_position_embeddings=text.get("max_position_embeddings", defaults.max_position_embeddings),
+                # transformers ties InternVL's head to the embeddings when the top-level flag says so
+                # (InternVLConfig defaults it to True)
+                tie_word_embeddings=bool(data.get("tie_word_embeddings", True)),
+            ),
+            image_token_id=data.get("image_token_id", INTERNVL3_IMG_CONTEXT_ID),
+            name=str(data.get("_name_or_path") or "custom"),
+        )
+
+    def to_hf(self) -> dict:
+        """A transformers ``InternVLConfig`` dict (config.json of InternVLForConditionalGeneration)."""
+        v, p, t = self.vision, self.projector, self.text
+        return {
+            "architectures": ["InternVLForConditionalGeneration"],
+            "model_type": "internvl",
+            "downsample_ratio": p.downsample_ratio,
+            "image_seq_length": self.tokens_per_tile,
+            "image_token_id": self.image_token_id,
+            "projector_hidden_act": p.hidden_act,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "default",
+            "vision_config": {
+                "model_type": "internvl_vision",
+                "hidden_size": v.hidden_size,
+                "num_hidden_layers": v.num_layers,
+                "num_attention_heads": v.num_heads,
+                "intermediate_size": v.intermediate_size,
+                "image_size": [v.image_size, v.image_size],
+                "patch_size": [v.patch_size, v.patch_size],
+                "num_channels": v.num_channels,
+                "norm_type": v.norm_type,
+                "layer_norm_eps": v.norm_eps,
+                "attention_bias": v.qkv_bias,
+                "use_qk_norm": v.qk_norm,
+                "layer_scale_init_value": v.layer_scale_init,
+                "hidden_act": v.hidden_act,
+                "use_mean_pooling": not v.final_norm,
+                "use_absolute_position_embeddings": True,
+            },
+            "text_config": {
+                "model_type": "qwen2",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads,
+                "num_key_value_heads": t.num_kv_heads,
+                "intermediate_size": t.intermediate_size,
+                "rms_norm_eps": t.rms_norm_eps,
+                "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
+                "hidden_act": t.hidden_act,
+                "max_position_embeddings": t.max_position_embeddings,
+                "tie_word_embeddings": t.tie_word_embeddings,
+                "use_sliding_window": False,
+            },
+        }
+
+    def to_opengvlab(self) -> dict:
+        """The original OpenGVLab ``InternVLChatModel`` config.json."""
+        v, p, t = self.vision, self.projector, self.text
+        return {
+            "architectures": ["InternVLChatModel"],
+            "model_type": "internvl_chat",
+            "downsample_ratio": p.downsample_ratio,
+            "force_image_size": v.image_size,
+            "ps_version": "v2",
+            "select_layer": -1,
+            "template": "internvl2_5",
+            "vision_config": {
+                "architectures": ["InternVisionModel"],
+                "model_type": "intern_vit_6b",
+                "hidden_size": v.hidden_size,
+                "num_hidden_layers": v.num_layers,
+                "num_attention_heads": v.num_heads,
+                "intermediate_size": v.intermediate_size,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "num_channels": v.num_channels,
+                "norm_type": v.norm_type,
+                "layer_norm_eps": v.norm_eps,
+                "qkv_bias": v.qkv_bias,
+                "qk_normalization": v.qk_norm,
+                "initializer_factor": v.layer_scale_init,
+                "hidden_act": v.hidden_act,
+            },
+            "llm_config": {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads,
+                "num_key_value_heads": t.num_kv_heads,
+                "intermediate_size": t.intermediate_size,
+                "rms_norm_eps": t.rms_norm_eps,
+                "rope_theta": t.rope_theta,
+                "hidden_act": t.hidden_act,
+                "max_position_embeddings": t.max_position_embeddings,
+                "tie_word_embeddings": t.tie_word_embeddings,
+                "use_sliding_window": False,
+            },
+            # Not a field of InternVLChatModel's config (its tokenizer fixes the id); kept for round trips.
+            "img_context_token_id": self.image_token_id,
+        }
+
+
+def _from_opengvlab(data: dict) -> InternVL3Config:
+    vision = data.get("vision_config") or {}
+    text = data["llm_config"]
+    if text.get("model_type", "qwen2") != "qwen2":
+        raise ValueError(f"only a Qwen2 language model is supported, got {text.get('model_type')!r}")
+    if data.get("select_layer", -1) != -1:
+        raise ValueError("only select_layer = -1 (the last layer) is supported")
+    if data.get("ps_version", "v2") != "v2":
+        raise ValueError("only ps_version 'v2' pixel shuffle is supported")
+    _check_rope(text)
+    image_size = data.get("force_image_size") or vision.get("image_size", 448)
+    return InternVL3Config(
+        vision=VisionConfig(
+            hidden_size=vision.get("hidden_size", 1024),
+            num_layers=vision.get("num_hidden_layers", 24),
+            num_heads=vision.get("num_attention_heads", 16),
+            intermediate_size=vision.get("intermediate_size", 4096),
+            image_size=_square(image_size, "image_size"),
+            patch_size=_square(vision.get("patch_size", 14), "patch_size"),
+            num_channels=vision.get("num_channels", 3),
+            norm_type=vision.get("norm_type", "rms_norm"),
+            norm_eps=vision.get("layer_norm_eps", 1e-6),
+            qkv_bias=vision.get("qkv_bias", False),
+            qk_norm=vision.get("qk_normalization", False),
+            layer_scale_init=vision.get("initializer_factor", 0.1),
+            hidden_act=vision.get("hidden_act", "gelu"),
+        ),
+        projector=ProjectorConfig(downsample_ratio=data.get("downsample_ratio", 0.5)),
+        text=TextConfig(
+            vocab_size=text.get("vocab_size", 151936),
+            hidden_size=text.get("hidden_size", 4096),
+            num_layers=text.get("num_hidden_layers", 32),
+            num_heads=text.get("num_attention_heads", 32),
+            num_kv_heads=text.get("num_key_value_heads") or text.get("num_attention_heads", 32),
+            intermediate_size=text.get("intermediate_size", 22016),
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(text),
+            hidden_act=text.get("hidden_act", "silu"),
+            max_position_embeddings=text.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+        ),
+        image_token_id=data.get("img_context_token_id") or INTERNVL3_IMG_CONTEXT_ID,
+        name=str(data.get("_name_or_path") or "custom"),
+    )
+
+
+def _read_json(config: Union[dict, str, os.PathLike]) -> dict:
+    if isinstance(config, dict):
+        return config
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config must be a dict or a path, got {type(config).__name__}")
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _square(value: Any, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"only square {name} is supported, got {value}")
+        value = value[0]
+    return int(value)
+
+
+def _rope_theta(text: dict) -> float:
+    parameters = text.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta", text.get("rope_theta", 10000.0)))
+
+
+def _check_rope(text: dict) -> None:
+    # transformers <= 4 writes rope_scaling, 5 writes rope_parameters; only plain rotary is V2PE's.
+    for key in ("rope_parameters", "rope_scaling"):
+        kind = (text.get(key) or {}).get("rope_type", (text.get(key) or {}).get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"only default rotary embeddings are supported, got {key}.rope_type {kind!r}")
+
+
+def _check_positive(config, names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+
+
+# ---- presets: shapes from ../shared/reference/internvl3-facts.md
+
+INTERNVIT_300M = VisionConfig(
+    hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+    norm_type="layer_norm", qkv_bias=True, qk_norm=False,
+)
+INTERNVIT_6B = VisionConfig(
+    hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
+    norm_type="rms_norm", qkv_bias=False, qk_norm=True,
+)
+
+
+def _qwen25(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> TextConfig:
+    return TextConfig(
+        vocab_size=151674, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+        intermediate_size=ffn, rope_theta=1e6, tie_word_embeddings=False,
+    )
+
+
+_PRESETS: dict[str, tuple[VisionConfig, TextConfig, int]] = {
+    # Seconds on a CPU: 56x56 tiles of 14x14 patches -> 4x4 patches -> 4 <IMG_CONTEXT> tokens a tile;
+    # the vocabulary and image token are model.data.ByteTokenizer's.
+    "tiny": (
+        VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=56, patch_size=14),
+        TextConfig(
+            vocab_size=BYTE_TOKENIZER_VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            intermediate_size=128, rope_theta=1e6,
+        ),
+        BYTE_TOKENIZER_IMG_CONTEXT_ID,
+    ),
+    "internvl3-1b": (INTERNVIT_300M, _qwen25(896, 24, 14, 2, 4864), INTERNVL3_IMG_CONTEXT_ID),
+    "internvl3-2b": (INTERNVIT_300M, _qwen25(1536, 28, 12, 2, 8960), INTERNVL3_IMG_CONTEXT_ID),
+    "internvl3-8b": (INTERNVIT_300M, _qwen25(3584, 28, 28, 4, 18944), INTERNVL3_IMG_CONTEXT_ID),
+    "internvl3-14b": (INTERNVIT_300M, _qwen25(5120, 48, 40, 8, 13824), INTERNVL3_IMG_CONTEXT_ID),
+    "internvl3-38b": (INTERNVIT_6B, _qwen25(5120, 64, 40, 8, 27648), INTERNVL3_IMG_CONTEXT_ID),
+    "internvl3-78b": (INTERNVIT_6B, _qwen25(8192, 80, 64, 8, 29568), INTERNVL3_IMG_CONTEXT_ID),
+}
+PRESETS = tuple(_PRESETS)

@@ -1,0 +1,199 @@
+"""InternVL3 on packed sequences: InternViT -> pixel unshuffle + MLP projector -> Qwen2.5, with the image rows
+placed over the ``<IMG_CONTEXT>`` embeddings and V2PE positions."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+import internvl3_engine as engine
+
+from .config import InternVL3Config
+from .language import LanguageModel, RMSNorm, activation
+from .vision import InternViT
+
+
+@dataclass
+class InternVL3Output:
+    """``logits`` float [T, V] (None unless asked for, or when no labels were given); ``loss`` the weighted
+    cross-entropy sum(w * CE) / sum(w) (None without labels); ``hidden_states`` the final normed hidden
+    states [T, H] the head reads; ``positions`` the float32 V2PE positions [T] the decoder used."""
+
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+
+
+class Projector(nn.Module):
+    """InternVL's ``mlp1``: pixel unshuffle by r -> LayerNorm(r*r*C) (fused in the engine's
+    pixel_unshuffle_layernorm) -> Linear -> GELU -> Linear."""
+
+    def __init__(self, config: InternVL3Config):
+        super().__init__()
+        width = config.projector_in_features
+        self.downsample_ratio = config.projector.downsample_ratio
+        self.norm = nn.LayerNorm(width, eps=config.projector.norm_eps)
+        self.linear_1 = nn.Linear(width, config.text.hidden_size)
+        self.act = activation(config.projector.hidden_act)
+        self.linear_2 = nn.Linear(config.text.hidden_size, config.text.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [N, h, w, C] -> [N * h*w/r^2, H_llm], tile by tile, rows in InternVL's order."""
+        rows = engine.pixel_unshuffle_layernorm(
+            features, self.norm.weight, self.norm.bias, self.norm.eps, scale_factor=self.downsample_ratio
+        )
+        rows = self.linear_2(self.act(self.linear_1(rows)))
+        return rows.reshape(-1, rows.shape[-1])
+
+
+class InternVL3(nn.Module):
+    """The InternVL3 model. A client of internvl3_engine's public API; build big presets on the meta device
+    (``with torch.device("meta"): InternVL3(config)``) to inspect them without allocating."""
+
+    def __init__(self, config: InternVL3Config):
+        super().__init__()
+        self.config = config
+        self.vision = InternViT(config.vision)
+        self.projector = Projector(config)
+        self.language = LanguageModel(config.text)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """A fresh initialization for training from scratch: normal(0, std) weights of linear, convolution and
+        embedding layers, zero biases and CLS token, normal(0, std) position embedding, unit norms, layer
+        scale at its configured value."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        embeddings = self.vision.embeddings
+        embeddings.cls_token.zero_()
+        embeddings.position_embedding.normal_(0.0, std)
+        for layer in self.vision.layers:
+            layer.ls1.fill_(self.config.vision.layer_scale_init)
+            layer.ls2.fill_(self.config.vision.layer_scale_init)
+
+    # ---- components
+
+    def engine_components(self) -> dict[str, nn.Module]:
+        """The three separately sharded parts (the parallelism scheduler's units): the vision tower, the
+        projector, and the language model (embeddings, layers, final norm and head)."""
+        return {"vision": self.vision, "projector": self.projector, "language": self.language}
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts per component and their ``total`` (a tied head is counted once)."""
+        counts = {name: sum(p.numel() for p in module.parameters()) for name, module in self.engine_components().items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    # ---- forward
+
+    def encode_images(self, pixel_values: torch.Tensor, image_flags: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """pixel_values [N_tiles, 3, H, W] -> projected rows [N_tiles * tokens_per_tile, H_llm], tile by tile.
+        ``image_flags`` int [N_tiles]: tiles flagged 0 (the blank tile of a text-only pack, which keeps every
+        data-parallel rank running the vision tower) are computed and then dropped."""
+        rows = self.projector(self.vision(pixel_values))
+        if image_flags is None:
+            return rows
+        per_tile = rows.shape[0] // max(pixel_values.shape[0], 1)
+        keep = (image_flags.to(rows.device) != 0).repeat_interleave(per_tile)
+        return rows[keep]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        loss_weights: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+        *,
+        image_flags: Optional[torch.Tensor] = None,
+        return_logits: Optional[bool] = None,
+        loss_normalizer: Union[float, torch.Tensor, None] = None,
+    ) -> InternVL3Output:
+        """One pack of T tokens.
+
+        input_ids int64 [T]; cu_seqlens int32 [B+1] the samples of the pack (None: one sample); max_seqlen the
+        longest sample (host int; None: read from cu_seqlens, one host sync); pixel_values [N_tiles, 3, H, W]
+        the tiles whose rows replace the ``<IMG_CONTEXT>`` tokens (``config.image_token_id``) in order
+        (their number must match: ValueError); positions float32 [T] V2PE positions (None:
+        ``v2pe_position_ids`` with delta 1, i.e. 0..L-1 per sample).
+
+        labels int64 [T] are ALREADY ALIGNED: labels[t] is the target predicted at position t (the next
+        token), -100 where none; model.data's packing shifts them per sample (``shift_labels``), so the
+        model does not shift. loss_weights float32 [T] (e.g. ``internvl3_engine.loss_weights``; None: 1 per
+        supervised token, the token mean). loss = sum(w * CE) / sum(w) through the engine's fused linear
+        cross-entropy (the [T, V] logits are never materialised for it); ``loss_normalizer`` replaces
+        sum(w) (e.g. sum(w) all-reduced over data-parallel ranks).
+
+        return_logits: compute ``logits`` [T, V]; None means only when no labels are given.
+        """
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be 1-D [T] (a pack), got shape {tuple(input_ids.shape)}")
+        device = input_ids.device
+        tokens = input_ids.shape[0]
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+            if max_seqlen is None:
+                max_seqlen = tokens
+        elif max_seqlen is None:
+            max_seqlen = engine.max_seqlen(cu_seqlens)
+
+        language = self.language
+        embeds = language.embed_tokens(input_ids)
+        is_visual = input_ids == self.config.image_token_id
+        if pixel_values is not None:
+            visual = self.encode_images(pixel_values, image_flags)
+            embeds = engine.scatter_visual(embeds, visual.to(embeds.dtype), is_visual)
+        if positions is None:
+            positions = engine.v2pe_position_ids(is_visual, cu_seqlens, 1.0)
+
+        hidden = language(embeds, cu_seqlens, max_seqlen, positions)
+        output = InternVL3Output(hidden_states=hidden, positions=positions)
+        if labels is not None:
+            output.loss = engine.linear_cross_entropy(
+                hidden, language.lm_head.weight, labels, loss_weights=loss_weights, normalizer=loss_normalizer
+            )
+        if return_logits or (return_logits is None and labels is None):
+            output.logits = language.lm_head(hidden)
+        return output
+
+    # ---- checkpoints (model/checkpoint.py)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, os.PathLike],
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> "InternVL3":
+        """Load a transformers ``InternVLForConditionalGeneration`` folder (config.json + model.safetensors or a
+        sharded model.safetensors.index.json) or an original OpenGVLab ``InternVLChatModel`` folder, without
+        transformers. ``dtype`` None keeps the checkpoint's."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(
+        self, path: Union[str, os.PathLike], *, layout: str = "hf", max_shard_size: int = 5 * 1024**3
+    ) -> None:
+        """Write config.json and safetensors: ``layout`` 'hf' (transformers loads it back with
+        InternVLForConditionalGeneration.from_pretrained) or 'opengvlab' (InternVLChatModel's names);
+        shards of at most ``max_shard_size`` bytes with an index when bigger."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, layout=layout, max_shard_size=max_shard_size)
