@@ -33,5 +33,29 @@ def matmul_ceiling(device: torch.device, timer: Timer) -> dict:
             "tflop_per_s": 2 * n**3 / (median_ms * 1e-3) / 1e12}
 
 
-def measure_ceilings(device: torch.device, timer: Timer) -> dict:
-    return {"copy": copy_ceiling(device, timer), "matmul": matmul_ceiling(device, timer)}
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), matched in order against
+# the NVML device name (e.g. 'NVIDIA H100 80GB HBM3' is the SXM part).
+DATASHEET_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def datasheet_ceiling(info: dict) -> dict | None:
+    """The datasheet's dense bf16 peak for this device (from NVML's name, else torch's), None when unknown."""
+    name = info.get("nvml_name") or info.get("name") or ""
+    if info.get("type") != "cuda":
+        return None
+    for pattern, tflops in DATASHEET_BF16_TFLOPS:
+        if pattern in name:
+            return {"device_name": name, "matched": pattern, "dtype": "bfloat16", "tflop_per_s": tflops}
+    return None
+
+
+def measure_ceilings(device: torch.device, timer: Timer, info: dict) -> dict:
+    """Copy and matmul ceilings measured now, plus the datasheet's bf16 peak (None when not known)."""
+    return {"copy": copy_ceiling(device, timer), "matmul": matmul_ceiling(device, timer),
+            "datasheet": datasheet_ceiling(info)}

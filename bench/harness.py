@@ -1,4 +1,4 @@
-"""Timing, device description and run records shared by the benchmark suites."""
+"""Timing, device description, run records and the declarative case model shared by the benchmark suites."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import shlex
 import statistics
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,12 +22,13 @@ import torch
 
 import internvl3_engine
 
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2
 DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2, used when the device does not report its own
 MAX_INPUT_COPIES = 4096
 CPU_WARMUP_CALLS = 2
 CPU_TIME_BUDGET_S = 0.5  # per measurement: CPU numbers are a smoke test, not a result
 CPU_REPEATS = (3, 50)
+GPU_BENCH_MS = {"full": (25, 100), "quick": (5, 20)}  # do_bench (warmup, rep) in milliseconds
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -36,27 +39,42 @@ def gb_per_s(num_bytes: int, median_ms: float) -> float:
     return num_bytes / (median_ms * 1e-3) / 1e9
 
 
+def tflop_per_s(flops: float, median_ms: float) -> float:
+    return flops / (median_ms * 1e-3) / 1e12
+
+
 class Timer:
     """Median wall time of a callable in milliseconds.
 
     CUDA: triton.testing.do_bench (its warm-up, an L2 flush before every call, CUDA events, median).
     CPU: time.perf_counter around each call after warm-up, repeats sized to a small time budget.
+    ``quick``: a smoke test of the harness (CI): on CPU one timed call (callers have made one untimed call
+    already), on CUDA do_bench with 5 ms of warm-up and 20 ms of repeats.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, quick: bool = False):
         self.device = device
+        self.quick = quick
 
     @property
     def method(self) -> str:
         if self.device.type == "cuda":
-            return "triton.testing.do_bench(warmup=25 ms, rep=100 ms, return_mode='median'), L2 flushed per call"
+            warmup, rep = GPU_BENCH_MS["quick" if self.quick else "full"]
+            return f"triton.testing.do_bench(warmup={warmup} ms, rep={rep} ms, return_mode='median'), L2 flushed per call"
+        if self.quick:
+            return "time.perf_counter of one call after one untimed call (quick: a smoke test)"
         return f"time.perf_counter median after {CPU_WARMUP_CALLS} warm-up calls, {CPU_TIME_BUDGET_S} s budget"
 
     def median_ms(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
             import triton.testing
 
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            warmup, rep = GPU_BENCH_MS["quick" if self.quick else "full"]
+            return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        if self.quick:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
         return self._cpu_median_ms(fn)
 
     @staticmethod
@@ -94,6 +112,21 @@ def rotating(call: Callable, items: Sequence) -> Callable[[], object]:
     return lambda: call(next(cycle))
 
 
+def peak_memory(device: torch.device, fn: Callable[[], object]) -> dict:
+    """CUDA: one call of ``fn`` after torch.cuda.reset_peak_memory_stats: ``peak_memory_bytes`` (what
+    max_memory_allocated reports, inputs included) and ``workspace_bytes`` (the peak above what was allocated
+    before the call: the call's own memory). {} on other devices."""
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_memory_bytes": peak, "workspace_bytes": peak - before}
+
+
 def _nvml_info(index: int) -> dict:
     """Clocks, memory, power limit and driver of GPU ``index`` through NVML; {'nvml_error': ...} without it."""
     try:
@@ -105,6 +138,7 @@ def _nvml_info(index: int) -> dict:
     try:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         queries = {
+            "nvml_name": lambda: pynvml.nvmlDeviceGetName(handle),
             "driver": lambda: pynvml.nvmlSystemGetDriverVersion(),
             "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
             "sm_clock_max_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
@@ -182,5 +216,102 @@ def record_stem(when: datetime.datetime, info: dict, suite: str, sizes: str) -> 
 
 def write_record(record: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    # default=str: case parameters that are small objects (a segment mix) are written as their description.
+    path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
     return path
+
+
+# ---- the declarative case model: an op (OpSpec), its sizes (Case), the ways to compute it (Implementation)
+
+def randn(shape, dtype: torch.dtype, device, generator) -> torch.Tensor:
+    """Standard normal values drawn in float32 (the same numbers for every dtype), cast to ``dtype``."""
+    return torch.randn(shape, dtype=torch.float32, device=device, generator=generator).to(dtype)
+
+
+def _no_context(args: tuple, options: dict) -> None:
+    return None
+
+
+def _always_available(case: "Case", device: torch.device, dtype: torch.dtype) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One row of a case: a way to compute the op (an engine backend, or a baseline from another library).
+
+    ``call(context, *args, **options)`` computes it from the op's positional arguments and the case's keyword
+    options; ``prepare(args, options)`` builds its ``context`` once per input set, outside the timing (host
+    segment lengths, a block mask: what a training step builds once per batch and reuses across layers);
+    ``backend`` is the engine backend selected around the call (None: left as it is, 'auto' unless
+    INTERNVL3_ENGINE_BACKEND says otherwise); ``unavailable(case, device, dtype)`` says why it cannot run
+    here, before anything is built (None: try it)."""
+
+    name: str
+    call: Callable[..., object]
+    backend: str | None = None
+    prepare: Callable[[tuple, dict], object] = _no_context
+    unavailable: Callable[["Case", torch.device, torch.dtype], str | None] = _always_available
+
+    def selected(self):
+        """The context manager selecting this row's engine backend."""
+        return nullcontext() if self.backend is None else internvl3_engine.backend(self.backend)
+
+
+def engine(op: str, backend: str, label: str | None = None,
+           unavailable: Callable[["Case", torch.device, torch.dtype], str | None] = _always_available,
+           **options) -> Implementation:
+    """internvl3_engine's public ``op`` on engine ``backend`` with extra keyword ``options`` (e.g. a
+    rotary_mode), labelled ``label`` (default: the backend); ``unavailable`` adds a reason of the op's own."""
+
+    def call(_context, *args, **case_options):
+        return getattr(internvl3_engine, op)(*args, **case_options, **options)
+
+    def why_not(case: "Case", device: torch.device, dtype: torch.dtype) -> str | None:
+        if not hasattr(internvl3_engine, op):
+            return f"internvl3_engine has no public {op} yet"
+        if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton on CPU tensors needs TRITON_INTERPRET=1 (set it to time the interpreter)"
+        return unavailable(case, device, dtype)
+
+    return Implementation(label or backend, call, backend=backend, unavailable=why_not)
+
+
+ENGINE_BACKENDS = ("torch", "triton", "cuda")
+
+
+def engine_backends(case: "Case") -> list[Implementation]:
+    """The default rows of an op: internvl3_engine on every backend ('torch' = the PyTorch reference)."""
+    return [engine(case.spec.name, backend) for backend in ENGINE_BACKENDS]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One public op. ``make(device, dtype, generator, **params)`` returns its positional arguments (random
+    data); ``bytes_moved(args)`` returns (forward bytes, backward bytes or None) for memory-bound ops;
+    ``flops(args, **options)`` returns (forward FLOPs, backward FLOPs or None) for compute-bound ops;
+    ``differentiable`` lists the argument positions that receive gradients (empty: forward only);
+    ``implementations(case)`` lists the rows timed for a case (default: every engine backend)."""
+
+    name: str
+    make: Callable[..., tuple]
+    bytes_moved: Callable[[tuple], tuple[int, int | None]] | None = None
+    differentiable: tuple[int, ...] = ()
+    flops: Callable[..., tuple[float, float | None]] | None = None
+    implementations: Callable[["Case"], Sequence[Implementation]] = engine_backends
+
+
+@dataclass(frozen=True)
+class Case:
+    """An op at one size: ``params`` go to its ``make``, ``options`` are the op's keyword arguments (the same
+    for every implementation), ``name`` a short title."""
+
+    spec: OpSpec
+    params: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        words = " ".join(f"{key}={value}" for key, value in {**self.params, **self.options}.items())
+        return f"{self.name}: {words}" if self.name else words

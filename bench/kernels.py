@@ -1,61 +1,40 @@
 """The kernel suite: each op of internvl3_engine's public API, at InternVL3's shapes ('real') or small ones
-('tiny'), on every backend, forward and (where differentiable) forward+backward.
+('tiny'), on every engine backend and against baselines from other libraries, forward and (where
+differentiable) forward+backward.
 
-An op is described once (``OpSpec``: how to build random inputs, how many bytes it must move); a case is
-an op with its sizes (``Case``). Bytes moved are the minimum traffic the op needs (every input byte it must
-read once plus every output byte written once), computed from the shapes and dtypes; GB/s against the
-copy ceiling then says how close a kernel is to the memory roofline.
+An op is described once (``OpSpec``: how to build random inputs, how many bytes it must move or how many
+FLOPs it does, which implementations to time); a case is an op with its sizes (``Case``); each
+implementation of a case is one row (``Implementation``: an engine backend or a baseline). Bytes moved are
+the minimum traffic the op needs (every input byte read once plus every output byte written once); GB/s
+against the copy ceiling says how close a memory-bound kernel is to the roofline. Compute-bound ops
+(attention, the LLM head's cross-entropy) count FLOPs instead, reported as TFLOP/s against the matmul
+ceiling.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
-import internvl3_engine
 
-from .harness import Timer, gb_per_s, input_copies, nbytes, rotating
+from . import attention
+from .harness import (
+    Case, Implementation, OpSpec, Timer, engine, gb_per_s, input_copies, nbytes, peak_memory, randn, rotating,
+    tflop_per_s,
+)
 
-BACKENDS = ("torch", "triton", "cuda")
 FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
 VOCAB = 151_674  # Qwen2.5's vocabulary (labels are drawn from it)
 IGNORE_INDEX = -100
 STATS_BYTES = 2 * 4  # LayerNorm's float32 mean and rstd per row
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """One public op. ``make(device, dtype, generator, **params)`` returns its positional arguments
-    (random data); ``bytes_moved(args)`` returns (forward bytes, backward bytes or None);
-    ``differentiable`` lists the argument positions that receive gradients (empty: forward only)."""
-
-    name: str
-    make: Callable[..., tuple]
-    bytes_moved: Callable[[tuple], tuple[int, int | None]]
-    differentiable: tuple[int, ...] = ()
-
-    def function(self) -> Callable | None:
-        return getattr(internvl3_engine, self.name, None)
-
-
-@dataclass(frozen=True)
-class Case:
-    spec: OpSpec
-    params: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return " ".join(f"{key}={value}" for key, value in self.params.items())
+LOGITS_MEMORY_FRACTION = 0.4  # a full-logits implementation runs when its logits fit in this much free memory
 
 
 # ---- random inputs -------------------------------------------------------------------------------------
-
-def _randn(shape, dtype, device, generator) -> torch.Tensor:
-    return torch.randn(shape, dtype=torch.float32, device=device, generator=generator).to(dtype)
-
 
 def _visual_mask(tokens: int, images: int, image_tokens: int, device, generator) -> torch.Tensor:
     """bool [tokens]: ``images`` runs of ``image_tokens`` visual tokens, one at a random place in each of
@@ -68,6 +47,13 @@ def _visual_mask(tokens: int, images: int, image_tokens: int, device, generator)
     return mask
 
 
+def _random_labels(tokens: int, vocab: int, device, generator) -> torch.Tensor:
+    """int64 [tokens] in [0, vocab), IGNORE_INDEX at ~40% of the tokens (the prompt and image tokens)."""
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
+    unsupervised = torch.rand(tokens, device=device, generator=generator) < 0.4
+    return labels.masked_fill(unsupervised, IGNORE_INDEX)
+
+
 def _cu_seqlens(tokens: int, segments: int, device, generator) -> torch.Tensor:
     """int32 [segments + 1]: a pack of ``tokens`` cut at random into ``segments`` non-empty segments."""
     cuts = torch.randperm(tokens - 1, device=device, generator=generator)[: segments - 1] + 1
@@ -76,39 +62,44 @@ def _cu_seqlens(tokens: int, segments: int, device, generator) -> torch.Tensor:
 
 
 def _make_rotary(device, dtype, generator, tokens, heads, head_dim):
-    x = _randn((tokens, heads, head_dim), dtype, device, generator)
+    x = randn((tokens, heads, head_dim), dtype, device, generator)
     positions = torch.rand(tokens, device=device, generator=generator) * tokens
     return x, positions, 1e6, head_dim
 
 
 def _make_unshuffle(device, dtype, generator, tiles, side, channels):
-    return (_randn((tiles, side, side, channels), dtype, device, generator),)
+    return (randn((tiles, side, side, channels), dtype, device, generator),)
 
 
 def _make_unshuffle_layernorm(device, dtype, generator, tiles, side, channels):
     (x,) = _make_unshuffle(device, dtype, generator, tiles, side, channels)
-    weight = 1 + 0.1 * _randn(4 * channels, dtype, device, generator)
-    bias = 0.1 * _randn(4 * channels, dtype, device, generator)
+    weight = 1 + 0.1 * randn(4 * channels, dtype, device, generator)
+    bias = 0.1 * randn(4 * channels, dtype, device, generator)
     return x, weight, bias
 
 
 def _make_scatter(device, dtype, generator, tokens, channels, images, image_tokens):
     is_visual = _visual_mask(tokens, images, image_tokens, device, generator)
-    text = _randn((tokens, channels), dtype, device, generator)
-    visual = _randn((images * image_tokens, channels), dtype, device, generator)
+    text = randn((tokens, channels), dtype, device, generator)
+    visual = randn((images * image_tokens, channels), dtype, device, generator)
     return text, visual, is_visual
 
 
 def _make_loss_weights(device, dtype, generator, tokens, segments, mode):
-    labels = torch.randint(0, VOCAB, (tokens,), device=device, generator=generator)
-    unsupervised = torch.rand(tokens, device=device, generator=generator) < 0.4  # prompt and image tokens
-    labels = labels.masked_fill(unsupervised, IGNORE_INDEX)
+    labels = _random_labels(tokens, VOCAB, device, generator)
     return labels, _cu_seqlens(tokens, segments, device, generator), mode
 
 
 def _make_v2pe(device, dtype, generator, tokens, segments, images, image_tokens, delta):
     is_visual = _visual_mask(tokens, images, image_tokens, device, generator)
     return is_visual, _cu_seqlens(tokens, segments, device, generator), delta
+
+
+def _make_linear_cross_entropy(device, dtype, generator, tokens, hidden, vocab):
+    # weight ~ N(0, 1/hidden): logits of unit scale, as a trained head gives.
+    states = randn((tokens, hidden), dtype, device, generator)
+    weight = (randn((vocab, hidden), torch.float32, device, generator) / math.sqrt(hidden)).to(dtype)
+    return states, weight, _random_labels(tokens, vocab, device, generator)
 
 
 # ---- bytes moved (read + written) ----------------------------------------------------------------------
@@ -157,6 +148,67 @@ def _v2pe_bytes(args):
     return nbytes(is_visual, cu_seqlens) + 4 * is_visual.numel(), None
 
 
+# ---- the LLM head's cross-entropy: FLOPs and the full-logits baselines ---------------------------------
+
+def _linear_cross_entropy_flops(args, **options):
+    # The head's matmuls: logits = hidden @ weight.T forward (2 T H V); d hidden and d weight backward (4 T H V).
+    # A chunked kernel that recomputes the logits in its backward does more work than it is credited with.
+    hidden, weight, _ = args
+    forward = 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0]
+    return forward, 2 * forward
+
+
+def _logits_too_big(bytes_per_logit: int) -> Callable:
+    """A reason to skip an implementation that materialises the [T, V] logits (``bytes_per_logit`` each) when
+    they would exceed LOGITS_MEMORY_FRACTION of the GPU's free memory."""
+
+    def reason(case: Case, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return None
+        logits = case.params["tokens"] * case.params["vocab"] * bytes_per_logit
+        free, _ = torch.cuda.mem_get_info(device)
+        if logits > LOGITS_MEMORY_FRACTION * free:
+            return (f"its [T, V] logits ({logits / 2**30:.1f} GiB) would exceed {LOGITS_MEMORY_FRACTION:.0%} of the "
+                    f"GPU's free memory ({free / 2**30:.1f} GiB)")
+        return None
+
+    return reason
+
+
+def _torch_linear_cross_entropy(_context, hidden, weight, labels, **options):
+    # What a plain PyTorch training step does (transformers' ForCausalLMLoss upcasts the logits to float32).
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
+def _liger_loss(args, options):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+def _liger_linear_cross_entropy(loss, hidden, weight, labels, **options):
+    return loss(weight, hidden, labels)
+
+
+def _liger_unavailable(case: Case, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return "Liger-Kernel runs on GPUs only"
+    return attention.import_error("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+
+
+def _linear_cross_entropy_implementations(case: Case) -> list[Implementation]:
+    name = case.spec.name
+    return [
+        # The engine's reference materialises float32 logits (and as much again in its backward).
+        engine(name, "torch", unavailable=_logits_too_big(4)),
+        engine(name, "triton"),
+        Implementation("torch-linear+cross_entropy", _torch_linear_cross_entropy, unavailable=_logits_too_big(4)),
+        # Liger computes the gradients inside its forward: its forward row includes the backward's work.
+        Implementation("liger", _liger_linear_cross_entropy, prepare=_liger_loss, unavailable=_liger_unavailable),
+    ]
+
+
 ROTARY = OpSpec("apply_rotary", _make_rotary, _rotary_bytes, differentiable=(0,))
 PIXEL_UNSHUFFLE = OpSpec("pixel_unshuffle", _make_unshuffle, _unshuffle_bytes, differentiable=(0,))
 PIXEL_UNSHUFFLE_LAYERNORM = OpSpec(
@@ -165,11 +217,18 @@ PIXEL_UNSHUFFLE_LAYERNORM = OpSpec(
 SCATTER_VISUAL = OpSpec("scatter_visual", _make_scatter, _scatter_bytes, differentiable=(0, 1))
 LOSS_WEIGHTS = OpSpec("loss_weights", _make_loss_weights, _loss_weights_bytes)
 V2PE_POSITION_IDS = OpSpec("v2pe_position_ids", _make_v2pe, _v2pe_bytes)
-OPS = (ROTARY, PIXEL_UNSHUFFLE, PIXEL_UNSHUFFLE_LAYERNORM, SCATTER_VISUAL, LOSS_WEIGHTS, V2PE_POSITION_IDS)
+LINEAR_CROSS_ENTROPY = OpSpec(
+    "linear_cross_entropy", _make_linear_cross_entropy, differentiable=(0, 1), flops=_linear_cross_entropy_flops,
+    implementations=_linear_cross_entropy_implementations,
+)
+V2PE_ATTENTION = attention.V2PE_ATTENTION
+OPS = (ROTARY, PIXEL_UNSHUFFLE, PIXEL_UNSHUFFLE_LAYERNORM, SCATTER_VISUAL, LOSS_WEIGHTS, V2PE_POSITION_IDS,
+       V2PE_ATTENTION, LINEAR_CROSS_ENTROPY)
 
 # InternVL3 shapes (internvl3-facts.md): Qwen2.5-7B's 28 query heads of 128 over a 16k pack; InternViT-300M
 # (1024 channels, 16 tiles) and InternViT-6B (3200 channels, 8 tiles) at 32x32 patches per 448px tile;
-# 12 tiles of 256 visual tokens scattered into a 16k pack of 3584-wide embeddings; ~30 samples per pack.
+# 12 tiles of 256 visual tokens scattered into a 16k pack of 3584-wide embeddings; ~30 samples per pack;
+# the LLM head of Qwen2.5-0.5B (896) and -7B (3584) over the 151,674-token vocabulary.
 SIZES: dict[str, list[Case]] = {
     "real": [
         Case(ROTARY, dict(tokens=16384, heads=28, head_dim=128)),
@@ -180,6 +239,9 @@ SIZES: dict[str, list[Case]] = {
         Case(SCATTER_VISUAL, dict(tokens=16384, channels=3584, images=12, image_tokens=256)),
         Case(LOSS_WEIGHTS, dict(tokens=16384, segments=30, mode="square")),
         Case(V2PE_POSITION_IDS, dict(tokens=16384, segments=30, images=12, image_tokens=256, delta=0.0625)),
+        *attention.CASES["real"],
+        Case(LINEAR_CROSS_ENTROPY, dict(tokens=16384, hidden=896, vocab=VOCAB), name="0.5B head"),
+        Case(LINEAR_CROSS_ENTROPY, dict(tokens=16384, hidden=3584, vocab=VOCAB), name="7B head"),
     ],
     "tiny": [
         Case(ROTARY, dict(tokens=64, heads=2, head_dim=32)),
@@ -188,6 +250,8 @@ SIZES: dict[str, list[Case]] = {
         Case(SCATTER_VISUAL, dict(tokens=128, channels=32, images=2, image_tokens=16)),
         Case(LOSS_WEIGHTS, dict(tokens=256, segments=4, mode="square")),
         Case(V2PE_POSITION_IDS, dict(tokens=256, segments=4, images=2, image_tokens=16, delta=0.0625)),
+        *attention.CASES["tiny"],
+        Case(LINEAR_CROSS_ENTROPY, dict(tokens=64, hidden=32, vocab=256), name="head"),
     ],
 }
 
@@ -200,61 +264,49 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 # ---- running ------------------------------------------------------------------------------------------
 
-def _forward(function: Callable, args: tuple):
-    return function(*args)
-
-
-def _forward_backward(function: Callable, spec: OpSpec, args: tuple, grads: tuple):
-    outputs = function(*args)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return torch.autograd.grad(outputs, [args[i] for i in spec.differentiable], grads)
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def _with_grad(spec: OpSpec, args: tuple) -> tuple:
     return tuple(a.detach().requires_grad_() if i in spec.differentiable else a for i, a in enumerate(args))
 
 
-def _output_grads(function: Callable, args: tuple, generator) -> tuple:
-    outputs = function(*args)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return tuple(torch.randn(o.shape, device=o.device, generator=generator).to(o.dtype) for o in outputs)
-
-
-def skip_reason(spec: OpSpec, backend: str, device: torch.device) -> str | None:
-    """Why (op, backend) is not timed at all, before trying it; None when it should be tried."""
-    if spec.function() is None:
-        return f"internvl3_engine has no public {spec.name} yet"
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton on CPU tensors needs TRITON_INTERPRET=1 (set it to time the interpreter)"
-    return None
+def _forward_backward(run: Callable, spec: OpSpec, args: tuple, context, grads: tuple):
+    outputs = _as_tuple(run(args, context))
+    # Implementations agree on shapes, not always on dtypes (a loss in bfloat16 or float32).
+    grads = tuple(g if g.dtype == o.dtype else g.to(o.dtype) for g, o in zip(grads, outputs))
+    return torch.autograd.grad(outputs, [args[i] for i in spec.differentiable], grads)
 
 
 @dataclass
 class Job:
     case: Case
     direction: str
-    backend: str
+    implementation: Implementation
 
 
 def jobs(cases: list[Case]) -> Iterator[Job]:
     for case in cases:
         directions = (FORWARD, FORWARD_BACKWARD) if case.spec.differentiable else (FORWARD,)
         for direction in directions:
-            for backend in BACKENDS:
-                yield Job(case, direction, backend)
+            for implementation in case.spec.implementations(case):
+                yield Job(case, direction, implementation)
 
 
 class KernelSuite:
-    """Times jobs; builds each case's rotated input copies once and shares them across its jobs."""
+    """Times jobs; builds each case's rotated input copies once and shares them (and the random output
+    gradients of forward+backward) across its jobs."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, timer: Timer, seed: int = 0):
         self.device, self.dtype, self.timer = device, dtype, timer
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._inputs: tuple[Case, list[tuple]] | None = None
+        self._output_grads: dict[int, tuple] = {}
 
     def _input_sets(self, case: Case) -> list[tuple]:
         if self._inputs is None or self._inputs[0] is not case:
-            self._inputs = None  # free the previous case's copies before building these
+            self._inputs, self._output_grads = None, {}  # free the previous case's copies before building these
             first = case.spec.make(self.device, self.dtype, self.generator, **case.params)
             set_bytes = nbytes(*(a for a in first if isinstance(a, torch.Tensor)))
             copies = input_copies(3 * set_bytes, self.device)  # inputs, output and gradients per call
@@ -262,50 +314,92 @@ class KernelSuite:
             self._inputs = (case, [first, *rest])
         return self._inputs[1]
 
+    def _grads_for(self, index: int, outputs) -> tuple:
+        """Random output gradients of input set ``index``, drawn once from the first outputs seen."""
+        if index not in self._output_grads:
+            self._output_grads[index] = tuple(
+                torch.randn(o.shape, device=o.device, generator=self.generator).to(o.dtype) for o in _as_tuple(outputs)
+            )
+        return self._output_grads[index]
+
     def run(self, job: Job) -> dict:
-        spec = job.case.spec
-        row = {"op": spec.name, "case": job.case.label, "params": job.case.params, "backend": job.backend,
-               "direction": job.direction, "dtype": str(self.dtype).removeprefix("torch.")}
-        reason = skip_reason(spec, job.backend, self.device)
+        case, implementation = job.case, job.implementation
+        spec = case.spec
+        row = {"op": spec.name, "case": case.label, "params": {**case.params, **case.options},
+               "implementation": implementation.name, "direction": job.direction,
+               "dtype": str(self.dtype).removeprefix("torch.")}
+        reason = implementation.unavailable(case, self.device, self.dtype)
         if reason is not None:
             return {**row, "status": "skipped", "reason": reason}
-        sets = self._input_sets(job.case)
-        forward_bytes, backward_bytes = spec.bytes_moved(sets[0])
-        function = spec.function()
         try:
-            with internvl3_engine.backend(job.backend):
-                call = self._callable(function, spec, sets, job.direction)
-                call()  # fails here when the backend cannot run this op on this device
+            sets = self._input_sets(case)
+            with implementation.selected():
+                call = self._callable(implementation, case, sets, job.direction)
+                call()  # fails here when the implementation cannot run this case on this device
                 median_ms = self.timer.median_ms(call)
-        except RuntimeError as error:  # the backend cannot run here (dispatch says why)
+                memory = peak_memory(self.device, call)
+        except RuntimeError as error:  # the implementation cannot run here (dispatch or the library says why)
             return {**row, "status": "skipped", "reason": f"{type(error).__name__}: {error}"}
         except Exception as error:  # a broken op must not stop the others: recorded, and the run fails
             return {**row, "status": "error", "reason": f"{type(error).__name__}: {error}"}
-        moved = forward_bytes + (backward_bytes if job.direction == FORWARD_BACKWARD else 0)
-        return {**row, "status": "ok", "median_ms": median_ms, "bytes": moved, "input_copies": len(sets)}
+        timed = {**row, "status": "ok", "median_ms": median_ms, "input_copies": len(sets), **memory}
+        backward = job.direction == FORWARD_BACKWARD
+        if spec.bytes_moved is not None:
+            forward_bytes, backward_bytes = spec.bytes_moved(sets[0])
+            timed["bytes"] = forward_bytes + (backward_bytes if backward else 0)
+        if spec.flops is not None:
+            forward_flops, backward_flops = spec.flops(sets[0], **case.options)
+            timed["flops"] = forward_flops + (backward_flops if backward else 0)
+            if backward:
+                timed["flops_backward"] = backward_flops
+        return timed
 
-    def _callable(self, function: Callable, spec: OpSpec, sets: list[tuple], direction: str) -> Callable:
+    def _callable(self, implementation: Implementation, case: Case, sets: list[tuple], direction: str) -> Callable:
+        def run(args, context):
+            return implementation.call(context, *args, **case.options)
+
         if direction == FORWARD:
-            return rotating(lambda args: _forward(function, args), sets)
-        with_grad = [_with_grad(spec, args) for args in sets]
-        grads = [_output_grads(function, args, self.generator) for args in with_grad]
-        return rotating(lambda pair: _forward_backward(function, spec, *pair), list(zip(with_grad, grads)))
+            prepared = [(args, implementation.prepare(args, case.options)) for args in sets]
+            return rotating(lambda pair: run(*pair), prepared)
+        prepared = []
+        for index, args in enumerate(sets):
+            args = _with_grad(case.spec, args)
+            context = implementation.prepare(args, case.options)
+            grads = self._output_grads.get(index) or self._grads_for(index, run(args, context))
+            prepared.append((args, context, grads))
+        return rotating(lambda item: _forward_backward(run, case.spec, *item), prepared)
 
 
-def run_kernels(device: torch.device, sizes: str, timer: Timer, progress: Callable = iter) -> list[dict]:
+def run_kernels(device: torch.device, sizes: str, timer: Timer, progress: Callable = iter,
+                ops: set[str] | None = None) -> list[dict]:
+    """Every job of the ``sizes`` cases (only the ops named in ``ops`` when given)."""
+    cases = [case for case in SIZES[sizes] if ops is None or case.spec.name in ops]
     suite = KernelSuite(device, default_dtype(device), timer)
-    return [suite.run(job) for job in progress(list(jobs(SIZES[sizes])))]
+    return [suite.run(job) for job in progress(list(jobs(cases)))]
 
 
-def add_rates(rows: list[dict], copy_gb_per_s: float) -> list[dict]:
-    """Add GB/s, the fraction of the copy ceiling and the speedup over the 'torch' backend to timed rows."""
-    torch_ms = {(r["op"], r["case"], r["direction"]): r["median_ms"]
-                for r in rows if r["backend"] == "torch" and r["status"] == "ok"}
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        row["gb_per_s"] = gb_per_s(row["bytes"], row["median_ms"])
-        row["fraction_of_copy"] = row["gb_per_s"] / copy_gb_per_s
-        baseline = torch_ms.get((row["op"], row["case"], row["direction"]))
+def add_rates(rows: list[dict], ceilings: dict) -> list[dict]:
+    """Add to timed rows: GB/s and the fraction of the copy ceiling (memory-bound ops), TFLOP/s and the
+    fraction of the matmul ceiling (compute-bound ops; on forward+backward rows also the backward alone,
+    from the difference to the same implementation's forward row), and the speedup over the engine's
+    'torch' reference."""
+    timed = [row for row in rows if row["status"] == "ok"]
+    key = lambda row: (row["op"], row["case"], row["direction"])  # noqa: E731
+    torch_ms = {key(row): row["median_ms"] for row in timed if row["implementation"] == "torch"}
+    forward_ms = {(row["op"], row["case"], row["implementation"]): row["median_ms"]
+                  for row in timed if row["direction"] == FORWARD}
+    matmul = ceilings["matmul"]["tflop_per_s"]
+    for row in timed:
+        if "bytes" in row:
+            row["gb_per_s"] = gb_per_s(row["bytes"], row["median_ms"])
+            row["fraction_of_copy"] = row["gb_per_s"] / ceilings["copy"]["gb_per_s"]
+        if "flops" in row:
+            row["tflop_per_s"] = tflop_per_s(row["flops"], row["median_ms"])
+            row["fraction_of_matmul"] = row["tflop_per_s"] / matmul
+            forward = forward_ms.get((row["op"], row["case"], row["implementation"]))
+            if "flops_backward" in row and forward is not None and row["median_ms"] > forward:
+                row["backward_ms"] = row["median_ms"] - forward
+                row["backward_tflop_per_s"] = tflop_per_s(row["flops_backward"], row["backward_ms"])
+        baseline = torch_ms.get(key(row))
         row["speedup_vs_torch"] = None if baseline is None else baseline / row["median_ms"]
     return rows

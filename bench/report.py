@@ -1,4 +1,5 @@
-"""Human-readable views of a run record: a markdown table and a bar chart of GB/s."""
+"""Human-readable views of a run record: markdown tables (kernels, training steps) and bar charts of GB/s
+(memory-bound ops) and TFLOP/s (compute-bound ops: attention, the LLM head's cross-entropy)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,27 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-BACKEND_COLORS = {"torch": "tab:gray", "triton": "tab:blue", "cuda": "tab:green"}
+# Fixed colours for the engine's backends; the baselines take the next colours of tab20 in order of appearance.
+IMPLEMENTATION_COLORS = {"torch": "tab:gray", "triton": "tab:blue", "cuda": "tab:green"}
+MIB = 2**20
 
 
 def _number(value, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _note(row: dict) -> str:
+    return "" if row["status"] == "ok" else f"{row['status']}: {row['reason']}".replace("|", "/").replace("\n", " ")
+
+
 def _header(record: dict) -> list[str]:
     device, ceilings = record["device"], record["ceilings"]
     engine = record["versions"]["internvl3_engine"]
-    matmul = ceilings["matmul"]
+    matmul, datasheet = ceilings["matmul"], ceilings.get("datasheet")
     return [
         f"# Benchmark: {record['suite']} suite, {record['sizes']} sizes",
         "",
@@ -34,52 +45,127 @@ def _header(record: dict) -> list[str]:
         f"- Command: `{record['command']}`",
         f"- Timing: {record['timing']['method']}",
         f"- Ceilings: copy {_number(ceilings['copy']['gb_per_s'], 1)} GB/s (read + write); "
-        f"{matmul['dtype']} matmul {matmul['n']}^3 {_number(matmul['tflop_per_s'], 2)} TFLOP/s",
+        f"{matmul['dtype']} matmul {matmul['n']}^3 {_number(matmul['tflop_per_s'], 2)} TFLOP/s measured"
+        + (f"; datasheet {datasheet['dtype']} {_number(datasheet['tflop_per_s'], 0)} TFLOP/s ({datasheet['device_name']})"
+           if datasheet else "; no datasheet peak known for this device"),
         "",
     ]
 
 
-def markdown(record: dict) -> str:
-    lines = _header(record) + [
-        "| op | case | direction | backend | median (us) | MB moved | GB/s | of copy | vs torch | note |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+def _kernel_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Kernels",
+        "",
+        "GB/s for memory-bound ops (of the copy ceiling), TFLOP/s for compute-bound ones (of the matmul ceiling; "
+        "'bwd' = the backward alone, forward+backward minus forward). Workspace = peak memory above the inputs.",
+        "",
+        "| op | case | direction | implementation | median (us) | GB/s | of copy | TFLOP/s | of matmul | bwd TFLOP/s "
+        "| vs torch | workspace (MiB) | note |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for row in record["results"]:
+    for row in rows:
         timed = row["status"] == "ok"
+        speedup = row.get("speedup_vs_torch")
+        workspace = row.get("workspace_bytes")
         cells = [
-            row["op"], row["case"], row["direction"], row["backend"],
+            row["op"], row["case"], row["direction"], row["implementation"],
             _number(row["median_ms"] * 1e3, 1) if timed else "-",
-            _number(row["bytes"] / 1e6, 3) if timed else "-",
-            _number(row.get("gb_per_s"), 1),
-            f"{row['fraction_of_copy']:.0%}" if timed else "-",
-            f"{_number(row.get('speedup_vs_torch'), 2)}x" if timed and row.get("speedup_vs_torch") else "-",
-            "" if timed else f"{row['status']}: {row['reason']}".replace("|", "/").replace("\n", " "),
+            _number(row.get("gb_per_s"), 1), _percent(row.get("fraction_of_copy")),
+            _number(row.get("tflop_per_s"), 2), _percent(row.get("fraction_of_matmul")),
+            _number(row.get("backward_tflop_per_s"), 2),
+            f"{speedup:.2f}x" if speedup else "-",
+            _number(None if workspace is None else workspace / MIB, 0),
+            _note(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
-def plot(record: dict, path: Path) -> Path:
-    """Horizontal grouped bars: GB/s per (op case, direction), one bar per backend; the copy ceiling as a line."""
-    timed = [row for row in record["results"] if row["status"] == "ok"]
+def _train_lines(rows: list[dict], ceilings: dict) -> list[str]:
+    datasheet = ceilings.get("datasheet")
+    lines = [
+        "## Training step (forward + backward + AdamW)",
+        "",
+        f"MFU = model FLOPs per step / (step time x peak): against the matmul ceiling measured in this run "
+        f"({_number(ceilings['matmul']['tflop_per_s'], 1)} TFLOP/s) and the datasheet "
+        f"({_number(datasheet['tflop_per_s'], 0) + ' TFLOP/s' if datasheet else 'unknown here'}).",
+        "",
+        "| preset | batch | dtype | step (ms) | tokens/s | peak memory (GiB) | model TFLOP/step | TFLOP/s "
+        "| MFU (measured) | MFU (datasheet) | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        timed = row["status"] == "ok"
+        peak = row.get("peak_memory_bytes")
+        cells = [
+            row["preset"], row["case"], row["dtype"],
+            _number(row.get("median_step_ms"), 1), _number(row.get("tokens_per_s"), 0),
+            _number(None if peak is None else peak / 2**30, 2),
+            _number(row["model_flops"]["total"] / 1e12, 3) if timed else "-",
+            _number(row.get("model_tflop_per_s"), 2),
+            _percent(row.get("mfu_vs_matmul")), _percent(row.get("mfu_vs_datasheet")),
+            _note(row),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def markdown(record: dict) -> str:
+    lines = _header(record)
+    if record.get("results"):
+        lines += _kernel_lines(record["results"])
+    if record.get("train"):
+        lines += _train_lines(record["train"], record["ceilings"])
+    return "\n".join(lines)
+
+
+def _colors(implementations: list[str]) -> dict[str, str]:
+    palette = iter(plt.get_cmap("tab20").colors)
+    return {name: IMPLEMENTATION_COLORS.get(name) or next(palette) for name in implementations}
+
+
+def _bar_chart(record: dict, value: str, ceiling: float, ceiling_label: str, xlabel: str, path: Path) -> Path | None:
+    """Horizontal grouped bars of ``value`` per (op case, direction), one bar per implementation; the
+    ceiling as a dashed line. None (no file) when no row has ``value``."""
+    timed = [row for row in record["results"] if row["status"] == "ok" and row.get(value) is not None]
+    if not timed:
+        return None
     group_of = lambda r: f"{r['op']} [{r['direction']}]\n{r['case']}"  # noqa: E731
     groups = list(dict.fromkeys(group_of(r) for r in timed))
-    backends = list(dict.fromkeys(r["backend"] for r in timed))
-    height = 0.8 / max(len(backends), 1)
-    figure, axes = plt.subplots(figsize=(11, max(4.0, 0.75 * len(groups) + 1.5)))
-    for b, backend in enumerate(backends):
-        values = {group_of(r): r["gb_per_s"] for r in timed if r["backend"] == backend}
-        ys = [g + (b - (len(backends) - 1) / 2) * height for g, name in enumerate(groups) if name in values]
+    implementations = list(dict.fromkeys(r["implementation"] for r in timed))
+    colors = _colors(implementations)
+    height = 0.8 / max(len(implementations), 1)
+    figure, axes = plt.subplots(figsize=(12, max(4.0, 0.3 * len(timed) + 0.4 * len(groups) + 1.5)))
+    for b, implementation in enumerate(implementations):
+        values = {group_of(r): r[value] for r in timed if r["implementation"] == implementation}
+        ys = [g + (b - (len(implementations) - 1) / 2) * height for g, name in enumerate(groups) if name in values]
         axes.barh(ys, [values[name] for name in groups if name in values], height,
-                  label=backend, color=BACKEND_COLORS.get(backend))
-    copy = record["ceilings"]["copy"]["gb_per_s"]
-    axes.axvline(copy, color="tab:red", linestyle="--", label=f"copy ceiling {copy:,.0f} GB/s")
+                  label=implementation, color=colors[implementation])
+    axes.axvline(ceiling, color="tab:red", linestyle="--", label=ceiling_label)
     axes.set_yticks(range(len(groups)), groups, fontsize=7)
     axes.invert_yaxis()  # first op at the top, as in the table
-    axes.set_xlabel("GB/s (bytes read + written)")
+    axes.set_xlabel(xlabel)
     axes.set_title(f"{record['device']['name']}: {record['suite']} ({record['sizes']}), {record['date_utc']}", fontsize=10)
-    axes.legend(fontsize=8, loc="best")
+    axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot(record: dict, stem: Path) -> list[Path]:
+    """``<stem>.png``: GB/s of the memory-bound ops against the copy ceiling; ``<stem>_tflops.png``: TFLOP/s
+    of the compute-bound ops (attention per implementation and rotary mode, cross-entropy) against the matmul
+    ceiling. Returns the files written (none without kernel rows)."""
+    if not record.get("results"):
+        return []
+    copy = record["ceilings"]["copy"]["gb_per_s"]
+    matmul = record["ceilings"]["matmul"]["tflop_per_s"]
+    charts = [
+        _bar_chart(record, "gb_per_s", copy, f"copy ceiling {copy:,.0f} GB/s", "GB/s (bytes read + written)",
+                   stem.with_name(stem.name + ".png")),
+        _bar_chart(record, "tflop_per_s", matmul, f"matmul ceiling {matmul:,.1f} TFLOP/s",
+                   "TFLOP/s (FlashAttention's count for attention; 2THV + 4THV for the head)",
+                   stem.with_name(stem.name + "_tflops.png")),
+    ]
+    return [path for path in charts if path is not None]

@@ -171,6 +171,12 @@ class InternVL3(nn.Module):
             output.logits = language.lm_head(hidden)
         return output
 
+    def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, **options):
+        """Greedy, sampled or Best-of-N continuation of one prompt with a KV cache: model.generation.generate."""
+        from .generation import generate
+
+        return generate(self, input_ids, pixel_values, **options)
+
     # ---- checkpoints (model/checkpoint.py)
 
     @classmethod

@@ -9,7 +9,7 @@ from internvl3_engine.ops.linear_cross_entropy import (
     linear_cross_entropy_reference,
 )
 
-from helpers import assert_fa_close, backends_for, devices, dtypes_for
+from helpers import SLACK, assert_fa_close, backends_for, devices, dtypes_for, max_error
 
 CASES = [  # tokens, hidden size, vocabulary, logits scale
     (1, 16, 37, 2.0),
@@ -57,6 +57,17 @@ def _double(tensors):
     return [None if t is None else t.double() for t in tensors]
 
 
+def _assert_loss_close(loss, gold, baseline, what):
+    """assert_fa_close for a loss; a 0-d loss also gets 4 ulps of its value as slack: its error is a
+    single sample of the rounding (a sum of per-token errors), too noisy for the 2x rule alone."""
+    if loss.dim() > 0:
+        assert_fa_close(loss, gold, baseline, what=what)
+        return
+    error = max_error(loss, gold)
+    allowed = 2.0 * max_error(baseline, gold) + SLACK[loss.dtype] + 4 * torch.finfo(loss.dtype).eps * abs(gold.item())
+    assert error <= allowed, f"{what}: error {error:.3g} > allowed {allowed:.3g}"
+
+
 def _check_against_float64(kind, dtype, hidden, weight, bias, labels, what, **kwargs):
     upstream = None
     if kwargs.get("reduction") == "none":
@@ -65,7 +76,7 @@ def _check_against_float64(kind, dtype, hidden, weight, bias, labels, what, **kw
     gold_loss, gold_grads = _loss_and_grads("torch", *_double((hidden, weight, bias)), labels, None if upstream is None else upstream.double(), **kwargs)
     base_loss, base_grads = _loss_and_grads("torch", hidden, weight, bias, labels, upstream, **kwargs)
     assert loss.dtype == torch.float32
-    assert_fa_close(loss, gold_loss, base_loss, what=f"{what} loss")
+    _assert_loss_close(loss, gold_loss, base_loss, what=f"{what} loss")
     for name, grad, gold, base in zip(("hidden", "weight", "bias"), grads, gold_grads, base_grads):
         assert grad.dtype == dtype
         assert_fa_close(grad, gold, base, factor=3.0, what=f"{what} grad {name}")

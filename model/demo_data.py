@@ -1,0 +1,230 @@
+"""The demo's data, generated deterministically into a folder in InternVL's formats.
+
+Multimodal: rendered PNG images of 1..3 shapes of one kind and one colour on a light, slightly noisy
+background (most square, some twice as wide so dynamic tiling cuts them into several tiles), each with a
+conversation asking its colour, its shape and how many shapes it shows, in a shuffled order. The answers
+depend only on the pixels, so a tiny model that learns them has learned to look.
+Language: paragraphs of an embedded English text corpus (``TEXT_CORPUS``).
+Preference (MPO): the colour question answered right (chosen) and with another colour (rejected).
+
+``generate(folder, seed)`` writes::
+
+    meta.json         pretraining / SFT mixture: shapes (multimodal) + corpus (language)
+    meta_mpo.json     the preference set
+    eval.jsonl        held-out questions with their candidate answers (for ``evaluate``)
+    shapes.jsonl, corpus.jsonl, preference.jsonl, images/*.png
+
+The same seed writes the same bytes: every random choice comes from a seeded ``random.Random`` and the PNG
+encoder is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = ("1", "2", "3")
+
+# The questions, the attribute each asks about, and every answer it may have (the evaluation's candidates).
+QUESTIONS = {
+    "color": ("What color are the shapes?", tuple(COLORS)),
+    "shape": ("Which shape is drawn?", SHAPES),
+    "count": ("How many shapes are there?", COUNTS),
+}
+
+GENERATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """How much to generate and at which size (the images' short side is ``image_size`` pixels)."""
+
+    train_images: int = 2400
+    eval_images: int = 240
+    preference_pairs: int = 400
+    image_size: int = 112
+    wide_fraction: float = 0.2
+    corpus_repeat: int = 1
+
+
+# ---- the text corpus (written for this project)
+
+TEXT_CORPUS = """\
+A circle is the set of points that lie at the same distance from a centre. That distance is the radius, and twice the radius is the diameter. A circle has no corners and no straight sides.
+A square has four straight sides of equal length and four right angles. Its diagonals cross at the centre, have the same length, and meet at a right angle.
+A triangle has three sides and three corners. The three angles of any flat triangle add up to half a turn, which is one hundred and eighty degrees.
+Red, green and blue are the primary colours of light. Screens mix them to show every other colour: red and green light together look yellow, and all three together look white.
+Painters mix pigments instead of light. Yellow and blue paint make green, red and yellow make orange, and red and blue make purple.
+To count objects, point at each one exactly once and say the next number. The last number said is how many objects there are, whatever order they were counted in.
+One, two and three are the first counting numbers. Two is one more than one, and three is one more than two. Three shapes are more than two shapes.
+An image on a computer is a grid of small squares called pixels. Each pixel stores how much red, green and blue light it shows, often as three numbers between zero and two hundred and fifty five.
+A vision model does not see shapes directly. It cuts the image into small patches, turns each patch into a vector of numbers, and lets the patches exchange information until the whole image is described.
+A language model reads text one token at a time and learns to predict the next token. Trained on enough text, it learns spelling, grammar and many facts about the world.
+A multimodal model joins the two. The vectors that describe the image are placed among the text tokens, so the language model can read the picture as if it were a few extra words.
+When a question is asked about a picture, the answer should come from what is in the picture and not from a guess. Looking first and answering second is a good habit for people and for models.
+The sky on a clear day looks blue because air scatters blue light more than red light. At sunset the light crosses more air, the blue is scattered away, and the sky turns orange and red.
+Grass and leaves are green because the chlorophyll in them absorbs red and blue light and reflects green light. In autumn the chlorophyll fades and yellow and orange colours appear.
+Lemons and bananas are yellow, tomatoes and strawberries are red, and plums and grapes are often purple. Oranges gave their name to the colour orange.
+A square is a special rectangle whose sides are all equal, and a special rhombus whose angles are all right angles. Every square is a rectangle, but not every rectangle is a square.
+An equilateral triangle has three equal sides and three equal angles of sixty degrees each. Three equilateral triangles can meet at a point of a flat tiling together with other triangles.
+The area of a circle is pi times the radius squared. Pi is a little more than three, so a circle of radius one covers a little more than three square units.
+The perimeter of a square is four times its side, and its area is the side times itself. A square of side three has a perimeter of twelve and an area of nine.
+Small children learn to count by touching things: one apple, two apples, three apples. Later they learn that the number of things does not change when the things are moved around.
+Good training data is varied, correct and clean. A broken image or a malformed line in a data file should be reported and skipped, so that one bad record does not stop a long training run.
+Learning rates usually start small, grow during a short warm up, and then decay slowly. A cosine schedule lowers the rate along half a cosine wave from its peak to a small final value.
+Checkpoints save the model, the optimizer and the position in the data at regular steps. If a run stops, it can resume from the latest checkpoint and continue exactly where it was.
+Packing puts several short samples into one long sequence so that no compute is wasted on padding. The attention of each sample stays inside its own segment of the pack.
+Weighting the loss by the inverse square root of the number of answer tokens keeps long answers from drowning short ones while still giving them more weight than a single token.
+The quick brown fox jumps over the lazy dog. This sentence uses every letter of the English alphabet at least once, which makes it useful for testing fonts and keyboards.
+Rivers run from high ground to the sea. Along the way they join other rivers, carve valleys, and carry sand and stones that settle where the water slows down.
+Bees visit flowers to collect nectar and pollen. Many flowers are yellow, blue or purple, colours that bees see well, while red flowers are often visited by birds instead.
+A map is a drawing of a place seen from above. Blue usually marks water, green marks forests and parks, and lines of different colours mark roads and borders.
+Music is organised sound. A melody is a sequence of notes, a chord is several notes played together, and rhythm is the pattern of long and short sounds in time.
+Bread is made from flour, water, salt and yeast. The yeast eats sugars in the dough and releases gas, which makes the bread rise before it is baked in a hot oven.
+Stars shine because of nuclear fusion in their cores. Hot stars look blue or white, cooler stars look yellow like the sun, and the coolest stars look orange or red.
+"""
+
+
+def corpus_paragraphs() -> list[str]:
+    return [line.strip() for line in TEXT_CORPUS.splitlines() if line.strip()]
+
+
+# ---- images
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> list[tuple[float, float]]:
+    corners = 4 if shape == "square" else 3
+    start = rotation + (math.pi / 4 if shape == "square" else -math.pi / 2)
+    return [(cx + r * math.cos(start + 2 * math.pi * k / corners), cy + r * math.sin(start + 2 * math.pi * k / corners)) for k in range(corners)]
+
+
+def render(rng: random.Random, color: str, shape: str, count: int, width: int, height: int) -> Image.Image:
+    """``count`` shapes of one kind and colour, at random non-overlapping places, on a noisy light background."""
+    base = rng.randint(225, 250)
+    image = Image.new("RGB", (width, height), (base, base, base))
+    pixels = image.load()
+    for _ in range(width * height // 24):  # sparse grey speckles: the background is not a flat colour
+        x, y = rng.randrange(width), rng.randrange(height)
+        shade = base - rng.randint(10, 40)
+        pixels[x, y] = (shade, shade, shade)
+    draw = ImageDraw.Draw(image)
+    short = min(width, height)
+    radius_range = (short * 0.09, short * 0.15)
+    placed: list[tuple[float, float, float]] = []
+    while len(placed) < count:
+        r = rng.uniform(*radius_range)
+        cx, cy = rng.uniform(r + 2, width - r - 2), rng.uniform(r + 2, height - r - 2)
+        if all(math.hypot(cx - x, cy - y) > r + other + 4 for x, y, other in placed):
+            placed.append((cx, cy, r))
+    jitter = [max(0, min(255, channel + rng.randint(-20, 20))) for channel in COLORS[color]]
+    fill = tuple(jitter)
+    for cx, cy, r in placed:
+        if shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon(_polygon(shape, cx, cy, r * (1.25 if shape == "triangle" else 1.1), rng.uniform(-0.3, 0.3)), fill=fill)
+    return image
+
+
+def _image_record(rng: random.Random, config: DemoDataConfig, folder: str, name: str) -> dict:
+    color, shape = rng.choice(tuple(COLORS)), rng.choice(SHAPES)
+    count = rng.randint(1, len(COUNTS))
+    wide = rng.random() < config.wide_fraction
+    width = config.image_size * (2 if wide else 1)
+    image = render(rng, color, shape, count, width, config.image_size)
+    path = f"images/{name}.png"
+    image.save(os.path.join(folder, path), format="PNG", optimize=False)
+    return {"image": path, "answers": {"color": color, "shape": shape, "count": str(count)}}
+
+
+def _conversation(rng: random.Random, answers: dict) -> list[dict]:
+    kinds = list(QUESTIONS)
+    rng.shuffle(kinds)
+    turns = []
+    for index, kind in enumerate(kinds):
+        question = QUESTIONS[kind][0]
+        turns.append({"from": "human", "value": f"<image>\n{question}" if index == 0 else question})
+        turns.append({"from": "gpt", "value": answers[kind]})
+    return turns
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig()) -> str:
+    """Write the demo data into ``folder`` (created) and return the path of its meta.json. A folder that
+    already holds this exact generation (same seed, config and generator version) is reused."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    stamp = {"seed": seed, "config": config.__dict__, "version": GENERATOR_VERSION}
+    stamp_path = os.path.join(folder, "generated.json")
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.exists(stamp_path) and os.path.exists(meta_path):
+        with open(stamp_path, encoding="utf-8") as handle:
+            if json.load(handle) == json.loads(json.dumps(stamp)):
+                return meta_path
+
+    rng = random.Random(f"demo-data:{seed}")
+    train = []
+    for index in range(config.train_images):
+        record = _image_record(rng, config, folder, f"train_{index:05d}")
+        train.append({"image": record["image"], "conversations": _conversation(rng, record["answers"])})
+    _write_jsonl(os.path.join(folder, "shapes.jsonl"), train)
+
+    evaluation = []
+    for index in range(config.eval_images):
+        record = _image_record(rng, config, folder, f"eval_{index:05d}")
+        for kind, (question, candidates) in QUESTIONS.items():
+            evaluation.append({
+                "image": record["image"], "kind": kind, "question": f"<image>\n{question}",
+                "answer": record["answers"][kind], "candidates": list(candidates),
+            })
+    _write_jsonl(os.path.join(folder, "eval.jsonl"), evaluation)
+
+    preference = []
+    for index in range(config.preference_pairs):
+        record = _image_record(rng, config, folder, f"pref_{index:05d}")
+        chosen = record["answers"]["color"]
+        rejected = rng.choice([color for color in COLORS if color != chosen])
+        preference.append({"image": record["image"], "question": f"<image>\n{QUESTIONS['color'][0]}", "chosen": chosen, "rejected": rejected})
+    _write_jsonl(os.path.join(folder, "preference.jsonl"), preference)
+
+    corpus = [{"text": paragraph} for paragraph in corpus_paragraphs()]
+    _write_jsonl(os.path.join(folder, "corpus.jsonl"), corpus)
+
+    _write_json(meta_path, {
+        "demo_shapes": {"root": ".", "annotation": "shapes.jsonl", "repeat_time": 1, "length": len(train), "data_augment": False},
+        "demo_corpus": {"root": ".", "annotation": "corpus.jsonl", "repeat_time": config.corpus_repeat, "length": len(corpus), "kind": "text"},
+    })
+    _write_json(os.path.join(folder, "meta_mpo.json"), {
+        "demo_preference": {"root": ".", "annotation": "preference.jsonl", "repeat_time": 1, "length": len(preference), "kind": "preference"},
+    })
+    _write_json(stamp_path, stamp)
+    return meta_path
+
+
+def load_eval(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "eval.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
