@@ -16,6 +16,8 @@ _EXPORTS = {
     "ProjectorConfig": ".config",
     "TextConfig": ".config",
     "PRESETS": ".config",
+    "generate": ".generation",
+    "GenerationOutput": ".generation",
 }
 
 __all__ = sorted(_EXPORTS)

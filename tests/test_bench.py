@@ -13,4 +13,201 @@ import internvl3_engine
 from bench import attention, kernels, train
 from bench.__main__ import main
 from bench.ceilings import datasheet_ceiling
-from bench.harness import FORWARD_BACKWARD if False else None  # noqa: F401  (placeholder removed below)
+from bench.harness import Timer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One quick run of both suites at tiny sizes on CPU: (exit code, record, record path)."""
+    out = tmp_path_factory.mktemp("bench")
+    exit_code = main(["--suite", "all", "--sizes", "tiny", "--device", "cpu", "--quick", "--out", str(out)])
+    (record_path,) = out.glob("*_all-tiny.json")
+    return exit_code, json.loads(record_path.read_text()), record_path
+
+
+def test_tiny_run_writes_a_complete_record(tiny_run):
+    exit_code, record, record_path = tiny_run
+    markdown = record_path.with_suffix(".md").read_text()
+    assert "## Kernels" in markdown and "## Training step" in markdown
+    for suffix in (".png", "_tflops.png"):
+        assert record_path.with_name(record_path.stem + suffix).read_bytes().startswith(b"\x89PNG")
+    assert record["schema"] == 2 and record["suites_run"] == ["kernels", "train"]
+    assert record["ceilings"]["copy"]["gb_per_s"] > 0 and record["ceilings"]["matmul"]["tflop_per_s"] > 0
+    assert record["ceilings"]["datasheet"] is None  # a CPU
+    assert record["device"]["type"] == "cpu" and record["versions"]["internvl3_engine"]["version"]
+    errors = [row for row in record["results"] + record["train"] if row["status"] == "error"]
+    assert exit_code == (1 if errors else 0)  # a broken op is recorded and fails the run
+
+
+def test_tiny_kernel_rows(tiny_run):
+    _, record, _ = tiny_run
+    rows = record["results"]
+    assert {row["op"] for row in rows} == {spec.name for spec in kernels.OPS}
+    for row in rows:
+        assert row["status"] in ("ok", "skipped", "error")
+        if row["status"] != "ok":
+            assert row["reason"], row
+            continue
+        assert row["median_ms"] > 0, row
+        # Memory-bound ops report bytes and GB/s, compute-bound ones FLOPs and TFLOP/s.
+        assert (row.get("gb_per_s", 0) > 0 and row["bytes"] > 0) or (row.get("tflop_per_s", 0) > 0 and row["flops"] > 0), row
+    # The reference runs every op the package exports, in every direction; the Triton interpreter too.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for row in rows:
+        engine_row = row["implementation"] == "torch" or (interpreted and row["implementation"].startswith("triton"))
+        if engine_row and hasattr(internvl3_engine, row["op"]):
+            assert row["status"] == "ok", row
+    differentiable = {spec.name for spec in kernels.OPS if spec.differentiable}
+    assert {row["op"] for row in rows if row["direction"] == kernels.FORWARD_BACKWARD} == differentiable
+
+
+def test_tiny_attention_and_cross_entropy_rows(tiny_run):
+    _, record, _ = tiny_run
+    rows = record["results"]
+    status = {(row["op"], row["case"], row["direction"], row["implementation"]): row for row in rows}
+    for case in attention.CASES["tiny"]:
+        modes = ([f"triton[{mode}]" for mode in attention.ROTARY_MODES] if case.params["positions"] else ["triton"])
+        for direction in (kernels.FORWARD, kernels.FORWARD_BACKWARD):
+            names = {key[3] for key in status if key[:3] == ("v2pe_attention", case.label, direction)}
+            assert names == {"torch", *modes, "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex", "flash-attn"}
+            assert status[("v2pe_attention", case.label, direction, "sdpa-math")]["status"] == "ok"
+            assert "GPU" in status[("v2pe_attention", case.label, direction, "flex")]["reason"]
+            backward = status[("v2pe_attention", case.label, direction, "torch")]
+            if direction == kernels.FORWARD_BACKWARD:
+                assert backward["flops_backward"] > 0
+    cross_entropy = [row for row in rows if row["op"] == "linear_cross_entropy"]
+    assert {row["implementation"] for row in cross_entropy} == {"torch", "triton", "torch-linear+cross_entropy", "liger"}
+    assert all(row["status"] == "ok" for row in cross_entropy if row["implementation"] == "torch-linear+cross_entropy")
+
+
+def test_tiny_train_row(tiny_run):
+    _, record, _ = tiny_run
+    (row,) = record["train"]
+    assert row["status"] == "ok", row
+    assert row["preset"] == "tiny" and row["median_step_ms"] > 0 and row["tokens_per_s"] > 0
+    flops = row["model_flops"]
+    parts = ("llm_matmuls", "llm_attention", "vit_matmuls", "vit_attention", "projector")
+    assert flops["total"] == pytest.approx(sum(flops[part] for part in parts)) and min(flops[part] for part in parts) > 0
+    assert row["mfu_vs_matmul"] > 0 and row["mfu_vs_datasheet"] is None
+    assert sum(row["segment_lengths"]) == row["params"]["tokens"]
+
+
+def test_real_sizes_on_cpu_skip_the_gpu_presets_and_print_how_to_publish(tmp_path, capsys):
+    assert main(["--suite", "train", "--sizes", "real", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    (record_path,) = tmp_path.glob("*_train-real.json")
+    rows = json.loads(record_path.read_text())["train"]
+    assert {row["preset"] for row in rows} == {"internvl3-1b", "internvl3-2b"}
+    assert all(row["status"] == "skipped" and "GPU" in row["reason"] for row in rows)
+    hint = capsys.readouterr().err
+    assert "git add" in hint and record_path.name in hint and "bench/results/README.md" in hint
+
+
+def test_unknown_op_is_refused(tmp_path):
+    assert main(["--ops", "no_such_op", "--device", "cpu", "--out", str(tmp_path)]) == 2
+
+
+# ---- formulas -------------------------------------------------------------------------------------------
+
+def test_bytes_moved_formulas():
+    generator = torch.Generator().manual_seed(0)
+    args = kernels.ROTARY.make(CPU, torch.float32, generator, tokens=8, heads=2, head_dim=4)
+    forward, backward = kernels.ROTARY.bytes_moved(args)
+    assert forward == backward == 2 * (8 * 2 * 4) * 4 + 8 * 4 + 2 * 4  # x in and out, positions, inv_freq
+
+    text, visual, is_visual = args = kernels.SCATTER_VISUAL.make(
+        CPU, torch.float16, generator, tokens=32, channels=4, images=2, image_tokens=4
+    )
+    assert int(is_visual.sum()) == visual.shape[0] == 8
+    forward, backward = kernels.SCATTER_VISUAL.bytes_moved(args)
+    assert forward == 2 * (32 * 4) * 2 + 32  # kept text rows + visual rows in, every row out, the mask
+    assert backward == 2 * (32 * 4) * 2 + (8 * 4) * 2 + 32  # grad in, grad_text and grad_visual out, the mask
+
+
+def test_flop_formulas():
+    q = torch.zeros(8, 4, 16)
+    kv = torch.zeros(8, 2, 16)
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)
+    args = (q, kv, kv, cu_seqlens, 5, None)
+    forward, backward = attention.attention_flops(args, causal=False)
+    assert forward == 4 * (3**2 + 5**2) * 4 * 16 and backward == 2.5 * forward
+    assert attention.attention_flops(args, causal=True) == (forward / 2, backward / 2)
+
+    hidden, weight, labels = torch.zeros(6, 3), torch.zeros(10, 3), torch.zeros(6, dtype=torch.long)
+    assert kernels.LINEAR_CROSS_ENTROPY.flops((hidden, weight, labels)) == (2 * 6 * 3 * 10, 4 * 6 * 3 * 10)
+
+
+def test_model_flops_count_the_llm_without_its_embedding():
+    from model import InternVL3, InternVL3Config
+
+    model = InternVL3(InternVL3Config.preset("tiny"))
+    case = train.SIZES["tiny"][0]
+    flops = train.model_flops(model, case, [100, 28])
+    language = sum(p.numel() for p in model.language.parameters()) - model.language.embed_tokens.weight.numel()
+    assert flops["llm_matmuls"] == 6 * language * case.tokens
+    text = model.config.text
+    assert flops["llm_attention"] == 6 * text.num_layers * text.hidden_size * (100**2 + 28**2)
+
+
+def test_datasheet_peaks_from_the_nvml_name():
+    cuda = lambda name: {"type": "cuda", "name": name, "nvml_name": name}  # noqa: E731
+    assert datasheet_ceiling(cuda("NVIDIA H100 80GB HBM3"))["tflop_per_s"] == 989
+    assert datasheet_ceiling(cuda("NVIDIA H100 PCIe"))["tflop_per_s"] == 756
+    assert datasheet_ceiling(cuda("NVIDIA H200"))["tflop_per_s"] == 989
+    assert datasheet_ceiling(cuda("Some Future GPU")) is None
+    assert datasheet_ceiling({"type": "cpu", "name": "Xeon"}) is None
+
+
+# ---- inputs and baselines -------------------------------------------------------------------------------
+
+def test_segment_mixes_and_equal_length_runs():
+    generator = torch.Generator().manual_seed(0)
+    lengths = attention.Segments(16384, 256, 4096).lengths(generator)
+    assert sum(lengths) == 16384 and max(lengths) <= 4096 and min(lengths[:-1]) >= 256
+    assert attention.Segments(4 * 9, 9, 9).lengths(generator) == [9] * 4
+    cu_seqlens = torch.tensor([0, 9, 18, 27, 30, 32], dtype=torch.int32)
+    assert attention._equal_length_runs((None, None, None, cu_seqlens), {}) == [(0, 3, 9), (27, 1, 3), (30, 1, 2)]
+
+
+def test_v2pe_positions_restart_per_segment():
+    cu_seqlens = torch.tensor([0, 5, 12], dtype=torch.int32)
+    positions = attention._v2pe_positions(cu_seqlens, CPU, torch.Generator().manual_seed(0))
+    assert positions.dtype == torch.float32 and positions[0] == 0 and positions[5] == 0
+    steps = torch.diff(positions)
+    assert bool(((steps == 1) | (steps == attention.V2PE_DELTA))[torch.arange(11) != 4].all())
+
+
+@pytest.mark.parametrize("case", attention.CASES["tiny"], ids=lambda case: case.label)
+def test_attention_baselines_match_the_reference(case):
+    """Every implementation that runs here without the Triton interpreter computes the reference's result."""
+    args = case.spec.make(CPU, torch.float32, torch.Generator().manual_seed(1), **case.params)
+    with internvl3_engine.backend("torch"):
+        expected = internvl3_engine.v2pe_attention(*args, **case.options)
+    checked = []
+    for implementation in case.spec.implementations(case):
+        if implementation.name.startswith("triton") or implementation.unavailable(case, CPU, torch.float32):
+            continue
+        try:
+            with implementation.selected():
+                out = implementation.call(implementation.prepare(args, case.options), *args, **case.options)
+        except RuntimeError:  # an SDPA backend that has no CPU kernel
+            continue
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5, msg=implementation.name)
+        checked.append(implementation.name)
+    assert {"torch", "sdpa-math"} <= set(checked)
+
+
+def test_cross_entropy_baseline_matches_the_engine():
+    case = next(case for case in kernels.SIZES["tiny"] if case.spec is kernels.LINEAR_CROSS_ENTROPY)
+    args = case.spec.make(CPU, torch.float32, torch.Generator().manual_seed(2), **case.params)
+    by_name = {implementation.name: implementation for implementation in case.spec.implementations(case)}
+    with by_name["torch"].selected():
+        expected = by_name["torch"].call(None, *args)
+    torch.testing.assert_close(by_name["torch-linear+cross_entropy"].call(None, *args), expected)
+
+
+def test_quick_timer_times_one_call():
+    calls = []
+    assert Timer(CPU, quick=True).median_ms(lambda: calls.append(1)) >= 0
+    assert calls == [1]

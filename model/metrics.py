@@ -1,0 +1,135 @@
+"""What a run reports: metrics as JSON lines, the loss curve as a PNG, a progress bar, model FLOPs utilisation.
+
+metrics.jsonl holds one object a line: training steps ({"step", "loss", "lr", "grad_norm", "tokens_per_s",
+...; "mfu" on CUDA}) and events ({"event": "skipped_step" | "data_errors" | "eval" | "summary", ...}).
+A resumed run first drops the lines of steps after its checkpoint (a crashed run may have logged them),
+so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device name, for MFU; unknown devices report no MFU.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "B200": 2250e12,
+}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in sorted(PEAK_BF16_FLOPS.items(), key=lambda item: -len(item[0])):
+        if key in name:
+            return value
+    return None
+
+
+def training_flops(model, tokens: int, tiles: int, sample_lengths) -> float:
+    """Forward + backward FLOPs of a pack: 6 per parameter per token (language on tokens, vision and
+    projector on their patches), plus causal attention scores (12 * layers * hidden * L^2 / 2) and the
+    ViT's bidirectional attention."""
+    config = model.config
+    counts = model.num_parameters()
+    vision_tokens = tiles * (config.vision.grid_size**2 + 1)
+    flops = 6 * counts["language"] * tokens + 6 * counts["vision"] * vision_tokens
+    flops += 6 * counts["projector"] * tiles * config.tokens_per_tile
+    flops += 6 * config.text.num_layers * config.text.hidden_size * sum(length * length for length in sample_lengths)
+    flops += 12 * config.vision.num_layers * config.vision.hidden_size * tiles * (config.vision.grid_size**2 + 1) ** 2
+    return float(flops)
+
+
+class MetricsLog:
+    """Appends JSON lines to ``path`` (only where ``enabled``: rank 0)."""
+
+    def __init__(self, path: str, enabled: bool = True, resume_step: Optional[int] = None):
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is None:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if entry.get("step", 0) <= step and entry.get("event") != "summary":
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+
+    def write(self, entry: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True, default=_plain) + "\n")
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return str(value)
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str, png_path: str, title: str = "training loss") -> Optional[str]:
+    """The loss per step (and its exponential moving average) from metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    for entry in read_metrics(metrics_path):
+        if "event" not in entry and "loss" in entry and math.isfinite(entry["loss"]):
+            steps.append(entry["step"])
+            losses.append(entry["loss"])
+    if not steps:
+        return None
+    smoothed, average = [], None
+    for value in losses:
+        average = value if average is None else 0.9 * average + 0.1 * value
+        smoothed.append(average)
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
+    axes.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
+    axes.plot(steps, smoothed, color="#c33", linewidth=1.6, label="moving average")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+    return png_path
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5)
