@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import internvl3_engine
 
@@ -146,8 +147,6 @@ def _sdpa(backend_name: str):
     repeated to the query heads first (as transformers' sdpa attention does), causal inside a segment."""
 
     def call(runs, q, k, v, cu_seqlens, max_seqlen, positions, *, causal=True, theta=1e6):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         q, k = _rotated(q, k, positions, theta)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

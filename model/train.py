@@ -1,0 +1,104 @@
+"""Train InternVL3: ``python -m model.train --preset demo`` (the main job), or a model preset on your data.
+
+    python -m model.train --preset demo                      tiny InternVL3 on the generated demo data
+    python -m model.train --preset demo --mode mpo           MPO on the demo's preference pairs (starts
+                                                             from runs/demo/final when it exists)
+    python -m model.train --preset internvl3-1b --config run.yaml --data meta.json --mode sft
+    torchrun --nproc_per_node 8 -m model.train --preset internvl3-8b --plan plan.yaml --data meta.json
+
+--config: a YAML or JSON mapping of TrainConfig fields (model/trainer.py), e.g.
+    lr: 1.0e-5
+    lr_vision: 2.0e-6
+    freeze_language: true
+    model: {text: {num_layers: 4}}
+--plan: a YAML or JSON ParallelPlan: {vision: {sharding: zero2, param_dtype: bfloat16, activation_checkpointing: true},
+    projector: {sharding: replicate}, language: {sharding: zero3}, dp_replicate: 1, prefetch: 1}
+Flags given on the command line win over the config file, which wins over the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from .trainer import MODES, TRAIN_PRESETS, Trainer, load_config_file, preset_config
+
+PLAN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+               "float32": torch.float32, "fp32": torch.float32}
+
+
+def load_plan(path: str):
+    """A ParallelPlan from a YAML/JSON file (dtype names as strings)."""
+    from internvl3_engine.parallel import ComponentPlan, ParallelPlan
+
+    data = load_config_file(path)
+    settings = {}
+    for key, value in data.items():
+        if key in ("vision", "projector", "language"):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {key} must be a mapping of ComponentPlan fields")
+            component = dict(value)
+            for name in ("param_dtype", "reduce_dtype"):
+                if isinstance(component.get(name), str):
+                    if component[name] not in PLAN_DTYPES:
+                        raise ValueError(f"{path}: {key}.{name} must be one of {sorted(PLAN_DTYPES)}, got {component[name]!r}")
+                    component[name] = PLAN_DTYPES[component[name]]
+            settings[key] = ComponentPlan(**component)
+        else:
+            settings[key] = value
+    return ParallelPlan(**settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("--preset", default="demo", choices=TRAIN_PRESETS, help="demo (default) or a model preset")
+    parser.add_argument("--config", help="YAML or JSON file of TrainConfig fields overriding the preset")
+    parser.add_argument("--data", help="meta JSON of the datasets (default: the generated demo data)")
+    parser.add_argument("--mode", choices=MODES, help="pretrain (default), sft or mpo")
+    parser.add_argument("--output-dir", help="where checkpoints, metrics, the loss curve and final weights go")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--resume", help='a checkpoint folder, or "auto" for the latest in the output dir')
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    parser.add_argument("--keep-last", type=int, help="keep the last K checkpoints")
+    parser.add_argument("--log-every", type=int, help="write metrics every N steps")
+    parser.add_argument("--plan", help="ParallelPlan YAML/JSON: shard with internvl3_engine.parallel (torchrun)")
+    parser.add_argument("--init", help="start from these weights (a save_pretrained folder)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args):
+    """The TrainConfig: preset (with the mode's defaults), then --config, then the flags."""
+    file_settings = load_config_file(args.config) if args.config else {}
+    mode = args.mode or file_settings.get("mode", "pretrain")
+    config = preset_config(args.preset, mode).updated(file_settings)
+    flags = {
+        "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps, "seed": args.seed,
+        "save_every": args.save_every, "keep_last": args.keep_last, "log_every": args.log_every, "init": args.init,
+    }
+    config = config.updated({key: value for key, value in flags.items() if value is not None})
+    if args.preset == "demo" and mode == "mpo" and config.init is None and "init" not in file_settings:
+        # MPO refines a trained model: start from the pre-trained demo's weights when they are there.
+        pretrained = os.path.join(os.path.dirname(config.output_dir) or ".", "demo", "final")
+        if os.path.isfile(os.path.join(pretrained, "config.json")):
+            config = config.updated({"init": pretrained})
+    return config
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    plan = load_plan(args.plan) if args.plan else None
+    trainer = Trainer(config, plan=plan, resume=args.resume, show_progress=not args.no_progress)
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

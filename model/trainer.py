@@ -1,0 +1,735 @@
+"""The training loop: native multimodal pre-training, SFT and MPO of InternVL3 on packed data.
+
+One optimizer step = ``grad_accum`` packs per rank. The language-model loss of a step is InternVL3's
+square-averaged loss over all of the step's packs on all ranks, sum(w * CE) / sum(w): each pack's
+weighted sum goes through internvl3_engine.parallel.data_parallel_loss with the rank's sum(w) over the
+step, so the gradients are the global loss's whatever the accumulation and world size. A step whose loss
+or gradient norm is not finite is skipped (no optimizer update) and reported.
+
+Under a parallel plan (torchrun) every rank reads the same deterministic packed stream and keeps the
+packs whose index is its rank modulo the world size: the data position is the same on every rank, so a
+checkpoint resumes at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpointing
+from .config import PRESETS, InternVL3Config
+from .data import (
+    ConversationEncoder,
+    IGNORE_INDEX,
+    DataErrors,
+    ImageTiler,
+    INTERNVL3_SYSTEM_MESSAGE,
+    MixedStream,
+    PackedLoader,
+    Packer,
+    PackingConfig,
+    RecordDataset,
+    collate,
+    load_image,
+    load_meta,
+    load_tokenizer,
+)
+from .metrics import MetricsLog, peak_flops, plot_loss_curve, progress_bar, training_flops
+from .modeling import InternVL3
+from .mpo import MPO_BETA, MPO_WEIGHTS, PrecomputedReference, RunningMean, batch_reward_mean, mpo_terms, pair_logps
+from .optim import COMPONENTS, apply_freezing, build_optimizer, build_scheduler, parameter_groups
+
+MODES = ("pretrain", "sft", "mpo")
+
+
+# ---- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; presets below, overridden by a --config file and the command line.
+
+    ``model``: {"preset": name, "vision": {...}, "projector": {...}, "text": {...}} (fields override the
+    preset's). ``init``: a save_pretrained folder to start from instead (its config wins). ``data``: a meta
+    JSON; None generates the demo data into ``<output_dir>/data``. ``tokenizer``: a Hugging Face tokenizer
+    folder; None is the embedded byte tokenizer. ``system_message``: "internvl3" (InternVL3's), None
+    (no system turn) or the text itself.
+    """
+
+    mode: str = "pretrain"
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    init: Optional[str] = None
+    data: Optional[str] = None
+    tokenizer: Optional[str] = None
+    system_message: Optional[str] = "internvl3"
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+    # optimisation
+    max_steps: int = 1000
+    grad_accum: int = 1
+    lr: float = 2e-5
+    lr_vision: Optional[float] = None
+    lr_projector: Optional[float] = None
+    lr_language: Optional[float] = None
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_language: bool = False
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    autocast_dtype: str = "bfloat16"  # on CUDA; CPU runs in float32
+    cpu_threads: Optional[int] = None
+    # data
+    max_packed_tokens: int = 8192
+    max_tiles: int = 40
+    max_buffers: int = 20
+    max_num: int = 12  # tiles per image (dynamic tiling), a thumbnail added when more than one
+    min_num: int = 1
+    use_thumbnail: bool = True
+    loss_mode: str = "square"
+    overlong: str = "truncate"
+    language_weight: float = 1.0
+    multimodal_weight: float = 3.0
+    augment: bool = True
+    # MPO
+    mpo_beta: float = MPO_BETA
+    mpo_weights: tuple = MPO_WEIGHTS
+    # reporting
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    eval_file: Optional[str] = None  # multiple-choice questions (the demo's eval.jsonl format)
+    eval_examples: Optional[int] = None
+    eval_delta: float = 0.25  # V2PE delta at evaluation
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.betas = tuple(self.betas)
+        self.mpo_weights = tuple(self.mpo_weights)
+        for name in ("max_steps", "grad_accum", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def updated(self, overrides: dict) -> "TrainConfig":
+        """A copy with ``overrides`` applied; ``model`` merges key by key (and one level deeper)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
+        values = dataclasses.asdict(self)
+        for key, value in overrides.items():
+            if key == "model" and isinstance(value, dict):
+                merged = copy.deepcopy(values["model"])
+                for part, setting in value.items():
+                    if isinstance(setting, dict) and isinstance(merged.get(part), dict):
+                        merged[part] = {**merged[part], **setting}
+                    else:
+                        merged[part] = setting
+                values["model"] = merged
+            else:
+                values[key] = value
+        return TrainConfig(**values)
+
+    def model_config(self) -> InternVL3Config:
+        settings = dict(self.model)
+        config = InternVL3Config.preset(settings.pop("preset", "tiny"))
+        for part in ("vision", "projector", "text"):
+            if part in settings:
+                setattr(config, part, dataclasses.replace(getattr(config, part), **settings.pop(part)))
+        for key, value in settings.items():
+            if not hasattr(config, key):
+                raise ValueError(f"unknown model setting {key!r}")
+            setattr(config, key, value)
+        return config
+
+    def system_text(self) -> Optional[str]:
+        return INTERNVL3_SYSTEM_MESSAGE if self.system_message == "internvl3" else self.system_message
+
+
+# The demo: a tiny InternVL3 (the "tiny" preset widened, 112-pixel tiles of 16 tokens) on the generated
+# shapes data mixed 1:3 with the embedded corpus, sized to learn in about five minutes on 2 CPU cores.
+DEMO = {
+    "model": {
+        "preset": "tiny",
+        "vision": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "image_size": 112},
+        "text": {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384},
+    },
+    "system_message": None,
+    "output_dir": "runs/demo",
+    "max_steps": 600,
+    "lr": 3e-3,
+    "warmup_steps": 30,
+    "betas": (0.9, 0.95),
+    "max_packed_tokens": 2048,
+    "max_tiles": 64,
+    "max_buffers": 4,
+    "max_num": 2,
+    "log_every": 10,
+    "save_every": 200,
+    "keep_last": 2,
+    "cpu_threads": 1,
+}
+DEMO_MODES = {
+    "pretrain": {},
+    "sft": {"output_dir": "runs/demo-sft", "language_weight": 0.0, "max_steps": 300},
+    "mpo": {"output_dir": "runs/demo-mpo", "max_steps": 60, "lr": 2e-4, "warmup_steps": 5, "save_every": 30},
+}
+TRAIN_PRESETS = ("demo",) + PRESETS
+
+
+def preset_config(name: str, mode: str = "pretrain") -> TrainConfig:
+    """The TrainConfig of a preset: 'demo', or a model preset (real-run defaults: 448-pixel tiles, up to 12
+    tiles an image, 8192-token packs)."""
+    if name == "demo":
+        return TrainConfig(mode=mode).updated({**DEMO, **DEMO_MODES[mode]})
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {TRAIN_PRESETS}")
+    overrides: dict[str, Any] = {"model": {"preset": name}, "output_dir": f"runs/{name}"}
+    if name == "tiny":
+        overrides.update(system_message=None, max_packed_tokens=2048, max_tiles=32, max_num=6, lr=1e-3, warmup_steps=10)
+    if mode == "mpo":
+        overrides.update(lr=overrides.get("lr", 2e-5) / 4 if name != "tiny" else 2e-4, output_dir=f"runs/{name}-mpo")
+    return TrainConfig(mode=mode).updated(overrides)
+
+
+def load_config_file(path: str) -> dict:
+    """A YAML or JSON mapping of TrainConfig fields (JSON is YAML, but a .json file gets JSON's errors)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+# ---- runtime helpers
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world): from torchrun's environment, or a one-process group so a plan also runs alone."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def enable_activation_checkpointing(model: InternVL3) -> None:
+    """Recompute each ViT and decoder block in backward (torch.utils.checkpoint around the block's forward;
+    the model has no switch, and replacing the bound forward keeps parameter names unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for blocks in (model.vision.layers, model.language.layers):
+        for block in blocks:
+            forward = block.forward
+
+            def checkpointed(*args, _forward=forward):
+                return checkpoint(_forward, *args, use_reentrant=False)
+
+            block.forward = checkpointed
+
+
+def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=op or dist.ReduceOp.SUM)
+    return value
+
+
+def _finite(value: torch.Tensor) -> bool:
+    return bool(torch.isfinite(value).all())
+
+
+@dataclass
+class TrainResult:
+    losses: list  # the loss of every step run by this call (None for skipped steps)
+    final_step: int
+    skipped_steps: list
+    output_dir: str
+    final_weights: Optional[str] = None
+    accuracy: Optional[dict] = None
+    data_errors: Optional[DataErrors] = None
+
+
+# ---- the trainer
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, plan=None, resume: Optional[str] = None, show_progress: bool = True, echo=print):
+        self.config = config
+        self.plan = plan
+        self.resume = resume
+        self.show_progress = show_progress
+        self.echo = echo
+        self.distributed = plan is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed:
+            self.rank, self.world = init_distributed()
+        else:
+            self.rank, self.world = 0, 1
+        self.is_main = self.rank == 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+            if config.cpu_threads:
+                torch.set_num_threads(config.cpu_threads)
+        self.autocast_dtype = getattr(torch, config.autocast_dtype) if self.device.type == "cuda" else None
+        seed_everything(config.seed)
+        self._build()
+
+    # ---- setup
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            self.echo(message)
+
+    def _build(self) -> None:
+        config = self.config
+        self.meta_path, self.eval_file = self._data_paths()
+        self.tokenizer = load_tokenizer(config.tokenizer)
+
+        if config.init:
+            self.model = InternVL3.from_pretrained(config.init, dtype=torch.float32, device="cpu")
+            self.model_config = self.model.config
+        else:
+            self.model_config = config.model_config()
+            self.model = InternVL3(self.model_config)
+        self._check_tokenizer()
+        components = self.model.engine_components()
+        apply_freezing(components, {"vision": config.freeze_vision, "projector": config.freeze_projector, "language": config.freeze_language})
+        if config.mode == "mpo":
+            self.precomputed = self._precomputed_reference()
+            self.reference = None
+            if self.precomputed is None:
+                self.reference = copy.deepcopy(self.model).requires_grad_(False).eval().to(self.device)
+        self.model.to(self.device)
+
+        if self.distributed:
+            from internvl3_engine.parallel import ComponentPlan, ParallelPlan, parallelize
+
+            plan = self.plan or ParallelPlan()
+            if config.activation_checkpointing:
+                plan = dataclasses.replace(plan, **{
+                    name: dataclasses.replace(plan.component(name), activation_checkpointing=True) for name in COMPONENTS
+                })
+            assert all(isinstance(plan.component(name), ComponentPlan) for name in COMPONENTS)
+            self.parallel_state = parallelize(self.model, plan)
+        elif config.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+
+        groups = parameter_groups(
+            components, config.lr, config.weight_decay,
+            {"vision": config.lr_vision, "projector": config.lr_projector, "language": config.lr_language},
+        )
+        self.optimizer = build_optimizer(groups, config.betas, config.eps, self.device)
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.trainable = [p for group in groups for p in group["params"]]
+        self.reward_shift = RunningMean()
+        self._build_loader()
+
+    def _data_paths(self) -> tuple[str, Optional[str]]:
+        config = self.config
+        if config.data is not None:
+            return config.data, config.eval_file
+        from .demo_data import generate
+
+        folder = os.path.join(config.output_dir, "data")
+        if self.is_main:
+            meta = generate(folder, seed=config.seed)
+        if self.distributed:
+            dist.barrier()
+        meta = os.path.join(folder, "meta.json")
+        if config.mode == "mpo":
+            meta = os.path.join(folder, "meta_mpo.json")
+        return meta, config.eval_file or os.path.join(folder, "eval.jsonl")
+
+    def _check_tokenizer(self) -> None:
+        vocab, image_token = self.model_config.text.vocab_size, self.model_config.image_token_id
+        if self.tokenizer.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocabulary only {vocab}")
+        if self.tokenizer.img_context_id != image_token:
+            raise ValueError(
+                f"the tokenizer's <IMG_CONTEXT> is {self.tokenizer.img_context_id}, the model's image_token_id {image_token}: "
+                "give the model's tokenizer (--config tokenizer: folder)"
+            )
+
+    def _precomputed_reference(self) -> Optional[PrecomputedReference]:
+        files = [spec.annotation for spec in load_meta(self.meta_path)]
+        reference = PrecomputedReference(files)
+        return reference if reference.complete and reference.values else None
+
+    def _build_loader(self) -> None:
+        config, model_config = self.config, self.model_config
+        self.errors = DataErrors()
+        self.encoder = ConversationEncoder(self.tokenizer, num_image_token=model_config.tokens_per_tile, system_message=config.system_text())
+        self.tiler = ImageTiler(tile_size=model_config.vision.image_size, min_num=config.min_num, max_num=config.max_num, use_thumbnail=config.use_thumbnail)
+        datasets = [
+            RecordDataset(spec, self.encoder, self.tiler, self.errors, seed=config.seed, augment=config.augment)
+            for spec in load_meta(self.meta_path)
+        ]
+        if config.mode == "mpo":
+            datasets = [dataset for dataset in datasets if dataset.kind == "preference"]
+            if not datasets:
+                raise ValueError(f"{self.meta_path}: --mode mpo needs preference datasets (records with chosen/rejected)")
+        else:
+            datasets = [dataset for dataset in datasets if dataset.kind != "preference"]
+        self.stream = MixedStream(datasets, config.language_weight, config.multimodal_weight, self.errors)
+        self.packing = PackingConfig(
+            max_packed_tokens=config.max_packed_tokens,
+            max_tiles=config.max_tiles,
+            max_buffers=config.max_buffers,
+            overlong=config.overlong,
+            loss_mode=config.loss_mode,
+            # Every rank must run the ViT at every step (FSDP's collectives): text-only packs get a blank tile.
+            blank_tile_size=model_config.vision.image_size if self.distributed else None,
+        )
+        self.packer = Packer(self.packing, seed=config.seed)
+        self.loader = PackedLoader(self.stream, self.packer)
+        self.batches_read = 0
+
+    def _next_batch(self):
+        while True:
+            batch = next(self.loader)
+            index = self.batches_read
+            self.batches_read += 1
+            if index % self.world == self.rank:
+                return batch.to(self.device, non_blocking=True)
+
+    # ---- state
+
+    def _trainer_state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpointing.rng_state(),
+            "loader": self.loader.state_dict(),
+            "batches_read": self.batches_read,
+            "reward_shift": self.reward_shift.state_dict(),
+            "config": dataclasses.asdict(self.config),
+            "model_config": self.model_config.to_dict(),
+            "world_size": self.world,
+        }
+
+    def _restore(self, path: str) -> int:
+        state = checkpointing.load_checkpoint(path, self.model, self.optimizer, sharded=self.distributed)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.batches_read = int(state["batches_read"])
+        self.reward_shift.load_state_dict(state["reward_shift"])
+        checkpointing.set_rng_state(state["rng"])
+        return int(state["step"])
+
+    # ---- forward passes
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(self, model, batch, **kwargs):
+        with self._autocast():
+            return model(
+                batch.input_ids, batch.pixel_values, batch.cu_seqlens, batch.positions,
+                kwargs.pop("labels", None), kwargs.pop("loss_weights", None), batch.max_seqlen,
+                image_flags=batch.image_flags, **kwargs,
+            )
+
+    def _lm_step(self, batches) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of a step's packs under the square-averaged LM loss."""
+        from internvl3_engine.parallel import data_parallel_loss
+
+        weight_sum = torch.stack([batch.loss_weights.sum() for batch in batches]).sum()
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            # loss_normalizer 1: the model returns sum(w * CE); data_parallel_loss divides by the global sum(w).
+            output = self._forward(self.model, batch, labels=batch.labels, loss_weights=batch.loss_weights, loss_normalizer=1.0)
+            term = data_parallel_loss(output.loss.float(), weight_sum)
+            term.backward()
+            total += term.detach()
+        return total, {}
+
+    def _reference_logps(self, batch):
+        if self.precomputed is not None:
+            return self.precomputed.lookup(batch.sources, batch.roles, self.device)
+        with torch.no_grad():
+            output = self._forward(self.reference, batch, return_logits=True)
+            logps = pair_logps(output.logits, batch.labels, batch.cu_seqlens, batch.roles)
+        return logps.chosen, logps.rejected
+
+    def _mpo_step(self, batches) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of a step's packs of preference pairs under the MPO loss."""
+        from internvl3_engine.parallel import data_parallel_loss
+
+        config = self.config
+        beta, weights = config.mpo_beta, config.mpo_weights
+        pairs = torch.tensor(float(sum(batch.roles.count("chosen") for batch in batches)), device=self.device)
+        chosen_tokens = torch.stack([(batch.labels[self._chosen_mask(batch)] != IGNORE_INDEX).sum() for batch in batches]).sum().float()
+        total = torch.zeros((), device=self.device)
+        parts = {"preference": 0.0, "quality": 0.0, "nll": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0}
+        for batch in batches:
+            reference_chosen, reference_rejected = self._reference_logps(batch)
+            output = self._forward(self.model, batch, return_logits=True)
+            policy = pair_logps(output.logits, batch.labels, batch.cu_seqlens, batch.roles)
+            # The BCO shift takes in this pack's mean reward (over all ranks) before it is used.
+            mean_reward = _all_reduce(batch_reward_mean(policy.chosen, policy.rejected, reference_chosen, reference_rejected, beta)) / self.world
+            shift = self.reward_shift.update(mean_reward.item())
+            terms = mpo_terms(policy.chosen, policy.rejected, reference_chosen, reference_rejected, -policy.chosen, policy.chosen_tokens, shift, beta)
+            term = (
+                weights[0] * data_parallel_loss(terms.preference_sum, pairs)
+                + weights[1] * data_parallel_loss(terms.quality_sum, pairs)
+                + weights[2] * data_parallel_loss(terms.nll_sum, chosen_tokens)
+            )
+            term.backward()
+            total += term.detach()
+            # Reported parts: this rank's means over the step.
+            parts["preference"] += terms.preference_sum.item() / pairs.item()
+            parts["quality"] += terms.quality_sum.item() / pairs.item()
+            parts["nll"] += terms.nll_sum.item() / chosen_tokens.item()
+            parts["reward_accuracy"] += (terms.rewards_chosen > terms.rewards_rejected).float().sum().item() / pairs.item()
+            parts["reward_margin"] += (terms.rewards_chosen - terms.rewards_rejected).sum().item() / pairs.item()
+        parts["reward_shift"] = self.reward_shift.mean
+        return total, parts
+
+    # ---- the loop
+
+    def train(self) -> TrainResult:
+        config = self.config
+        start = 0
+        resume_path = checkpointing.resolve_resume(self.resume, config.output_dir)
+        if resume_path is not None:
+            start = self._restore(resume_path)
+            self._say(f"resumed from {resume_path} at step {start}")
+        elif self.resume == "auto":
+            self._say(f"no checkpoint in {config.output_dir}: starting fresh")
+        os.makedirs(config.output_dir, exist_ok=True)
+        metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
+        log = MetricsLog(metrics_path, enabled=self.is_main, resume_step=start if resume_path else None)
+        if self.is_main and not resume_path:
+            with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
+                json.dump({"train": dataclasses.asdict(config), "model": self.model_config.to_dict()}, handle, indent=2, default=str)
+        counts = self.model.num_parameters() if not self.distributed else None
+        self._say(self._banner(counts))
+
+        peak = peak_flops(self.device)
+        losses, skipped = [], []
+        bar = progress_bar(config.max_steps, start, self.show_progress and self.is_main)
+        window_tokens, window_time = 0, 0.0
+        self.model.train()
+        step = start
+        for step in range(start + 1, config.max_steps + 1):
+            began = time.perf_counter()
+            batches = [self._next_batch() for _ in range(config.grad_accum)]
+            loss, parts = self._mpo_step(batches) if config.mode == "mpo" else self._lm_step(batches)
+            loss = _all_reduce(loss) / self.world
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            finite = _all_reduce(torch.tensor(float(_finite(loss) and _finite(grad_norm)), device=self.device), dist.ReduceOp.MIN if dist.is_initialized() else None)
+            lr = self.scheduler.get_last_lr()[0]
+            if finite.item() > 0:
+                self.optimizer.step()
+                losses.append(loss.item())
+            else:
+                skipped.append(step)
+                losses.append(None)
+                message = f"step {step}: non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}): step skipped"
+                (bar.write if bar and not bar.disable else self._say)(message) if self.is_main else None
+                log.write({"event": "skipped_step", "step": step, "loss": float(loss.item()), "grad_norm": float(grad_norm.item())})
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - began
+
+            tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in batches)), device=self.device)).item()
+            window_tokens += tokens
+            window_time += elapsed
+            if step % config.log_every == 0 or step == config.max_steps or step == start + 1:
+                entry = {
+                    "step": step, "loss": losses[-1] if losses[-1] is not None else float("nan"), "lr": lr,
+                    "grad_norm": float(grad_norm.item()), "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                    "tokens": int(tokens), "tiles": sum(b.num_tiles for b in batches), "samples": sum(b.num_samples for b in batches),
+                    "data_errors": self.errors.total, "step_time_s": elapsed,
+                }
+                entry.update(parts)
+                if peak is not None:
+                    flops = sum(training_flops(self.model, b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
+                    entry["mfu"] = flops / elapsed / peak
+                log.write(entry)
+                window_tokens, window_time = 0, 0.0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if step % config.save_every == 0 or step == config.max_steps:
+                checkpointing.save_checkpoint(
+                    config.output_dir, step, self._trainer_state(step), self.model, self.optimizer,
+                    sharded=self.distributed, keep_last=config.keep_last,
+                )
+        if bar is not None:
+            bar.close()
+        return self._finish(step, losses, skipped, log, metrics_path)
+
+    def _chosen_mask(self, batch) -> torch.Tensor:
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        chosen = torch.tensor([role == "chosen" for role in batch.roles], device=lengths.device)
+        return torch.repeat_interleave(chosen, lengths)
+
+    def _banner(self, counts) -> str:
+        config, model_config = self.config, self.model_config
+        where = f"{self.device.type}" + (f" x{self.world} ({'plan' if self.plan else 'ddp'})" if self.distributed else "")
+        params = f"{counts['total'] / 1e6:.2f}M parameters (vision {counts['vision'] / 1e6:.2f}M, projector {counts['projector'] / 1e6:.2f}M, language {counts['language'] / 1e6:.2f}M)" if counts else ""
+        return (
+            f"{config.mode}: {model_config.name} model, {params} on {where}; data {self.meta_path}; "
+            f"{config.max_steps} steps of {config.grad_accum} x {config.max_packed_tokens}-token packs; output {config.output_dir}"
+        )
+
+    def _finish(self, step: int, losses: list, skipped: list, log: MetricsLog, metrics_path: str) -> TrainResult:
+        config = self.config
+        result = TrainResult(losses=losses, final_step=step, skipped_steps=skipped, output_dir=config.output_dir, data_errors=self.errors)
+        final_model = self._gather_final_model()
+        summary = {"event": "summary", "step": step, "skipped_steps": skipped, "data_errors": self.errors.state_dict(),
+                   "truncated": self.packer.truncated, "dropped": self.packer.dropped, "mix": self.stream.token_fractions()}
+        if self.is_main:
+            final_dir = os.path.join(config.output_dir, "final")
+            final_model.save_pretrained(final_dir)
+            result.final_weights = final_dir
+            if config.mode != "mpo" and self.eval_file and os.path.exists(self.eval_file):
+                result.accuracy = evaluate_choices(final_model, self.eval_file, self.encoder, self.tiler, self.device,
+                                                   self._autocast, config.eval_delta, config.eval_examples)
+                summary["accuracy"] = result.accuracy
+                log.write({"event": "eval", "step": step, **result.accuracy})
+            log.write(summary)
+            png = plot_loss_curve(metrics_path, os.path.join(config.output_dir, "loss.png"), f"{config.mode} loss ({self.model_config.name})")
+            self.echo(self.errors.summary())
+            if self.packer.truncated or self.packer.dropped:
+                self.echo(f"overlong samples: {self.packer.truncated} truncated, {self.packer.dropped} dropped (policy: {config.overlong})")
+            if skipped:
+                self.echo(f"skipped steps (non-finite loss or gradients): {skipped}")
+            fractions = self.stream.token_fractions()
+            self.echo("token mix: " + ", ".join(f"{name} {fraction:.1%}" for name, fraction in fractions.items()))
+            finite = [value for value in losses if value is not None]
+            if finite:
+                head = sum(finite[: max(1, len(finite) // 10)]) / max(1, len(finite[: max(1, len(finite) // 10)]))
+                tail = sum(finite[-max(1, len(finite) // 10):]) / max(1, len(finite[-max(1, len(finite) // 10):]))
+                self.echo(f"loss: {head:.3f} (first tenth of the run) -> {tail:.3f} (last tenth)")
+            self.echo(f"metrics {metrics_path}; loss curve {png}; checkpoints {checkpointing.checkpoint_dir(config.output_dir)}; "
+                      f"final weights (transformers layout) {result.final_weights}")
+            if result.accuracy:
+                self.echo(format_accuracy(result.accuracy))
+        if self.distributed:
+            dist.barrier()
+        return result
+
+    def _gather_final_model(self) -> Optional[InternVL3]:
+        """The trained model, unsharded (on rank 0 under a plan, None elsewhere)."""
+        if not self.distributed:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        model = InternVL3(self.model_config)
+        model.load_state_dict(state)
+        return model.to(self.device)
+
+
+# ---- evaluation
+
+
+def evaluate_choices(model, eval_file: str, encoder: ConversationEncoder, tiler: ImageTiler, device, autocast=contextlib.nullcontext,
+                     delta: float = 0.25, limit: Optional[int] = None, pack_size: int = 96) -> dict:
+    """Accuracy on multiple-choice questions ({"image", "question", "answer", "candidates", "kind"} a line):
+    every candidate answer is scored by its summed log-probability (answer tokens and <|im_end|>) after the
+    question, and the best one is the model's answer. Returns accuracy and chance (1 / candidates), overall
+    and per kind."""
+    from .mpo import segment_sums, token_logps
+
+    with open(eval_file, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    if limit:
+        records = records[:limit]
+    root = os.path.dirname(os.path.abspath(eval_file))
+    config = PackingConfig(max_packed_tokens=2**31 - 1, max_tiles=2**31 - 1, delta=delta)
+    tiles_cache: dict[str, torch.Tensor] = {}
+    samples, owners = [], []
+    for index, record in enumerate(records):
+        image = record.get("image")
+        pixel_values = []
+        if image:
+            if image not in tiles_cache:
+                tiles_cache[image] = tiler(load_image(os.path.join(root, image)))
+            pixel_values = [tiles_cache[image]]
+        for candidate in record["candidates"]:
+            conversation = [{"from": "human", "value": record["question"]}, {"from": "gpt", "value": candidate}]
+            samples.append(encoder.encode_conversation(conversation, pixel_values, f"{eval_file}:{index + 1}"))
+            owners.append((index, candidate))
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    with torch.no_grad():
+        for begin in range(0, len(samples), pack_size):
+            batch = collate(samples[begin : begin + pack_size], config).to(device)
+            with autocast():
+                output = model(batch.input_ids, batch.pixel_values, batch.cu_seqlens, batch.positions, None, None,
+                               batch.max_seqlen, image_flags=batch.image_flags, return_logits=True)
+            scores += segment_sums(token_logps(output.logits, batch.labels), batch.cu_seqlens).tolist()
+    model.train(was_training)
+    best: dict[int, tuple[str, float]] = {}
+    for (index, candidate), score in zip(owners, scores):
+        if index not in best or score > best[index][1]:
+            best[index] = (candidate, score)
+    per_kind: dict[str, list] = {}
+    for index, record in enumerate(records):
+        per_kind.setdefault(record.get("kind", "all"), []).append((best[index][0] == record["answer"], 1.0 / len(record["candidates"])))
+    everything = [entry for entries in per_kind.values() for entry in entries]
+
+    def summarise(entries):
+        return {"accuracy": sum(hit for hit, _ in entries) / len(entries), "chance": sum(c for _, c in entries) / len(entries), "questions": len(entries)}
+
+    return {**summarise(everything), "per_kind": {kind: summarise(entries) for kind, entries in per_kind.items()}}
+
+
+def format_accuracy(accuracy: dict) -> str:
+    lines = [f"held-out accuracy: {accuracy['accuracy']:.1%} on {accuracy['questions']} questions (chance {accuracy['chance']:.1%})"]
+    for kind, values in accuracy["per_kind"].items():
+        lines.append(f"  {kind:<8} {values['accuracy']:.1%}  (chance {values['chance']:.1%}, {values['questions']} questions)")
+    return "\n".join(lines)
