@@ -38,12 +38,11 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
-def training_flops(model, tokens: int, tiles: int, sample_lengths) -> float:
+def training_flops(config, counts: dict, tokens: int, tiles: int, sample_lengths) -> float:
     """Forward + backward FLOPs of a pack: 6 per parameter per token (language on tokens, vision and
     projector on their patches), plus causal attention scores (12 * layers * hidden * L^2 / 2) and the
-    ViT's bidirectional attention."""
-    config = model.config
-    counts = model.num_parameters()
+    ViT's bidirectional attention. ``config``: the InternVL3Config; ``counts``: InternVL3.num_parameters()
+    (taken before any sharding)."""
     vision_tokens = tiles * (config.vision.grid_size**2 + 1)
     flops = 6 * counts["language"] * tokens + 6 * counts["vision"] * vision_tokens
     flops += 6 * counts["projector"] * tiles * config.tokens_per_tile

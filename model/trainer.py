@@ -175,7 +175,7 @@ DEMO = {
     "system_message": None,
     "output_dir": "runs/demo",
     "max_steps": 600,
-    "lr": 3e-3,
+    "lr": 6e-3,
     "warmup_steps": 30,
     "betas": (0.9, 0.95),
     "max_packed_tokens": 2048,
@@ -266,6 +266,46 @@ def enable_activation_checkpointing(model: InternVL3) -> None:
             block.forward = checkpointed
 
 
+def make_shardable(model: InternVL3) -> None:
+    """Route InternVL3's forward through its FSDP units, for internvl3_engine.parallel.parallelize.
+
+    InternVL3.forward reads ``language.embed_tokens`` and ``language.lm_head.weight`` outside the language
+    component's own forward, where FSDP2 keeps them sharded (DTensors: "mixed torch.Tensor and DTensor").
+    Here the language component's forward does the embedding, the image-row scatter, the decoder and the
+    head (so its parameters are gathered for all of them), and the model's forward (the FSDP root) runs
+    vision -> projector -> language; same arguments and outputs as InternVL3.forward, same parameter names.
+    """
+    import internvl3_engine as engine
+
+    from .modeling import InternVL3Output
+
+    language = model.language
+    decoder = language.forward
+    image_token_id = model.config.image_token_id
+
+    def language_step(input_ids, visual_rows, cu_seqlens, max_seqlen, positions, labels, loss_weights, loss_normalizer, return_logits):
+        embeds = language.embed_tokens(input_ids)
+        if visual_rows is not None:
+            embeds = engine.scatter_visual(embeds, visual_rows.to(embeds.dtype), input_ids == image_token_id)
+        hidden = decoder(embeds, cu_seqlens, max_seqlen, positions)
+        output = InternVL3Output(hidden_states=hidden, positions=positions)
+        if labels is not None:
+            output.loss = engine.linear_cross_entropy(hidden, language.lm_head.weight, labels, loss_weights=loss_weights, normalizer=loss_normalizer)
+        if return_logits or (return_logits is None and labels is None):
+            output.logits = language.lm_head(hidden)
+        return output
+
+    def forward(input_ids, pixel_values=None, cu_seqlens=None, positions=None, labels=None, loss_weights=None, max_seqlen=None,
+                *, image_flags=None, return_logits=None, loss_normalizer=None):
+        if cu_seqlens is None or positions is None or max_seqlen is None:
+            raise ValueError("a sharded forward needs the pack's cu_seqlens, positions and max_seqlen (model.data gives them)")
+        rows = model.encode_images(pixel_values, image_flags) if pixel_values is not None else None
+        return language(input_ids, rows, cu_seqlens, max_seqlen, positions, labels, loss_weights, loss_normalizer, return_logits)
+
+    language.forward = language_step
+    model.forward = forward
+
+
 def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized():
         value = value.clone()
@@ -332,6 +372,7 @@ class Trainer:
             self.model_config = config.model_config()
             self.model = InternVL3(self.model_config)
         self._check_tokenizer()
+        self.parameter_counts = self.model.num_parameters()
         components = self.model.engine_components()
         apply_freezing(components, {"vision": config.freeze_vision, "projector": config.freeze_projector, "language": config.freeze_language})
         if config.mode == "mpo":
@@ -350,6 +391,7 @@ class Trainer:
                     name: dataclasses.replace(plan.component(name), activation_checkpointing=True) for name in COMPONENTS
                 })
             assert all(isinstance(plan.component(name), ComponentPlan) for name in COMPONENTS)
+            make_shardable(self.model)
             self.parallel_state = parallelize(self.model, plan)
         elif config.activation_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -544,8 +586,7 @@ class Trainer:
         if self.is_main and not resume_path:
             with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
                 json.dump({"train": dataclasses.asdict(config), "model": self.model_config.to_dict()}, handle, indent=2, default=str)
-        counts = self.model.num_parameters() if not self.distributed else None
-        self._say(self._banner(counts))
+        self._say(self._banner(self.parameter_counts))
 
         peak = peak_flops(self.device)
         losses, skipped = [], []
@@ -590,7 +631,7 @@ class Trainer:
                 }
                 entry.update(parts)
                 if peak is not None:
-                    flops = sum(training_flops(self.model, b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
+                    flops = sum(training_flops(self.model_config, self.parameter_counts, b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
                     entry["mfu"] = flops / elapsed / peak
                 log.write(entry)
                 window_tokens, window_time = 0, 0.0
@@ -615,7 +656,8 @@ class Trainer:
     def _banner(self, counts) -> str:
         config, model_config = self.config, self.model_config
         where = f"{self.device.type}" + (f" x{self.world} ({'plan' if self.plan else 'ddp'})" if self.distributed else "")
-        params = f"{counts['total'] / 1e6:.2f}M parameters (vision {counts['vision'] / 1e6:.2f}M, projector {counts['projector'] / 1e6:.2f}M, language {counts['language'] / 1e6:.2f}M)" if counts else ""
+        params = (f"{counts['total'] / 1e6:.2f}M parameters (vision {counts['vision'] / 1e6:.2f}M, projector "
+                  f"{counts['projector'] / 1e6:.2f}M, language {counts['language'] / 1e6:.2f}M)")
         return (
             f"{config.mode}: {model_config.name} model, {params} on {where}; data {self.meta_path}; "
             f"{config.max_steps} steps of {config.grad_accum} x {config.max_packed_tokens}-token packs; output {config.output_dir}"

@@ -14,7 +14,7 @@ from helpers import SLACK, assert_fa_close, backends_for, devices, dtypes_for, m
 CASES = [  # tokens, hidden size, vocabulary, logits scale
     (1, 16, 37, 2.0),
     (37, 32, 600, 2.0),  # vocabulary not a multiple of the block size
-    (70, 64, 257, 2.0),
+    (50, 64, 257, 2.0),
     (23, 16, 300, 40.0),  # large logits: the online max must keep exp() in range
 ]
 

@@ -28,9 +28,9 @@ def test_forward_backward_against_float64(device, tokens, heads, head_dim, rotar
         for dtype in dtypes_for(device, kind):
             x = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
-            with ie.backend(kind):
+            with ie.backend(kind):  # the backward too runs on the backend under test
                 out = ie.apply_rotary(x, positions, rotary_dim=rotary_dim)
-            (dx,) = torch.autograd.grad(out, x, grad)
+                (dx,) = torch.autograd.grad(out, x, grad)
             gold = rotary_reference(x.detach().double(), positions, inv_freq)
             gold_dx = rotary_reference(grad.double(), positions, inv_freq, inverse=True)
             baseline = rotary_reference(x.detach(), positions, inv_freq)

@@ -1,0 +1,130 @@
+"""The MPO loss (model/mpo.py) against a float64 hand computation, term by term."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from model.mpo import (
+    MPO_BETA,
+    MPO_WEIGHTS,
+    PrecomputedReference,
+    RunningMean,
+    batch_reward_mean,
+    mpo_terms,
+    pair_logps,
+    segment_sums,
+    token_logps,
+)
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def hand_mpo(pc, pr, rc, rr, chosen_nll, chosen_tokens, shift, beta=MPO_BETA, weights=MPO_WEIGHTS):
+    """The MPO loss of a batch written out in Python floats (float64)."""
+    preference = quality = 0.0
+    for i in range(len(pc)):
+        chosen_ratio, rejected_ratio = pc[i] - rc[i], pr[i] - rr[i]
+        preference += -log_sigmoid(beta * (chosen_ratio - rejected_ratio))
+        reward_c, reward_r = beta * chosen_ratio, beta * rejected_ratio
+        quality += -log_sigmoid(reward_c - shift) - log_sigmoid(-(reward_r - shift))
+    pairs = len(pc)
+    return weights[0] * preference / pairs + weights[1] * quality / pairs + weights[2] * sum(chosen_nll) / sum(chosen_tokens)
+
+
+def test_mpo_loss_matches_float64_hand_computation():
+    generator = torch.Generator().manual_seed(0)
+    pairs = 7
+    pc, pr, rc, rr = (-(torch.rand(pairs, generator=generator, dtype=torch.float64) * 40 + 1) for _ in range(4))
+    tokens = torch.randint(1, 30, (pairs,), generator=generator).to(torch.float64)
+    shift = 0.0375
+    terms = mpo_terms(pc, pr, rc, rr, -pc, tokens, shift)
+    loss = terms.loss()
+    expected = hand_mpo(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), (-pc).tolist(), tokens.tolist(), shift)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected) <= 1e-12 * abs(expected)
+    # The rewards are beta times the log-ratios.
+    torch.testing.assert_close(terms.rewards_chosen, MPO_BETA * (pc - rc), rtol=0, atol=1e-15)
+    torch.testing.assert_close(terms.rewards_rejected, MPO_BETA * (pr - rr), rtol=0, atol=1e-15)
+
+
+def test_mpo_terms_with_large_log_ratios_stay_finite():
+    pc = torch.tensor([-1.0, -500.0], dtype=torch.float64)
+    pr = torch.tensor([-900.0, -1.0], dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    terms = mpo_terms(pc, pr, zeros, zeros, -pc, torch.ones(2, dtype=torch.float64), 0.0)
+    expected = hand_mpo(pc.tolist(), pr.tolist(), [0.0, 0.0], [0.0, 0.0], (-pc).tolist(), [1.0, 1.0], 0.0)
+    assert math.isfinite(terms.loss().item())
+    assert abs(terms.loss().item() - expected) <= 1e-12 * abs(expected)
+
+
+def test_mpo_gradient_matches_float64_finite_differences():
+    pc = torch.tensor([-3.0, -7.5, -2.25], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-4.0, -6.0, -9.0], dtype=torch.float64, requires_grad=True)
+    rc = torch.tensor([-3.5, -7.0, -2.0], dtype=torch.float64)
+    rr = torch.tensor([-3.0, -6.5, -8.0], dtype=torch.float64)
+    tokens = torch.tensor([3.0, 5.0, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: mpo_terms(a, b, rc, rr, -a, tokens, 0.01).loss(), (pc, pr))
+
+
+def test_reward_shift_is_the_running_mean_of_batch_reward_means():
+    running = RunningMean()
+    batches = [([-2.0, -3.0], [-4.0, -1.0], [-2.5, -2.0], [-3.0, -2.0]), ([-1.0], [-5.0], [-1.5], [-4.0])]
+    means = []
+    for pc, pr, rc, rr in batches:
+        value = batch_reward_mean(*(torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr)))
+        rewards = [MPO_BETA * (a - b) for a, b in zip(pc, rc)] + [MPO_BETA * (a - b) for a, b in zip(pr, rr)]
+        assert abs(value.item() - sum(rewards) / len(rewards)) < 1e-15
+        means.append(value.item())
+        shift = running.update(value)
+        assert abs(shift - sum(means) / len(means)) < 1e-15
+    restored = RunningMean()
+    restored.load_state_dict(json.loads(json.dumps(running.state_dict())))
+    assert restored.mean == running.mean and restored.count == 2
+
+
+def test_pair_logps_match_float64_log_softmax_sums():
+    generator = torch.Generator().manual_seed(1)
+    lengths = [5, 4, 6, 3]  # chosen, rejected, chosen, rejected
+    roles = ["chosen", "rejected", "chosen", "rejected"]
+    tokens, vocab = sum(lengths), 11
+    logits = torch.randn(tokens, vocab, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[[0, 1, 5, 9, 10, 15, 17]] = -100
+    cu_seqlens = torch.tensor([0, 5, 9, 15, 18], dtype=torch.int32)
+    logps = pair_logps(logits, labels, cu_seqlens, roles)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    sums, counts = [], []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        sums.append(sum(log_probs[t, labels[t]].item() for t in range(start, end) if labels[t] != -100))
+        counts.append(sum(1 for t in range(start, end) if labels[t] != -100))
+    torch.testing.assert_close(logps.chosen, torch.tensor([sums[0], sums[2]], dtype=torch.float32), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logps.rejected, torch.tensor([sums[1], sums[3]], dtype=torch.float32), rtol=1e-6, atol=1e-5)
+    assert logps.chosen_tokens.tolist() == [counts[0], counts[2]]
+    assert token_logps(logits, labels)[0].item() == 0.0
+    assert segment_sums(torch.ones(tokens), cu_seqlens).tolist() == [float(length) for length in lengths]
+
+
+def test_pair_logps_rejects_unpaired_packs():
+    with pytest.raises(ValueError, match="pairs"):
+        pair_logps(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64), torch.tensor([0, 3], dtype=torch.int32), ["sample"])
+
+
+def test_precomputed_reference_lookup_by_source(tmp_path):
+    path = tmp_path / "pref.jsonl"
+    records = [
+        {"question": "q", "chosen": "a", "rejected": "b", "ref_chosen_logp": -1.5, "ref_rejected_logp": -2.5},
+        {"question": "q", "chosen": "c", "rejected": "d", "ref_chosen_logp": -3.0, "ref_rejected_logp": -0.5},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    reference = PrecomputedReference([str(path)])
+    assert reference.complete
+    chosen, rejected = reference.lookup([f"{path}:2", f"{path}:2", f"{path}:1", f"{path}:1"], ["chosen", "rejected", "chosen", "rejected"], "cpu")
+    assert chosen.tolist() == [-3.0, -1.5] and rejected.tolist() == [-0.5, -2.5]
+    path.write_text(json.dumps({"question": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    assert not PrecomputedReference([str(path)]).complete
