@@ -174,7 +174,7 @@ DEMO = {
     },
     "system_message": None,
     "output_dir": "runs/demo",
-    "max_steps": 600,
+    "max_steps": 800,
     "lr": 6e-3,
     "warmup_steps": 30,
     "betas": (0.9, 0.95),
@@ -304,6 +304,29 @@ def make_shardable(model: InternVL3) -> None:
 
     language.forward = language_step
     model.forward = forward
+
+
+def clip_sharded_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ for FSDP2 parameters living on different meshes (replicate vs shard components: one
+    total norm over DTensors of several meshes fails in torch): the norm per mesh, then combined."""
+    grads_by_mesh: dict = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            mesh = getattr(parameter.grad, "device_mesh", None)
+            grads_by_mesh.setdefault(id(mesh), []).append(parameter.grad)
+    norms = []
+    for grads in grads_by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+    if not norms:
+        return torch.zeros(())
+    total = torch.stack(norms).square().sum().sqrt()
+    coefficient = min(1.0, max_norm / (total.item() + 1e-6))
+    if coefficient < 1.0:
+        for grads in grads_by_mesh.values():
+            for grad in grads:
+                grad.mul_(coefficient)
+    return total
 
 
 def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
@@ -599,9 +622,10 @@ class Trainer:
             batches = [self._next_batch() for _ in range(config.grad_accum)]
             loss, parts = self._mpo_step(batches) if config.mode == "mpo" else self._lm_step(batches)
             loss = _all_reduce(loss) / self.world
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
+            if self.distributed:
+                grad_norm = clip_sharded_gradients(self.trainable, config.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
             finite = _all_reduce(torch.tensor(float(_finite(loss) and _finite(grad_norm)), device=self.device), dist.ReduceOp.MIN if dist.is_initialized() else None)
             lr = self.scheduler.get_last_lr()[0]
             if finite.item() > 0:
@@ -673,7 +697,7 @@ class Trainer:
             final_dir = os.path.join(config.output_dir, "final")
             final_model.save_pretrained(final_dir)
             result.final_weights = final_dir
-            if config.mode != "mpo" and self.eval_file and os.path.exists(self.eval_file):
+            if self.eval_file and os.path.exists(self.eval_file):
                 result.accuracy = evaluate_choices(final_model, self.eval_file, self.encoder, self.tiler, self.device,
                                                    self._autocast, config.eval_delta, config.eval_examples)
                 summary["accuracy"] = result.accuracy

@@ -238,3 +238,31 @@ def test_mpo_mode_trains_on_preference_pairs(data_dir, tmp_path):
     assert steps[0]["preference"] == pytest.approx(math.log(2), abs=1e-5)
     with pytest.raises(ValueError, match="preference"):
         Trainer(small_config(data_dir, tmp_path / "x", mode="mpo"), show_progress=False, echo=lambda m: None)
+
+
+def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
+    """torchrun with 2 gloo ranks under a ParallelPlan: rank r takes every other pack, so a step sees the same
+    two packs as one process accumulating 2, and the square-averaged loss through data_parallel_loss is
+    the same number (up to float summation order)."""
+    import subprocess
+    import sys
+
+    config_file = tmp_path / "run.json"
+    settings = {key: value for key, value in small_config(data_dir, tmp_path / "unused").__dict__.items()
+                if key in ("model", "data", "system_message", "lr", "warmup_steps", "max_packed_tokens", "max_tiles", "max_buffers", "max_num", "cpu_threads")}
+    config_file.write_text(json.dumps(settings))
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text("vision: {sharding: zero2}\nprojector: {sharding: replicate}\nlanguage: {sharding: zero3}\n")
+    output = tmp_path / "ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", "-m", "model.train",
+               "--preset", "tiny", "--config", str(config_file), "--plan", str(plan_file), "--output-dir", str(output),
+               "--max-steps", "3", "--save-every", "3", "--log-every", "1", "--no-progress"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=environment,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    distributed = [entry["loss"] for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+    single = run(small_config(data_dir, tmp_path / "single", max_steps=3, grad_accum=2)).losses
+    assert distributed == pytest.approx(single, rel=1e-5)
+    assert (output / "checkpoints" / "step_00000003" / "model").is_dir()
+    assert (output / "final" / "config.json").is_file()
