@@ -92,9 +92,12 @@ class DecoderLayer(nn.Module):
 class LanguageModel(nn.Module):
     """Embeddings, decoder layers, final norm and the output head of Qwen2.5.
 
-    ``forward`` maps input embeddings [T, H] of a pack to the final normed hidden states [T, H]; the head
-    (``lm_head``) is applied by the caller (InternVL3 computes the loss from the hidden states without
-    materialising the logits). With ``tie_word_embeddings`` the head shares the embedding matrix.
+    ``forward`` runs the whole language side of a pack: token embeddings, the image rows placed over the
+    ``<IMG_CONTEXT>`` embeddings, the decoder, and the loss (fused linear cross-entropy, no [T, V] logits)
+    and/or the logits. Every use of the embedding and head parameters happens inside this forward, so that
+    FSDP2, which gathers a component's parameters around its forward, can shard the component as one unit.
+    ``decode`` maps input embeddings [T, H] to the final normed hidden states [T, H].
+    With ``tie_word_embeddings`` the head shares the embedding matrix.
     """
 
     def __init__(self, config: TextConfig):
@@ -107,10 +110,37 @@ class LanguageModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(
+    def decode(
         self, inputs_embeds: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor
     ) -> torch.Tensor:
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cu_seqlens, max_seqlen, positions)
         return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        positions: torch.Tensor,
+        *,
+        visual_rows: torch.Tensor | None = None,
+        is_visual: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        loss_normalizer: float | torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(hidden states [T, H], loss or None, logits [T, V] or None) of a pack; see InternVL3.forward."""
+        embeds = self.embed_tokens(input_ids)
+        if visual_rows is not None:
+            embeds = engine.scatter_visual(embeds, visual_rows.to(embeds.dtype), is_visual)
+        hidden = self.decode(embeds, cu_seqlens, max_seqlen, positions)
+        loss = None
+        if labels is not None:
+            loss = engine.linear_cross_entropy(
+                hidden, self.lm_head.weight, labels, loss_weights=loss_weights, normalizer=loss_normalizer
+            )
+        logits = self.lm_head(hidden) if return_logits else None
+        return hidden, loss, logits

@@ -152,24 +152,23 @@ class InternVL3(nn.Module):
         elif max_seqlen is None:
             max_seqlen = engine.max_seqlen(cu_seqlens)
 
-        language = self.language
-        embeds = language.embed_tokens(input_ids)
         is_visual = input_ids == self.config.image_token_id
-        if pixel_values is not None:
-            visual = self.encode_images(pixel_values, image_flags)
-            embeds = engine.scatter_visual(embeds, visual.to(embeds.dtype), is_visual)
+        visual_rows = self.encode_images(pixel_values, image_flags) if pixel_values is not None else None
         if positions is None:
             positions = engine.v2pe_position_ids(is_visual, cu_seqlens, 1.0)
-
-        hidden = language(embeds, cu_seqlens, max_seqlen, positions)
-        output = InternVL3Output(hidden_states=hidden, positions=positions)
-        if labels is not None:
-            output.loss = engine.linear_cross_entropy(
-                hidden, language.lm_head.weight, labels, loss_weights=loss_weights, normalizer=loss_normalizer
-            )
-        if return_logits or (return_logits is None and labels is None):
-            output.logits = language.lm_head(hidden)
-        return output
+        hidden, loss, logits = self.language(
+            input_ids,
+            cu_seqlens,
+            max_seqlen,
+            positions,
+            visual_rows=visual_rows,
+            is_visual=is_visual,
+            labels=labels,
+            loss_weights=loss_weights,
+            loss_normalizer=loss_normalizer,
+            return_logits=bool(return_logits or (return_logits is None and labels is None)),
+        )
+        return InternVL3Output(logits=logits, loss=loss, hidden_states=hidden, positions=positions)
 
     def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, **options):
         """Greedy, sampled or Best-of-N continuation of one prompt with a KV cache: model.generation.generate."""

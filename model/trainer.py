@@ -17,11 +17,9 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -266,46 +264,6 @@ def enable_activation_checkpointing(model: InternVL3) -> None:
             block.forward = checkpointed
 
 
-def make_shardable(model: InternVL3) -> None:
-    """Route InternVL3's forward through its FSDP units, for internvl3_engine.parallel.parallelize.
-
-    InternVL3.forward reads ``language.embed_tokens`` and ``language.lm_head.weight`` outside the language
-    component's own forward, where FSDP2 keeps them sharded (DTensors: "mixed torch.Tensor and DTensor").
-    Here the language component's forward does the embedding, the image-row scatter, the decoder and the
-    head (so its parameters are gathered for all of them), and the model's forward (the FSDP root) runs
-    vision -> projector -> language; same arguments and outputs as InternVL3.forward, same parameter names.
-    """
-    import internvl3_engine as engine
-
-    from .modeling import InternVL3Output
-
-    language = model.language
-    decoder = language.forward
-    image_token_id = model.config.image_token_id
-
-    def language_step(input_ids, visual_rows, cu_seqlens, max_seqlen, positions, labels, loss_weights, loss_normalizer, return_logits):
-        embeds = language.embed_tokens(input_ids)
-        if visual_rows is not None:
-            embeds = engine.scatter_visual(embeds, visual_rows.to(embeds.dtype), input_ids == image_token_id)
-        hidden = decoder(embeds, cu_seqlens, max_seqlen, positions)
-        output = InternVL3Output(hidden_states=hidden, positions=positions)
-        if labels is not None:
-            output.loss = engine.linear_cross_entropy(hidden, language.lm_head.weight, labels, loss_weights=loss_weights, normalizer=loss_normalizer)
-        if return_logits or (return_logits is None and labels is None):
-            output.logits = language.lm_head(hidden)
-        return output
-
-    def forward(input_ids, pixel_values=None, cu_seqlens=None, positions=None, labels=None, loss_weights=None, max_seqlen=None,
-                *, image_flags=None, return_logits=None, loss_normalizer=None):
-        if cu_seqlens is None or positions is None or max_seqlen is None:
-            raise ValueError("a sharded forward needs the pack's cu_seqlens, positions and max_seqlen (model.data gives them)")
-        rows = model.encode_images(pixel_values, image_flags) if pixel_values is not None else None
-        return language(input_ids, rows, cu_seqlens, max_seqlen, positions, labels, loss_weights, loss_normalizer, return_logits)
-
-    language.forward = language_step
-    model.forward = forward
-
-
 def clip_sharded_gradients(parameters, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ for FSDP2 parameters living on different meshes (replicate vs shard components: one
     total norm over DTensors of several meshes fails in torch): the norm per mesh, then combined."""
@@ -406,15 +364,13 @@ class Trainer:
         self.model.to(self.device)
 
         if self.distributed:
-            from internvl3_engine.parallel import ComponentPlan, ParallelPlan, parallelize
+            from internvl3_engine.parallel import ParallelPlan, parallelize
 
             plan = self.plan or ParallelPlan()
             if config.activation_checkpointing:
                 plan = dataclasses.replace(plan, **{
                     name: dataclasses.replace(plan.component(name), activation_checkpointing=True) for name in COMPONENTS
                 })
-            assert all(isinstance(plan.component(name), ComponentPlan) for name in COMPONENTS)
-            make_shardable(self.model)
             self.parallel_state = parallelize(self.model, plan)
         elif config.activation_checkpointing:
             enable_activation_checkpointing(self.model)

@@ -51,7 +51,7 @@ def greedy_by_recomputing(model: InternVL3, prompt: torch.Tensor, pixels, delta:
         embeds = model.language.embed_tokens(sequence)
         if visual_rows is not None:
             embeds = engine.scatter_visual(embeds, visual_rows, is_visual)
-        hidden = model.language(embeds, cu_seqlens, sequence.shape[0], positions)
+        hidden = model.language.decode(embeds, cu_seqlens, sequence.shape[0], positions)
         sequence = torch.cat([sequence, model.language.lm_head(hidden[-1]).argmax()[None]])
     return sequence[prompt.shape[0]:]
 
