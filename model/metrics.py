@@ -97,7 +97,9 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_loss_curve(metrics_path: str, png_path: str, title: str = "training loss") -> Optional[str]:
-    """The loss per step (and its exponential moving average) from metrics.jsonl, as a PNG."""
+    """The logged loss per step and its trailing mean (over a twentieth of the points) from metrics.jsonl,
+    as a PNG. A trailing window, not an exponential average started at the first loss, which would lag far
+    above a loss that falls fast."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,13 +112,11 @@ def plot_loss_curve(metrics_path: str, png_path: str, title: str = "training los
             losses.append(entry["loss"])
     if not steps:
         return None
-    smoothed, average = [], None
-    for value in losses:
-        average = value if average is None else 0.9 * average + 0.1 * value
-        smoothed.append(average)
+    window = max(1, len(losses) // 20)
+    smoothed = [sum(losses[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(losses))]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
     axes.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
-    axes.plot(steps, smoothed, color="#c33", linewidth=1.6, label="moving average")
+    axes.plot(steps, smoothed, color="#c33", linewidth=1.6, label=f"mean of the last {window} points")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(title)
