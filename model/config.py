@@ -38,14 +38,10 @@ class VisionConfig:
 
     def __post_init__(self):
         _check_positive(self, ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size"))
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
-        if self.norm_type not in NORM_TYPES:
-            raise ValueError(f"vision norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"vision hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        _check_multiple(self, "vision", "hidden_size", "num_heads")
+        _check_multiple(self, "vision", "image_size", "patch_size")
+        _check_choice(self, "vision", "norm_type", NORM_TYPES)
+        _check_choice(self, "vision", "hidden_act", ACTIVATIONS)
 
     @property
     def head_dim(self) -> int:
@@ -69,8 +65,7 @@ class ProjectorConfig:
         factor = 1.0 / self.downsample_ratio if self.downsample_ratio > 0 else 0.0
         if not (factor >= 1 and factor == int(factor)):
             raise ValueError(f"downsample_ratio must be 1/r for an integer r >= 1, got {self.downsample_ratio}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"projector hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        _check_choice(self, "projector", "hidden_act", ACTIVATIONS)
 
     @property
     def factor(self) -> int:
@@ -97,12 +92,9 @@ class TextConfig:
         _check_positive(
             self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
         )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"text hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"text num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"text hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        _check_multiple(self, "text", "hidden_size", "num_heads")
+        _check_multiple(self, "text", "num_heads", "num_kv_heads")
+        _check_choice(self, "text", "hidden_act", ACTIVATIONS)
 
     @property
     def head_dim(self) -> int:
@@ -419,6 +411,18 @@ def _check_positive(config, names) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+
+
+def _check_multiple(config, what: str, name: str, divisor_name: str) -> None:
+    value, divisor = getattr(config, name), getattr(config, divisor_name)
+    if value % divisor:
+        raise ValueError(f"{what} {name} {value} must be a multiple of {divisor_name} {divisor}")
+
+
+def _check_choice(config, what: str, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{what} {name} must be one of {choices}, got {value!r}")
 
 
 # ---- presets: shapes from ../shared/reference/internvl3-facts.md

@@ -345,3 +345,20 @@ def test_real_widths_in_bfloat16_on_gpu():
     assert abs(loss.item() - gold.item()) < 0.05 * abs(gold.item())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: VisionConfig(hidden_size=30, num_heads=4), "vision hidden_size 30 must be a multiple of num_heads 4"),
+        (lambda: VisionConfig(image_size=50, patch_size=14), "vision image_size 50 must be a multiple of patch_size 14"),
+        (lambda: VisionConfig(norm_type="batch_norm"), "vision norm_type must be one of"),
+        (lambda: TextConfig(num_heads=14, num_kv_heads=4), "text num_heads 14 must be a multiple of num_kv_heads 4"),
+        (lambda: TextConfig(hidden_act="relu"), "text hidden_act must be one of"),
+        (lambda: ProjectorConfig(downsample_ratio=0.3), "downsample_ratio must be 1/r"),
+        (lambda: TextConfig(num_layers=0), "TextConfig.num_layers must be a positive int"),
+    ],
+)
+def test_bad_config(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
