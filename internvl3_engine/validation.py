@@ -54,8 +54,17 @@ def check_cu_seqlens_meta(cu_seqlens, device: torch.device) -> torch.Tensor:
     return cu_seqlens
 
 
-def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> None:
-    """cu_seqlens starts at 0, never decreases and ends at ``total`` (reads the values: one host sync)."""
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> int:
+    """cu_seqlens starts at 0, never decreases and ends at ``total``; returns the longest segment.
+
+    Reading the values costs a host synchronisation on a GPU. The result is remembered on the tensor with
+    its version counter (bumped by every in-place change), so the layers of a model that share one pack's
+    cu_seqlens read it once per pack, not once per layer.
+    """
+    key = (cu_seqlens._version, total)
+    remembered = getattr(cu_seqlens, "_internvl3_engine_checked", None)
+    if remembered is not None and remembered[0] == key:
+        return remembered[1]
     values = cu_seqlens.detach().cpu()
     if int(values[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(values[0])}")
@@ -66,6 +75,9 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> None:
         )
     if int(values[-1]) != total:
         raise ValueError(f"cu_seqlens must end at the number of tokens {total}, got {int(values[-1])}")
+    longest = int((values[1:] - values[:-1]).max()) if values.numel() > 1 else 0
+    cu_seqlens._internvl3_engine_checked = (key, longest)
+    return longest
 
 
 def check_float(name: str, value, *, positive: bool = False) -> float:

@@ -100,3 +100,16 @@ def test_bad_lengths(lengths, error, match):
 def test_bad_cu_seqlens(cu_seqlens, error, match):
     with pytest.raises(error, match=match):
         ie.max_seqlen(cu_seqlens)
+
+
+def test_cu_seqlens_check_is_remembered_until_the_tensor_changes():
+    from internvl3_engine.validation import check_cu_seqlens_values
+
+    cu_seqlens = ie.cu_seqlens_from_lengths([3, 5, 2])
+    assert check_cu_seqlens_values(cu_seqlens, 10) == 5
+    assert check_cu_seqlens_values(cu_seqlens, 10) == 5  # remembered: no second read
+    with pytest.raises(ValueError, match="must end at the number of tokens 11"):
+        check_cu_seqlens_values(cu_seqlens, 11)  # another total is checked again
+    cu_seqlens[2] = 1  # in place: the version counter moves, the values are read again
+    with pytest.raises(ValueError, match="must never decrease"):
+        check_cu_seqlens_values(cu_seqlens, 10)
