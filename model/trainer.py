@@ -6,9 +6,9 @@ weighted sum goes through internvl3_engine.parallel.data_parallel_loss with the 
 step, so the gradients are the global loss's whatever the accumulation and world size. A step whose loss
 or gradient norm is not finite is skipped (no optimizer update) and reported.
 
-Under a parallel plan (torchrun) every rank reads the same deterministic packed stream and keeps the
-packs whose index is its rank modulo the world size: the data position is the same on every rank, so a
-checkpoint resumes at any world size.
+Under a parallel plan (torchrun) every rank reads the same deterministic packed stream, and each step's
+world x grad_accum packs are shared out by the vision-aware balancer (internvl3_engine.parallel.balance):
+the data position is the same on every rank, so a checkpoint resumes at any world size.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from internvl3_engine.parallel import balance, naive_split
 
 from . import checkpointing
 from .config import PRESETS, InternVL3Config
@@ -445,13 +446,30 @@ class Trainer:
         self.loader = PackedLoader(self.stream, self.packer)
         self.batches_read = 0
 
-    def _next_batch(self):
-        while True:
-            batch = next(self.loader)
-            index = self.batches_read
-            self.batches_read += 1
-            if index % self.world == self.rank:
-                return batch.to(self.device, non_blocking=True)
+    def _step_batches(self) -> tuple[list, Optional[dict]]:
+        """This rank's packs for one optimizer step, and (under a plan) the step's load balance.
+
+        Every rank reads the same world x grad_accum packs; internvl3_engine.parallel.balance gives each rank
+        grad_accum of them so as to minimise the largest rank's FLOPs (ViT tiles, LLM tokens, attention's
+        sum of L^2), instead of taking them in turn. The balance is reported as max/mean rank cost, with the
+        naive split's beside it.
+        """
+        count = self.config.grad_accum * self.world
+        packs = [next(self.loader) for _ in range(count)]
+        self.batches_read += count
+        if self.world == 1:
+            return [pack.to(self.device, non_blocking=True) for pack in packs], None
+        costs = [
+            training_flops(
+                self.model_config, self.parameter_counts, pack.num_tokens,
+                0 if pack.pixel_values is None else pack.pixel_values.shape[0],  # blank tiles run the ViT too
+                (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist(),
+            )
+            for pack in packs
+        ]
+        assignment = balance(costs, self.world)
+        report = {"imbalance": assignment.imbalance, "imbalance_naive": naive_split(costs, self.world).imbalance}
+        return [packs[index].to(self.device, non_blocking=True) for index in assignment.ranks[self.rank]], report
 
     # ---- state
 
@@ -575,7 +593,7 @@ class Trainer:
         step = start
         for step in range(start + 1, config.max_steps + 1):
             began = time.perf_counter()
-            batches = [self._next_batch() for _ in range(config.grad_accum)]
+            batches, balance_report = self._step_batches()
             loss, parts = self._mpo_step(batches) if config.mode == "mpo" else self._lm_step(batches)
             loss = _all_reduce(loss) / self.world
             if self.distributed:
@@ -610,6 +628,7 @@ class Trainer:
                     "data_errors": self.errors.total, "step_time_s": elapsed,
                 }
                 entry.update(parts)
+                entry.update(balance_report or {})
                 if peak is not None:
                     flops = sum(training_flops(self.model_config, self.parameter_counts, b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
                     entry["mfu"] = flops / elapsed / peak

@@ -241,9 +241,9 @@ def test_mpo_mode_trains_on_preference_pairs(data_dir, tmp_path):
 
 
 def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
-    """torchrun with 2 gloo ranks under a ParallelPlan: rank r takes every other pack, so a step sees the same
-    two packs as one process accumulating 2, and the square-averaged loss through data_parallel_loss is
-    the same number (up to float summation order)."""
+    """torchrun with 2 gloo ranks under a ParallelPlan: the balancer shares each step's two packs between the
+    ranks, so a step sees the same two packs as one process accumulating 2, and the square-averaged loss
+    through data_parallel_loss is the same number (up to float summation order). The balance is logged."""
     import subprocess
     import sys
 
@@ -261,7 +261,9 @@ def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_pa
     completed = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=environment,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    distributed = [entry["loss"] for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+    entries = [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+    distributed = [entry["loss"] for entry in entries]
+    assert all(1.0 <= entry["imbalance"] <= entry["imbalance_naive"] + 1e-9 for entry in entries)
     single = run(small_config(data_dir, tmp_path / "single", max_steps=3, grad_accum=2)).losses
     assert distributed == pytest.approx(single, rel=1e-5)
     assert (output / "checkpoints" / "step_00000003" / "model").is_dir()
