@@ -188,7 +188,6 @@ class InternVL3Config:
         if text.get("use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported")
         _check_rope(text)
-        defaults = TextConfig()
         return cls(
             vision=VisionConfig(
                 hidden_size=vision.get("hidden_size", 1024),
@@ -211,21 +210,9 @@ class InternVL3Config:
                 downsample_ratio=data.get("downsample_ratio", 0.5),
                 hidden_act=data.get("projector_hidden_act", "gelu"),
             ),
-            text=TextConfig(
-                vocab_size=text.get("vocab_size", 151936),
-                hidden_size=text.get("hidden_size", 4096),
-                num_layers=text.get("num_hidden_layers", 32),
-                num_heads=text.get("num_attention_heads", 32),
-                num_kv_heads=text.get("num_key_value_heads") or text.get("num_attention_heads", 32),
-                intermediate_size=text.get("intermediate_size", 22016),
-                rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-                rope_theta=_rope_theta(text),
-                hidden_act=text.get("hidden_act", "silu"),
-                max_position_embeddings=text.get("max_position_embeddings", defaults.max_position_embeddings),
-                # transformers ties InternVL's head to the embeddings when the top-level flag says so
-                # (InternVLConfig defaults it to True)
-                tie_word_embeddings=bool(data.get("tie_word_embeddings", True)),
-            ),
+            # transformers ties InternVL's head to the embeddings when the top-level flag says so
+            # (InternVLConfig defaults it to True)
+            text=_text_config_from_qwen2(text, tie_word_embeddings=bool(data.get("tie_word_embeddings", True))),
             image_token_id=data.get("image_token_id", INTERNVL3_IMG_CONTEXT_ID),
             name=str(data.get("_name_or_path") or "custom"),
         )
@@ -355,19 +342,7 @@ def _from_opengvlab(data: dict) -> InternVL3Config:
             hidden_act=vision.get("hidden_act", "gelu"),
         ),
         projector=ProjectorConfig(downsample_ratio=data.get("downsample_ratio", 0.5)),
-        text=TextConfig(
-            vocab_size=text.get("vocab_size", 151936),
-            hidden_size=text.get("hidden_size", 4096),
-            num_layers=text.get("num_hidden_layers", 32),
-            num_heads=text.get("num_attention_heads", 32),
-            num_kv_heads=text.get("num_key_value_heads") or text.get("num_attention_heads", 32),
-            intermediate_size=text.get("intermediate_size", 22016),
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(text),
-            hidden_act=text.get("hidden_act", "silu"),
-            max_position_embeddings=text.get("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
-        ),
+        text=_text_config_from_qwen2(text, tie_word_embeddings=bool(text.get("tie_word_embeddings", False))),
         image_token_id=data.get("img_context_token_id") or INTERNVL3_IMG_CONTEXT_ID,
         name=str(data.get("_name_or_path") or "custom"),
     )
@@ -404,6 +379,24 @@ def _check_rope(text: dict) -> None:
         kind = (text.get(key) or {}).get("rope_type", (text.get(key) or {}).get("type", "default"))
         if kind != "default":
             raise ValueError(f"only default rotary embeddings are supported, got {key}.rope_type {kind!r}")
+
+
+def _text_config_from_qwen2(text: dict, tie_word_embeddings: bool) -> TextConfig:
+    """TextConfig from a Qwen2 config dict (transformers' text_config, OpenGVLab's llm_config); where the
+    head-tying flag lives differs between the two layouts, so the caller reads it."""
+    return TextConfig(
+        vocab_size=text.get("vocab_size", 151936),
+        hidden_size=text.get("hidden_size", 4096),
+        num_layers=text.get("num_hidden_layers", 32),
+        num_heads=text.get("num_attention_heads", 32),
+        num_kv_heads=text.get("num_key_value_heads") or text.get("num_attention_heads", 32),
+        intermediate_size=text.get("intermediate_size", 22016),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(text),
+        hidden_act=text.get("hidden_act", "silu"),
+        max_position_embeddings=text.get("max_position_embeddings", TextConfig.max_position_embeddings),
+        tie_word_embeddings=tie_word_embeddings,
+    )
 
 
 def _check_positive(config, names) -> None:
