@@ -55,11 +55,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        # -1: the local head counts when the projections are split by tensor parallelism
+        q = self.q_proj(x).view(tokens, -1, self.head_dim)
+        k = self.k_proj(x).view(tokens, -1, self.head_dim)
+        v = self.v_proj(x).view(tokens, -1, self.head_dim)
         out = engine.v2pe_attention(q, k, v, cu_seqlens, max_seqlen, positions, theta=self.theta, causal=True)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(tokens, -1))
 
 
 class MLP(nn.Module):

@@ -26,7 +26,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from internvl3_engine.parallel import balance, naive_split
+from internvl3_engine.parallel import balance, clip_grad_norm_, naive_split
+from internvl3_engine.plan import ModelShape
 
 from . import checkpointing
 from .config import PRESETS, InternVL3Config
@@ -265,29 +266,6 @@ def enable_activation_checkpointing(model: InternVL3) -> None:
             block.forward = checkpointed
 
 
-def clip_sharded_gradients(parameters, max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ for FSDP2 parameters living on different meshes (replicate vs shard components: one
-    total norm over DTensors of several meshes fails in torch): the norm per mesh, then combined."""
-    grads_by_mesh: dict = {}
-    for parameter in parameters:
-        if parameter.grad is not None:
-            mesh = getattr(parameter.grad, "device_mesh", None)
-            grads_by_mesh.setdefault(id(mesh), []).append(parameter.grad)
-    norms = []
-    for grads in grads_by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
-    if not norms:
-        return torch.zeros(())
-    total = torch.stack(norms).square().sum().sqrt()
-    coefficient = min(1.0, max_norm / (total.item() + 1e-6))
-    if coefficient < 1.0:
-        for grads in grads_by_mesh.values():
-            for grad in grads:
-                grad.mul_(coefficient)
-    return total
-
-
 def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized():
         value = value.clone()
@@ -325,6 +303,8 @@ class Trainer:
             self.rank, self.world = init_distributed()
         else:
             self.rank, self.world = 0, 1
+        # Data-parallel coordinates: tensor-parallel peers (a plan's tp > 1) train on the same packs.
+        self.dp_rank, self.dp_world = self.rank, self.world
         self.is_main = self.rank == 0
         if torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -355,6 +335,7 @@ class Trainer:
             self.model = InternVL3(self.model_config)
         self._check_tokenizer()
         self.parameter_counts = self.model.num_parameters()
+        self.model_shape = ModelShape.from_modules(self.model_config.to_hf(), self.model)  # for FLOPs: before sharding
         components = self.model.engine_components()
         apply_freezing(components, {"vision": config.freeze_vision, "projector": config.freeze_projector, "language": config.freeze_language})
         if config.mode == "mpo":
@@ -373,6 +354,7 @@ class Trainer:
                     name: dataclasses.replace(plan.component(name), activation_checkpointing=True) for name in COMPONENTS
                 })
             self.parallel_state = parallelize(self.model, plan)
+            self.dp_rank, self.dp_world = self.parallel_state.dp_rank, self.parallel_state.dp_world_size
         elif config.activation_checkpointing:
             enable_activation_checkpointing(self.model)
 
@@ -449,27 +431,27 @@ class Trainer:
     def _step_batches(self) -> tuple[list, Optional[dict]]:
         """This rank's packs for one optimizer step, and (under a plan) the step's load balance.
 
-        Every rank reads the same world x grad_accum packs; internvl3_engine.parallel.balance gives each rank
-        grad_accum of them so as to minimise the largest rank's FLOPs (ViT tiles, LLM tokens, attention's
+        Every rank reads the same dp_world x grad_accum packs; internvl3_engine.parallel.balance gives each
+        data-parallel rank grad_accum of them so as to minimise the largest rank's FLOPs (ViT tiles, LLM tokens, attention's
         sum of L^2), instead of taking them in turn. The balance is reported as max/mean rank cost, with the
         naive split's beside it.
         """
-        count = self.config.grad_accum * self.world
+        count = self.config.grad_accum * self.dp_world
         packs = [next(self.loader) for _ in range(count)]
         self.batches_read += count
-        if self.world == 1:
+        if self.dp_world == 1:
             return [pack.to(self.device, non_blocking=True) for pack in packs], None
         costs = [
             training_flops(
-                self.model_config, self.parameter_counts, pack.num_tokens,
+                self.model_shape, pack.num_tokens,
                 0 if pack.pixel_values is None else pack.pixel_values.shape[0],  # blank tiles run the ViT too
                 (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist(),
             )
             for pack in packs
         ]
-        assignment = balance(costs, self.world)
-        report = {"imbalance": assignment.imbalance, "imbalance_naive": naive_split(costs, self.world).imbalance}
-        return [packs[index].to(self.device, non_blocking=True) for index in assignment.ranks[self.rank]], report
+        assignment = balance(costs, self.dp_world)
+        report = {"imbalance": assignment.imbalance, "imbalance_naive": naive_split(costs, self.dp_world).imbalance}
+        return [packs[index].to(self.device, non_blocking=True) for index in assignment.ranks[self.dp_rank]], report
 
     # ---- state
 
@@ -596,10 +578,7 @@ class Trainer:
             batches, balance_report = self._step_batches()
             loss, parts = self._mpo_step(batches) if config.mode == "mpo" else self._lm_step(batches)
             loss = _all_reduce(loss) / self.world
-            if self.distributed:
-                grad_norm = clip_sharded_gradients(self.trainable, config.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
+            grad_norm = clip_grad_norm_(self.trainable, config.grad_clip)
             finite = _all_reduce(torch.tensor(float(_finite(loss) and _finite(grad_norm)), device=self.device), dist.ReduceOp.MIN if dist.is_initialized() else None)
             lr = self.scheduler.get_last_lr()[0]
             if finite.item() > 0:
@@ -617,7 +596,9 @@ class Trainer:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - began
 
-            tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in batches)), device=self.device)).item()
+            # Tensor-parallel peers (world / dp_world of them) train on the same packs: count them once.
+            tensor_parallel = self.world // self.dp_world
+            tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in batches)), device=self.device)).item() / tensor_parallel
             window_tokens += tokens
             window_time += elapsed
             if step % config.log_every == 0 or step == config.max_steps or step == start + 1:
@@ -630,8 +611,8 @@ class Trainer:
                 entry.update(parts)
                 entry.update(balance_report or {})
                 if peak is not None:
-                    flops = sum(training_flops(self.model_config, self.parameter_counts, b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
-                    entry["mfu"] = flops / elapsed / peak
+                    flops = sum(training_flops(self.model_shape, b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
+                    entry["mfu"] = flops / tensor_parallel / elapsed / peak
                 log.write(entry)
                 window_tokens, window_time = 0, 0.0
                 if bar is not None:

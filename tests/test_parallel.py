@@ -1,5 +1,6 @@
 """The parallelism scheduler on CPU with gloo: sharded training equals a single-process run on the same
-global batch, for every combination of component shardings, at world sizes 2 and 4."""
+global batch, for every combination of component shardings, at world sizes 2 and 4, with and without
+tensor parallelism of the LLM; checkpoints load across world sizes and tensor-parallel degrees."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
-from internvl3_engine.parallel import ComponentPlan, ParallelPlan, data_parallel_loss, parallelize
-from internvl3_engine.parallel.checkpoint import load_sharded, save_sharded
-from internvl3_engine.parallel.parallelize import build_meshes, find_blocks, find_components, set_prefetch
+from internvl3_engine.parallel import (
+    ComponentPlan, ParallelPlan, build_meshes, clip_grad_norm_, data_parallel_loss, load_sharded, parallelize, save_sharded,
+)
+from internvl3_engine.parallel.parallelize import find_blocks, find_components, set_prefetch
+from internvl3_engine.parallel.tensor_parallel import check_tensor_parallel
 
 STEPS = 3
 WIDTH = 8
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 2
+# Small enough that the gradients are clipped at every step: clipping across meshes is part of the check.
+MAX_NORM = 0.05
 
 
 class Stack(nn.Module):
@@ -35,6 +42,66 @@ class Stack(nn.Module):
         return x
 
 
+class Attention(nn.Module):
+    """Qwen2's module names and GQA, causal over the rows; heads split with -1 (tensor-parallel ready)."""
+
+    head_dim = HEAD_DIM
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(WIDTH, HEADS * HEAD_DIM)
+        # No k bias: softmax is invariant to it, so its gradient is rounding noise that AdamW would amplify.
+        self.k_proj = nn.Linear(WIDTH, KV_HEADS * HEAD_DIM, bias=False)
+        self.v_proj = nn.Linear(WIDTH, KV_HEADS * HEAD_DIM)
+        self.o_proj = nn.Linear(HEADS * HEAD_DIM, WIDTH, bias=False)
+
+    def forward(self, x):
+        rows = x.shape[0]
+        q, k, v = (proj(x).view(rows, -1, HEAD_DIM).transpose(0, 1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(0, 1).reshape(rows, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
+        self.up_proj = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
+        self.down_proj = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(WIDTH)
+        self.self_attn = Attention()
+        self.post_attention_layernorm = nn.RMSNorm(WIDTH)
+        self.mlp = MLP()
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """An LLM stand-in with Qwen2's block layout, so that tensor parallelism applies to it."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.embed = nn.Linear(WIDTH, WIDTH)
+        self.layers = nn.ModuleList(DecoderBlock() for _ in range(depth))
+        self.norm = nn.RMSNorm(WIDTH)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
 class ThreeComponents(nn.Module):
     """A ViT stand-in over tiles, a projector, and an LLM stand-in over text rows followed by the
     projected tile rows."""
@@ -43,7 +110,7 @@ class ThreeComponents(nn.Module):
         super().__init__()
         self.vision = Stack(6, WIDTH, 2)
         self.projector = nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, WIDTH))
-        self.language = Stack(WIDTH, WIDTH, 3)
+        self.language = Decoder(3)
 
     def engine_components(self):
         return {"vision": self.vision, "projector": self.projector, "language": self.language}
@@ -80,30 +147,34 @@ def _sums(model, batch):
     return (weight * per_row).sum(), weight.sum()
 
 
-def _single_process_reference(world_size: int):
+def _single_process_reference(dp_world_size: int):
     torch.manual_seed(0)
     model = ThreeComponents()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(STEPS):
-        sums = [_sums(model, batch) for batch in _global_batch(world_size)]
+        sums = [_sums(model, batch) for batch in _global_batch(dp_world_size)]
         loss = sum(s for s, _ in sums) / sum(w for _, w in sums)
         optimizer.zero_grad()
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        assert norm > MAX_NORM
         optimizer.step()
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
 
 
-def _train_sharded(plan: ParallelPlan, meshes, rank: int, world_size: int):
+def _train_sharded(plan: ParallelPlan, meshes):
+    """STEPS steps under ``plan``; each data-parallel rank (tensor-parallel peers alike) on its micro-batch."""
     torch.manual_seed(0)
     model = ThreeComponents()
-    parallelize(model, plan, mesh=meshes)
+    state = parallelize(model, plan, mesh=meshes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    batch = _global_batch(world_size)[rank]
+    batch = _global_batch(state.dp_world_size)[state.dp_rank]
     for _ in range(STEPS):
         weighted, weight_sum = _sums(model, batch)
         loss = data_parallel_loss(weighted, weight_sum)
         optimizer.zero_grad()
         loss.backward()
+        clip_grad_norm_(model.parameters(), MAX_NORM)
         optimizer.step()
     return model, optimizer
 
@@ -123,26 +194,37 @@ def _worker(rank: int, world_size: int, init_file: str, checkpoint_dir: str, err
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         torch.set_num_threads(1)
-        reference = _single_process_reference(world_size)
-        meshes = build_meshes(ParallelPlan(), "cpu")
-        for shardings in itertools.product(("replicate", "zero2", "zero3"), repeat=3):
-            plan = ParallelPlan(**{name: ComponentPlan(sharding=s) for name, s in zip(("vision", "projector", "language"), shardings)})
-            model, _ = _train_sharded(plan, meshes, rank, world_size)
+        tp = 2
+        meshes = {1: build_meshes(ParallelPlan(), "cpu"), tp: build_meshes(ParallelPlan(tp=tp), "cpu")}
+        shardings = ("replicate", "zero2", "zero3")
+        plans = [
+            ParallelPlan(**{name: ComponentPlan(sharding=s) for name, s in zip(("vision", "projector", "language"), combination)})
+            for combination in itertools.product(shardings, repeat=3)
+        ]
+        # Tensor parallelism with each sharding of the LLM (and of the other components, in turn).
+        plans += [ParallelPlan(vision=ComponentPlan(sharding=s), projector=ComponentPlan(sharding=s),
+                               language=ComponentPlan(sharding=s), tp=tp) for s in shardings]
+        for plan in plans:
+            model, _ = _train_sharded(plan, meshes[plan.tp])
             state = _full_state(model)
             if rank == 0:
-                _assert_states_close(state, reference, f"world {world_size} {shardings}")
-        # Checkpoints: world 2 saves one; world 4 loads it (resharding) and must hold the same weights.
-        model, optimizer = _train_sharded(ParallelPlan(), meshes, rank, world_size)
-        if world_size == 2:
-            save_sharded(checkpoint_dir, model, optimizer)
-        else:
-            torch.manual_seed(1)
-            fresh = ThreeComponents()
-            parallelize(fresh, ParallelPlan(), mesh=meshes)
-            load_sharded(checkpoint_dir, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
-            state = _full_state(fresh)
-            if rank == 0:
-                _assert_states_close(state, _single_process_reference(2), "loaded from world 2")
+                what = f"world {world_size} tp {plan.tp} {[plan.component(n).sharding for n in ('vision', 'projector', 'language')]}"
+                _assert_states_close(state, _single_process_reference(world_size // plan.tp), what)
+        # Checkpoints: world 2 saves one without and one with tensor parallelism; world 4 loads them into other
+        # layouts (resharding data-parallel and tensor-parallel dims) and must hold the same weights.
+        checkpoints = {1: os.path.join(checkpoint_dir, "dp"), tp: os.path.join(checkpoint_dir, "tp")}
+        for saved_tp, load_plan in ((1, ParallelPlan(tp=tp)), (tp, ParallelPlan())):
+            if world_size == 2:
+                model, optimizer = _train_sharded(ParallelPlan(tp=saved_tp), meshes[saved_tp])
+                save_sharded(checkpoints[saved_tp], model, optimizer)
+            else:
+                torch.manual_seed(1)
+                fresh = ThreeComponents()
+                parallelize(fresh, load_plan, mesh=meshes[load_plan.tp])
+                load_sharded(checkpoints[saved_tp], fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
+                state = _full_state(fresh)
+                if rank == 0:
+                    _assert_states_close(state, _single_process_reference(2 // saved_tp), f"tp {saved_tp} loaded at world 4")
         dist.barrier()
         dist.destroy_process_group()
     except Exception:
@@ -163,10 +245,11 @@ def _spawn(world_size: int, checkpoint_dir: str):
 
 
 def test_sharded_training_equals_single_process_and_checkpoints_reshard(tmp_path):
-    checkpoint = str(tmp_path / "checkpoint")
-    _spawn(2, checkpoint)
-    assert os.path.isdir(checkpoint) and not os.path.exists(checkpoint + ".tmp")
-    _spawn(4, checkpoint)
+    checkpoints = str(tmp_path / "checkpoints")
+    _spawn(2, checkpoints)
+    for name in ("dp", "tp"):
+        assert os.path.isdir(os.path.join(checkpoints, name)) and not os.path.exists(os.path.join(checkpoints, name + ".tmp"))
+    _spawn(4, checkpoints)
 
 
 def test_find_components_and_blocks():
@@ -199,7 +282,7 @@ def test_prefetch_order_crosses_component_boundaries():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(tp=2), ValueError, "tp must be 1"),
+        (dict(tp=0), ValueError, "tp must be an int >= 1"),
         (dict(dp_replicate=0), ValueError, "dp_replicate must be an int >= 1"),
         (dict(prefetch=-1), ValueError, "prefetch must be an int >= 0"),
         (dict(vision="zero3"), TypeError, "vision must be a ComponentPlan"),
@@ -215,3 +298,30 @@ def test_bad_component_plan():
         ComponentPlan(sharding="zero1")
     with pytest.raises(TypeError, match="param_dtype"):
         ComponentPlan(param_dtype=torch.int8)
+
+
+def test_tensor_parallel_needs_qwen2_blocks_and_whole_heads():
+    decoder = Decoder(2)
+    check_tensor_parallel(decoder.layers, 2)
+    with pytest.raises(ValueError, match=r"tp = 4 must divide the head count of self_attn.k_proj \(2 heads"):
+        check_tensor_parallel(decoder.layers, 4)
+    with pytest.raises(ValueError, match="tp = 3 must divide the output features of self_attn.q_proj"):
+        check_tensor_parallel(decoder.layers, 3)
+    with pytest.raises(ValueError, match="Qwen2-style LLM blocks with an nn.Linear 'self_attn.q_proj'"):
+        check_tensor_parallel(Stack(WIDTH, WIDTH, 2).layers, 2)
+
+
+def test_clip_grad_norm_matches_torch_on_plain_tensors():
+    torch.manual_seed(0)
+    ours, theirs = Decoder(2), Decoder(2)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, WIDTH)
+    for model in (ours, theirs):
+        model(x).square().sum().backward()
+    norm = clip_grad_norm_(ours.parameters(), MAX_NORM)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), MAX_NORM)
+    torch.testing.assert_close(norm, expected)
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(mine.grad, reference.grad)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        clip_grad_norm_(ours.parameters(), 0.0)

@@ -240,10 +240,7 @@ def test_mpo_mode_trains_on_preference_pairs(data_dir, tmp_path):
         Trainer(small_config(data_dir, tmp_path / "x", mode="mpo"), show_progress=False, echo=lambda m: None)
 
 
-def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
-    """torchrun with 2 gloo ranks under a ParallelPlan: the balancer shares each step's two packs between the
-    ranks, so a step sees the same two packs as one process accumulating 2, and the square-averaged loss
-    through data_parallel_loss is the same number (up to float summation order). The balance is logged."""
+def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
     import subprocess
     import sys
 
@@ -252,19 +249,41 @@ def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_pa
                 if key in ("model", "data", "system_message", "lr", "warmup_steps", "max_packed_tokens", "max_tiles", "max_buffers", "max_num", "cpu_threads")}
     config_file.write_text(json.dumps(settings))
     plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text("vision: {sharding: zero2}\nprojector: {sharding: replicate}\nlanguage: {sharding: zero3}\n")
-    output = tmp_path / "ranks"
+    plan_file.write_text(plan_text)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", "-m", "model.train",
                "--preset", "tiny", "--config", str(config_file), "--plan", str(plan_file), "--output-dir", str(output),
-               "--max-steps", "3", "--save-every", "3", "--log-every", "1", "--no-progress"]
+               "--log-every", "1", "--no-progress", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=environment,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    entries = [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+    return [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+
+
+def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
+    """torchrun with 2 gloo ranks under a ParallelPlan: the balancer shares each step's two packs between the
+    ranks, so a step sees the same two packs as one process accumulating 2, and the square-averaged loss
+    through data_parallel_loss is the same number (up to float summation order). The balance is logged."""
+    output = tmp_path / "ranks"
+    entries = _torchrun_train(data_dir, tmp_path, "vision: {sharding: zero2}\nprojector: {sharding: replicate}\nlanguage: {sharding: zero3}\n",
+                              output, "--max-steps", "3", "--save-every", "3")
     distributed = [entry["loss"] for entry in entries]
     assert all(1.0 <= entry["imbalance"] <= entry["imbalance_naive"] + 1e-9 for entry in entries)
     single = run(small_config(data_dir, tmp_path / "single", max_steps=3, grad_accum=2)).losses
     assert distributed == pytest.approx(single, rel=1e-5)
     assert (output / "checkpoints" / "step_00000003" / "model").is_dir()
     assert (output / "final" / "config.json").is_file()
+
+
+def test_tensor_parallel_plan_matches_one_process_and_resumes_from_its_sharded_checkpoint(data_dir, tmp_path):
+    """tp = 2 over 2 ranks: one data-parallel rank, the LLM's linears split between the two; the losses are
+    one process's. Resuming under the plan from the sharded checkpoint of step 2 gives step 3 again."""
+    output = tmp_path / "ranks"
+    plan = "language: {sharding: zero3}\ntp: 2\n"
+    entries = _torchrun_train(data_dir, tmp_path, plan, output, "--max-steps", "3", "--save-every", "2")
+    single = run(small_config(data_dir, tmp_path / "single", max_steps=3)).losses
+    assert [entry["loss"] for entry in entries] == pytest.approx(single, rel=1e-5)
+    assert all("imbalance" not in entry for entry in entries)  # one data-parallel rank: nothing to balance
+    resumed = _torchrun_train(data_dir, tmp_path, plan, output, "--max-steps", "3", "--resume",
+                              str(output / "checkpoints" / "step_00000002"))
+    assert [entry["loss"] for entry in resumed] == [entry["loss"] for entry in entries]

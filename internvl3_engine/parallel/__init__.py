@@ -1,11 +1,12 @@
 """Parallelism for InternVL3 training on torch.distributed: per-component FSDP2 sharding with
-cross-component prefetch, the square-averaged loss across ranks, sharded checkpoints, and vision-aware
-load balancing."""
+cross-component prefetch, tensor parallelism of the LLM, the square-averaged loss across ranks, gradient
+clipping across meshes, sharded checkpoints, and vision-aware load balancing."""
 
 from .balance import Assignment, CostModel, balance, naive_split
 from .checkpoint import load_sharded, save_sharded
+from .gradients import clip_grad_norm_
 from .loss import data_parallel_loss, global_weight_sum
-from .parallelize import ParallelState, parallelize
+from .parallelize import Meshes, ParallelState, build_meshes, parallelize
 from .plan import ComponentPlan, ParallelPlan
 
 __all__ = [
@@ -13,8 +14,11 @@ __all__ = [
     "ComponentPlan",
     "CostModel",
     "ParallelPlan",
+    "Meshes",
     "ParallelState",
     "balance",
+    "build_meshes",
+    "clip_grad_norm_",
     "data_parallel_loss",
     "global_weight_sum",
     "load_sharded",

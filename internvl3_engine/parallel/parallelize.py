@@ -4,9 +4,10 @@ The policy, in order:
 1. Find the components: ``components`` given explicitly, else ``model.engine_components()`` (the
    reference model), else transformers' InternVL names (vision_tower, multi_modal_projector,
    language_model).
-2. For each component, in forward execution order (vision, projector, language): wrap each transformer
-   block (the children of the component's largest nn.ModuleList) with activation checkpointing and
-   torch.compile if asked, shard it with ``fully_shard``, then shard the component itself (its remaining
+2. For each component, in forward execution order (vision, projector, language): with tp > 1, split the
+   LLM's blocks over the mesh's tp dim (tensor_parallel.py); wrap each transformer block (the children of
+   the component's largest nn.ModuleList) with activation checkpointing and torch.compile if asked, shard
+   it with ``fully_shard`` over the data-parallel dims, then shard the component itself (its remaining
    parameters: embeddings, norms, the LM head).
 3. Shard the root (parameters outside every component, if any) with the language plan.
 4. Prefetch (CUDA only: FSDP2's explicit prefetch runs on CUDA streams): in forward each FSDP module
@@ -24,22 +25,51 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .plan import COMPONENTS, ComponentPlan, ParallelPlan
+from .tensor_parallel import apply_tensor_parallel
 
 TRANSFORMERS_NAMES = {"vision": "vision_tower", "projector": "multi_modal_projector", "language": "language_model"}
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The device meshes, laid out (dp_replicate, dp_shard, tp) with tp innermost.
+
+    ``shard``: zero2 / zero3 components, FSDP over its (dp_replicate, dp_shard) dims (HSDP when
+    dp_replicate > 1). ``replicate``: replicated components, the same ranks as (all data-parallel ranks, 1),
+    so FSDP2 keeps whole copies and all-reduces gradients. Both have the same tp dim.
+    """
+
+    shard: DeviceMesh
+    replicate: DeviceMesh
+
+    def root(self, sharding: str) -> DeviceMesh:
+        return self.replicate if sharding == "replicate" else self.shard
+
+    def data_parallel(self, sharding: str) -> DeviceMesh:
+        return self.root(sharding)["dp_replicate", "dp_shard"]
+
+    def tensor_parallel(self, sharding: str) -> DeviceMesh:
+        return self.root(sharding)["tp"]
 
 
 @dataclass
 class ParallelState:
     """What parallelize() built: the meshes, and the FSDP modules in forward execution order."""
 
-    mesh: DeviceMesh  # (dp_replicate, dp_shard): zero2 / zero3 components
-    replicate_mesh: DeviceMesh  # (world, 1): replicated components
+    meshes: Meshes
     modules: list[nn.Module]
     plan: ParallelPlan
 
     @property
     def dp_world_size(self) -> int:
-        return self.mesh.size()
+        """Data-parallel ranks: the number of different micro-batches a step trains on."""
+        return self.meshes.shard.size() // self.plan.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index (tensor-parallel peers share it, and their micro-batches)."""
+        replicate, shard, _ = self.meshes.shard.get_coordinate()
+        return replicate * self.meshes.shard.size(1) + shard
 
 
 def find_components(model: nn.Module, components: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
@@ -75,20 +105,22 @@ def find_blocks(component: nn.Module) -> nn.ModuleList | None:
     return best
 
 
-def build_meshes(plan: ParallelPlan, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+def build_meshes(plan: ParallelPlan, device_type: str) -> Meshes:
     world = dist.get_world_size()
-    if world % plan.dp_replicate:
-        raise ValueError(f"dp_replicate = {plan.dp_replicate} must divide the world size {world}")
-    mesh = init_device_mesh(device_type, (plan.dp_replicate, world // plan.dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
-    replicate_mesh = init_device_mesh(device_type, (world, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
-    return mesh, replicate_mesh
+    if world % (plan.dp_replicate * plan.tp):
+        raise ValueError(f"dp_replicate * tp = {plan.dp_replicate} * {plan.tp} must divide the world size {world}")
+    dp_shard = world // (plan.dp_replicate * plan.tp)
+    names = ("dp_replicate", "dp_shard", "tp")
+    return Meshes(
+        shard=init_device_mesh(device_type, (plan.dp_replicate, dp_shard, plan.tp), mesh_dim_names=names),
+        replicate=init_device_mesh(device_type, (plan.dp_replicate * dp_shard, 1, plan.tp), mesh_dim_names=names),
+    )
 
 
-def _shard(module: nn.Module, component: ComponentPlan, state_meshes: tuple[DeviceMesh, DeviceMesh]) -> None:
-    mesh, replicate_mesh = state_meshes
+def _shard(module: nn.Module, component: ComponentPlan, meshes: Meshes) -> None:
     fully_shard(
         module,
-        mesh=replicate_mesh if component.sharding == "replicate" else mesh,
+        mesh=meshes.data_parallel(component.sharding),
         reshard_after_forward=component.sharding == "zero3",
         mp_policy=MixedPrecisionPolicy(param_dtype=component.param_dtype, reduce_dtype=component.reduce_dtype),
     )
@@ -120,12 +152,12 @@ def parallelize(
     model: nn.Module,
     plan: ParallelPlan | None = None,
     components: dict[str, nn.Module] | None = None,
-    mesh: tuple[DeviceMesh, DeviceMesh] | None = None,
+    mesh: Meshes | None = None,
 ) -> ParallelState:
     """Shard ``model`` in place by ``plan`` (default ParallelPlan()); returns the ParallelState.
 
-    Needs an initialised default process group. ``mesh``: the (sharding, replicate) meshes to use instead
-    of ones built from the plan (see build_meshes).
+    Needs an initialised default process group. ``mesh``: the Meshes to use instead of ones built from
+    the plan (see build_meshes).
     """
     if not dist.is_initialized():
         raise RuntimeError("parallelize needs torch.distributed initialised (torchrun, or init_process_group)")
@@ -135,10 +167,16 @@ def parallelize(
     found = find_components(model, components)
     device = next(model.parameters()).device
     meshes = mesh if mesh is not None else build_meshes(plan, "cuda" if device.type == "cuda" else "cpu")
+    if meshes.shard.size(2) != plan.tp:
+        raise ValueError(f"mesh has a tp dim of {meshes.shard.size(2)} but plan.tp = {plan.tp}")
     order: list[nn.Module] = []
     for name in COMPONENTS:
         module, component = found[name], plan.component(name)
         blocks = find_blocks(module)
+        if name == "language" and plan.tp > 1:
+            if blocks is None:
+                raise ValueError("tp > 1 needs the language component to hold its decoder blocks in an nn.ModuleList")
+            apply_tensor_parallel(blocks, meshes.tensor_parallel(component.sharding))
         if blocks is not None:
             _prepare_blocks(blocks, component)
             for block in blocks:
@@ -151,4 +189,4 @@ def parallelize(
         _shard(model, plan.language, meshes)
     if plan.prefetch and device.type == "cuda":
         set_prefetch(order, plan.prefetch)
-    return ParallelState(mesh=meshes[0], replicate_mesh=meshes[1], modules=order, plan=plan)
+    return ParallelState(meshes=meshes, modules=order, plan=plan)

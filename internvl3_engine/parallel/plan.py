@@ -43,7 +43,10 @@ class ParallelPlan:
 
     dp_replicate: number of replica groups (HSDP: FSDP shards within a group of world/dp_replicate ranks
       and replicates across groups); 1 shards over the whole world.
-    tp: tensor-parallel degree of the LLM (only 1 is supported so far).
+    tp: tensor-parallel degree of the LLM's blocks (Megatron-style: q/k/v and gate/up split by output
+      columns, o/down by input rows; it must divide the LLM's query and key-value head counts). The
+      world is laid out (dp_replicate, dp_shard, tp) with tp innermost, so tensor-parallel peers are
+      neighbouring ranks (one node) and hold the same micro-batches.
     prefetch: how many FSDP modules ahead (in forward and backward execution order, across component
       boundaries) to all-gather explicitly; 0 leaves FSDP2's default (the next module in backward only).
 
@@ -66,8 +69,6 @@ class ParallelPlan:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "prefetch" else 1):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'prefetch' else 1}, got {value!r}")
-        if self.tp != 1:
-            raise ValueError(f"tp must be 1: tensor parallelism of the LLM is not implemented yet, got {self.tp}")
 
     def component(self, name: str) -> ComponentPlan:
         return getattr(self, name)
