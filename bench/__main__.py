@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     errors = [row for row in results + train_rows if row["status"] == "error"]
     for row in errors:
-        where = f"{row['op']} {row['case']} {row['direction']} [{row['implementation']}]" if "op" in row else row["case"]
-        print(f"bench: ERROR {where}: {row['reason']}", file=sys.stderr)
+        where = f"{row['op']} {row['case']} {row['direction']}" if "op" in row else row["case"]
+        print(f"bench: ERROR {where} [{row['implementation']}]: {row['reason']}", file=sys.stderr)
     return 1 if errors else 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -225,31 +225,39 @@ V2PE_ATTENTION = attention.V2PE_ATTENTION
 OPS = (ROTARY, PIXEL_UNSHUFFLE, PIXEL_UNSHUFFLE_LAYERNORM, SCATTER_VISUAL, LOSS_WEIGHTS, V2PE_POSITION_IDS,
        V2PE_ATTENTION, LINEAR_CROSS_ENTROPY)
 
+
+def memory_bound_cases(*, tokens: int, heads: int, head_dim: int, tiles_and_channels: Sequence[tuple[int, int]],
+                       side: int, channels: int, images: int, image_tokens: int, segments: int) -> list[Case]:
+    """The memory-bound ops at one scale: the rotary of ``heads`` x ``head_dim`` over a pack of ``tokens``;
+    the unshuffles of (tiles, channels) ViT outputs of ``side`` x ``side`` patches; ``images`` runs of
+    ``image_tokens`` visual rows of ``channels`` scattered into the pack; the pack's loss weights and V2PE
+    positions over ``segments`` samples."""
+    return [
+        Case(ROTARY, dict(tokens=tokens, heads=heads, head_dim=head_dim)),
+        *(Case(spec, dict(tiles=tiles, side=side, channels=vit_channels))
+          for spec in (PIXEL_UNSHUFFLE, PIXEL_UNSHUFFLE_LAYERNORM) for tiles, vit_channels in tiles_and_channels),
+        Case(SCATTER_VISUAL, dict(tokens=tokens, channels=channels, images=images, image_tokens=image_tokens)),
+        Case(LOSS_WEIGHTS, dict(tokens=tokens, segments=segments, mode="square")),
+        Case(V2PE_POSITION_IDS, dict(tokens=tokens, segments=segments, images=images, image_tokens=image_tokens,
+                                     delta=attention.V2PE_DELTA)),
+    ]
+
+
 # InternVL3 shapes (internvl3-facts.md): Qwen2.5-7B's 28 query heads of 128 over a 16k pack; InternViT-300M
 # (1024 channels, 16 tiles) and InternViT-6B (3200 channels, 8 tiles) at 32x32 patches per 448px tile;
 # 12 tiles of 256 visual tokens scattered into a 16k pack of 3584-wide embeddings; ~30 samples per pack;
 # the LLM head of Qwen2.5-0.5B (896) and -7B (3584) over the 151,674-token vocabulary.
 SIZES: dict[str, list[Case]] = {
     "real": [
-        Case(ROTARY, dict(tokens=16384, heads=28, head_dim=128)),
-        Case(PIXEL_UNSHUFFLE, dict(tiles=16, side=32, channels=1024)),
-        Case(PIXEL_UNSHUFFLE, dict(tiles=8, side=32, channels=3200)),
-        Case(PIXEL_UNSHUFFLE_LAYERNORM, dict(tiles=16, side=32, channels=1024)),
-        Case(PIXEL_UNSHUFFLE_LAYERNORM, dict(tiles=8, side=32, channels=3200)),
-        Case(SCATTER_VISUAL, dict(tokens=16384, channels=3584, images=12, image_tokens=256)),
-        Case(LOSS_WEIGHTS, dict(tokens=16384, segments=30, mode="square")),
-        Case(V2PE_POSITION_IDS, dict(tokens=16384, segments=30, images=12, image_tokens=256, delta=0.0625)),
+        *memory_bound_cases(tokens=16384, heads=28, head_dim=128, tiles_and_channels=((16, 1024), (8, 3200)),
+                            side=32, channels=3584, images=12, image_tokens=256, segments=30),
         *attention.CASES["real"],
         Case(LINEAR_CROSS_ENTROPY, dict(tokens=16384, hidden=896, vocab=VOCAB), name="0.5B head"),
         Case(LINEAR_CROSS_ENTROPY, dict(tokens=16384, hidden=3584, vocab=VOCAB), name="7B head"),
     ],
     "tiny": [
-        Case(ROTARY, dict(tokens=64, heads=2, head_dim=32)),
-        Case(PIXEL_UNSHUFFLE, dict(tiles=2, side=8, channels=16)),
-        Case(PIXEL_UNSHUFFLE_LAYERNORM, dict(tiles=2, side=8, channels=16)),
-        Case(SCATTER_VISUAL, dict(tokens=128, channels=32, images=2, image_tokens=16)),
-        Case(LOSS_WEIGHTS, dict(tokens=256, segments=4, mode="square")),
-        Case(V2PE_POSITION_IDS, dict(tokens=256, segments=4, images=2, image_tokens=16, delta=0.0625)),
+        *memory_bound_cases(tokens=128, heads=2, head_dim=32, tiles_and_channels=((2, 16),), side=8, channels=32,
+                            images=2, image_tokens=16, segments=4),
         *attention.CASES["tiny"],
         Case(LINEAR_CROSS_ENTROPY, dict(tokens=64, hidden=32, vocab=256), name="head"),
     ],
@@ -264,16 +272,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 # ---- running ------------------------------------------------------------------------------------------
 
-def _as_tuple(outputs) -> tuple:
+def as_tuple(outputs) -> tuple:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def _with_grad(spec: OpSpec, args: tuple) -> tuple:
+def with_grad(spec: OpSpec, args: tuple) -> tuple:
     return tuple(a.detach().requires_grad_() if i in spec.differentiable else a for i, a in enumerate(args))
 
 
-def _forward_backward(run: Callable, spec: OpSpec, args: tuple, context, grads: tuple):
-    outputs = _as_tuple(run(args, context))
+def forward_backward(run: Callable, spec: OpSpec, args: tuple, context, grads: tuple):
+    outputs = as_tuple(run(args, context))
     # Implementations agree on shapes, not always on dtypes (a loss in bfloat16 or float32).
     grads = tuple(g if g.dtype == o.dtype else g.to(o.dtype) for g, o in zip(grads, outputs))
     return torch.autograd.grad(outputs, [args[i] for i in spec.differentiable], grads)
@@ -318,7 +326,7 @@ class KernelSuite:
         """Random output gradients of input set ``index``, drawn once from the first outputs seen."""
         if index not in self._output_grads:
             self._output_grads[index] = tuple(
-                torch.randn(o.shape, device=o.device, generator=self.generator).to(o.dtype) for o in _as_tuple(outputs)
+                torch.randn(o.shape, device=o.device, generator=self.generator).to(o.dtype) for o in as_tuple(outputs)
             )
         return self._output_grads[index]
 
@@ -363,11 +371,11 @@ class KernelSuite:
             return rotating(lambda pair: run(*pair), prepared)
         prepared = []
         for index, args in enumerate(sets):
-            args = _with_grad(case.spec, args)
+            args = with_grad(case.spec, args)
             context = implementation.prepare(args, case.options)
             grads = self._output_grads.get(index) or self._grads_for(index, run(args, context))
             prepared.append((args, context, grads))
-        return rotating(lambda item: _forward_backward(run, case.spec, *item), prepared)
+        return rotating(lambda item: forward_backward(run, case.spec, *item), prepared)
 
 
 def run_kernels(device: torch.device, sizes: str, timer: Timer, progress: Callable = iter,

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .train import ENGINE_IMPLEMENTATION, TRANSFORMERS_IMPLEMENTATION  # noqa: E402
+
 # Fixed colours for the engine's backends; the baselines take the next colours of tab20 in order of appearance.
 IMPLEMENTATION_COLORS = {"torch": "tab:gray", "triton": "tab:blue", "cuda": "tab:green"}
 MIB = 2**20
@@ -52,62 +54,83 @@ def _header(record: dict) -> list[str]:
     ]
 
 
+def _table(columns: list[tuple[str, bool]], rows: list[list[str]]) -> list[str]:
+    """A markdown table: ``columns`` are (title, right-aligned: a number), ``rows`` their cells."""
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |",
+             "|" + "|".join("---:" if numeric else "---" for _, numeric in columns) + "|"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
+
+
+def _ratio(value) -> str:
+    return f"{value:.2f}x" if value else "-"
+
+
+KERNEL_COLUMNS = [
+    ("op", False), ("case", False), ("direction", False), ("implementation", False), ("median (us)", True),
+    ("GB/s", True), ("of copy", True), ("TFLOP/s", True), ("of matmul", True), ("bwd TFLOP/s", True),
+    ("vs torch", True), ("workspace (MiB)", True), ("note", False),
+]
+
+
 def _kernel_lines(rows: list[dict]) -> list[str]:
-    lines = [
+    cells = []
+    for row in rows:
+        workspace = row.get("workspace_bytes")
+        cells.append([
+            row["op"], row["case"], row["direction"], row["implementation"],
+            _number(row["median_ms"] * 1e3, 1) if row["status"] == "ok" else "-",
+            _number(row.get("gb_per_s"), 1), _percent(row.get("fraction_of_copy")),
+            _number(row.get("tflop_per_s"), 2), _percent(row.get("fraction_of_matmul")),
+            _number(row.get("backward_tflop_per_s"), 2),
+            _ratio(row.get("speedup_vs_torch")),
+            _number(None if workspace is None else workspace / MIB, 0),
+            _note(row),
+        ])
+    intro = [
         "## Kernels",
         "",
         "GB/s for memory-bound ops (of the copy ceiling), TFLOP/s for compute-bound ones (of the matmul ceiling; "
         "'bwd' = the backward alone, forward+backward minus forward). Workspace = peak memory above the inputs.",
         "",
-        "| op | case | direction | implementation | median (us) | GB/s | of copy | TFLOP/s | of matmul | bwd TFLOP/s "
-        "| vs torch | workspace (MiB) | note |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for row in rows:
-        timed = row["status"] == "ok"
-        speedup = row.get("speedup_vs_torch")
-        workspace = row.get("workspace_bytes")
-        cells = [
-            row["op"], row["case"], row["direction"], row["implementation"],
-            _number(row["median_ms"] * 1e3, 1) if timed else "-",
-            _number(row.get("gb_per_s"), 1), _percent(row.get("fraction_of_copy")),
-            _number(row.get("tflop_per_s"), 2), _percent(row.get("fraction_of_matmul")),
-            _number(row.get("backward_tflop_per_s"), 2),
-            f"{speedup:.2f}x" if speedup else "-",
-            _number(None if workspace is None else workspace / MIB, 0),
-            _note(row),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+    return intro + _table(KERNEL_COLUMNS, cells)
+
+
+TRAIN_COLUMNS = [
+    ("preset", False), ("batch", False), ("implementation", False), ("dtype", False), ("step (ms)", True),
+    ("tokens/s", True), ("padding", True), ("peak memory (GiB)", True), ("model TFLOP/step", True),
+    ("TFLOP/s", True), ("MFU (measured)", True), ("MFU (datasheet)", True), ("vs transformers", True),
+    ("note", False),
+]
 
 
 def _train_lines(rows: list[dict], ceilings: dict) -> list[str]:
+    cells = []
+    for row in rows:
+        peak = row.get("peak_memory_bytes")
+        cells.append([
+            row["preset"], row["case"], row["implementation"], row["dtype"],
+            _number(row.get("median_step_ms"), 1), _number(row.get("tokens_per_s"), 0),
+            _percent(row.get("padding_fraction")), _number(None if peak is None else peak / 2**30, 2),
+            _number(row["model_flops"]["total"] / 1e12, 3) if row["status"] == "ok" else "-",
+            _number(row.get("model_tflop_per_s"), 2),
+            _percent(row.get("mfu_vs_matmul")), _percent(row.get("mfu_vs_datasheet")),
+            _ratio(row.get("speedup_vs_transformers")),
+            _note(row),
+        ])
     datasheet = ceilings.get("datasheet")
-    lines = [
+    intro = [
         "## Training step (forward + backward + AdamW)",
         "",
         f"MFU = model FLOPs per step / (step time x peak): against the matmul ceiling measured in this run "
         f"({_number(ceilings['matmul']['tflop_per_s'], 1)} TFLOP/s) and the datasheet "
-        f"({_number(datasheet['tflop_per_s'], 0) + ' TFLOP/s' if datasheet else 'unknown here'}).",
+        f"({_number(datasheet['tflop_per_s'], 0) + ' TFLOP/s' if datasheet else 'unknown here'}). "
+        f"{ENGINE_IMPLEMENTATION} trains on the packed batch; {TRANSFORMERS_IMPLEMENTATION} (transformers' InternVL, "
+        "sdpa attention) on the same samples padded to the longest: tokens/s and MFU count the real tokens only, "
+        "padding = its share of the padded batch, 'vs transformers' = its step time / ours.",
         "",
-        "| preset | batch | dtype | step (ms) | tokens/s | peak memory (GiB) | model TFLOP/step | TFLOP/s "
-        "| MFU (measured) | MFU (datasheet) | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for row in rows:
-        timed = row["status"] == "ok"
-        peak = row.get("peak_memory_bytes")
-        cells = [
-            row["preset"], row["case"], row["dtype"],
-            _number(row.get("median_step_ms"), 1), _number(row.get("tokens_per_s"), 0),
-            _number(None if peak is None else peak / 2**30, 2),
-            _number(row["model_flops"]["total"] / 1e12, 3) if timed else "-",
-            _number(row.get("model_tflop_per_s"), 2),
-            _percent(row.get("mfu_vs_matmul")), _percent(row.get("mfu_vs_datasheet")),
-            _note(row),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+    return intro + _table(TRAIN_COLUMNS, cells)
 
 
 def markdown(record: dict) -> str:

@@ -4,6 +4,11 @@ packed batch, at the "tiny" preset (a CPU smoke test) and InternVL3-1B/2B (GPU, 
 Reported per preset: step time (median), tokens/s, peak memory, and MFU = model FLOPs per step / (step time
 * peak FLOP/s), against both the matmul ceiling measured in the same run and the datasheet's bf16 peak.
 
+Baseline, in the same run: transformers' InternVLForConditionalGeneration (sdpa attention; same config, dtype,
+parameter count, optimizer) on the same samples padded into [samples, longest] with an attention mask, the
+usual way to batch it. Its tokens/s counts the real tokens only and its MFU the same model FLOPs: the padding
+is work that does not count; our row reports the ratio of the two step times.
+
 Model FLOPs per step (performance-anchors.md; the AdamW update and the norms are not counted):
   6 * N_llm * T                        the LLM's matmuls, N_llm = its parameters without the input embedding
                                        table (the untied head is a matmul and counts; a tied head is added)
@@ -16,15 +21,19 @@ Model FLOPs per step (performance-anchors.md; the AdamW update and the norms are
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
+from .attention import import_error
 from .harness import Timer, peak_memory, randn
 
 IGNORE_INDEX = -100
 ADAMW_LR = 1e-5
+ENGINE_IMPLEMENTATION = "model.InternVL3"  # the reference model on the engine's kernels, packed batch
+TRANSFORMERS_IMPLEMENTATION = "transformers-sdpa"  # transformers' InternVL, sdpa attention, padded batch
 
 
 @dataclass(frozen=True)
@@ -106,84 +115,173 @@ def make_batch(config, case: TrainCase, device: torch.device, dtype: torch.dtype
 # ---- FLOPs ----------------------------------------------------------------------------------------------
 
 def model_flops(model, case: TrainCase, lengths: list[int]) -> dict:
-    """Model FLOPs of one training step (forward + backward), by part (the module docstring's formula)."""
-    config = model.config
-    text, vision = config.text, config.vision
-    embedding = model.language.embed_tokens.weight.numel()
-    llm_params = sum(p.numel() for p in model.language.parameters()) - embedding
-    if text.tie_word_embeddings:
-        llm_params += embedding  # the head's matmul still runs
-    vit_params = (sum(p.numel() for p in model.vision.parameters())
-                  - model.vision.embeddings.position_embedding.numel() - model.vision.embeddings.cls_token.numel())
-    projector_params = sum(p.numel() for p in model.projector.parameters())
-    tiles = case.images * case.tiles_per_image
-    tile_tokens = 1 + vision.grid_size**2
-    parts = {
-        "llm_matmuls": 6 * llm_params * case.tokens,
-        "llm_attention": 12 * text.num_layers * text.num_heads * text.head_dim * sum(n * n for n in lengths) / 2,
-        "vit_matmuls": tiles * 6 * vit_params * tile_tokens,
-        "vit_attention": tiles * 12 * vision.num_layers * vision.hidden_size * tile_tokens**2,
-        "projector": tiles * 6 * projector_params * config.tokens_per_tile,
-    }
-    return {**parts, "total": sum(parts.values()),
-            "params": {"llm_without_embedding": llm_params, "vit": vit_params, "projector": projector_params}}
+    """Model FLOPs of one training step (forward + backward), by part: the formula above, as
+    internvl3_engine.plan.training_flops computes it, and the parameter counts it used."""
+    from internvl3_engine.plan import ModelShape, training_flops
+
+    shape = ModelShape.from_modules(model.config.to_hf(), model)
+    flops = training_flops(shape, case.tokens, case.images * case.tiles_per_image, lengths)
+    return {**flops, "params": {"llm_without_embedding": shape.language.matmul_parameters,
+                                "vit": shape.vision.matmul_parameters, "projector": shape.projector.matmul_parameters}}
+
+
+# ---- the transformers baseline: the same samples, padded --------------------------------------------------
+
+PAD_TOKEN_ID = 0  # masked out by the attention mask and ignored by the loss: any id but the image token's
+
+
+def padded_batch(batch: dict) -> dict:
+    """The samples of the packed ``batch`` as transformers' InternVL takes them: input_ids, attention_mask
+    and labels [samples, longest], right-padded (mask 0 and IGNORE_INDEX on padding), and the same
+    pixel_values (the tiles in the order of their <IMG_CONTEXT> runs, which keep their places).
+
+    Our labels are aligned (labels[t] is the target of position t) while transformers shifts its labels one
+    place itself, so each sample's labels move one place right: the same tokens are supervised with the same
+    targets (make_batch ignores each sample's last label, the one the shift drops)."""
+    lengths = batch["lengths"]
+    shape = (len(lengths), max(lengths))
+    device = batch["input_ids"].device
+    input_ids = torch.full(shape, PAD_TOKEN_ID, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(shape, dtype=torch.long, device=device)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device=device)
+    for row, (start, length) in enumerate(zip(batch["cu_seqlens"][:-1].tolist(), lengths)):
+        input_ids[row, :length] = batch["input_ids"][start:start + length]
+        attention_mask[row, :length] = 1
+        labels[row, 1:length] = batch["labels"][start:start + length - 1]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "pixel_values": batch["pixel_values"]}
+
+
+def transformers_model(config, device: torch.device, dtype: torch.dtype, weights_of=None):
+    """transformers' InternVLForConditionalGeneration of ``config`` (same parameters as model.InternVL3) with
+    sdpa attention in its ViT and its LLM, in ``dtype`` on ``device``, in training mode. Random weights, or
+    those of ``weights_of`` (a model.InternVL3, copied through an 'hf' checkpoint): how the tests check that
+    it computes our model's loss."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    if weights_of is None:
+        with torch.device(device):
+            model = InternVLForConditionalGeneration(InternVLConfig(**config.to_hf(), attn_implementation="sdpa"))
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            weights_of.save_pretrained(folder)
+            model = InternVLForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa").to(device)
+    return model.to(dtype).train()
 
 
 # ---- running --------------------------------------------------------------------------------------------
 
-def _training_step(model, optimizer, batch: dict) -> Callable[[], None]:
+def engine_loss(model, batch: dict) -> Callable[[], torch.Tensor]:
+    """The loss of model.InternVL3 on the packed ``batch``."""
+    return lambda: model(batch["input_ids"], batch["pixel_values"], batch["cu_seqlens"], None, batch["labels"],
+                         None, batch["max_seqlen"]).loss
+
+
+def transformers_loss(model, inputs: dict) -> Callable[[], torch.Tensor]:
+    """The loss of transformers' InternVL on the padded ``inputs``; a training step builds no KV cache."""
+    return lambda: model(**inputs, use_cache=False).loss
+
+
+def training_step(model, loss: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """One training step of ``model``: forward (``loss()``), backward, AdamW step (fused on CUDA); returns the
+    loss. The first call allocates the optimizer's states."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, fused=next(model.parameters()).is_cuda)
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(batch["input_ids"], batch["pixel_values"], batch["cu_seqlens"], None, batch["labels"],
-                     None, batch["max_seqlen"]).loss
-        loss.backward()
+        value = loss()
+        value.backward()
         optimizer.step()
+        return value.detach()
 
     return step
 
 
-def run_case(case: TrainCase, device: torch.device, timer: Timer, ceilings: dict, seed: int = 0) -> dict:
-    """Time the training step of ``case`` on ``device``; a row of the record (skipped where it is not meant
-    to run or runs out of memory, error on any other exception)."""
-    from model import InternVL3, InternVL3Config
+def _engine_setup(config, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[Callable, dict]:
+    from model import InternVL3
 
-    dtype = train_dtype(device)
-    row = {"preset": case.preset, "case": case.label, "params": asdict(case), "dtype": str(dtype).removeprefix("torch.")}
-    if case.device == "cuda" and device.type != "cuda":
-        return {**row, "status": "skipped", "reason": f"{case.preset} is timed on a GPU"}
-    generator = torch.Generator(device=device).manual_seed(seed)
-    model = optimizer = None
+    with torch.device(device):
+        model = InternVL3(config).to(dtype)
+    return training_step(model, engine_loss(model, batch)), {"padding_fraction": 0.0}
+
+
+def _transformers_setup(config, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[Callable, dict]:
+    model = transformers_model(config, device, dtype)
+    inputs = padded_batch(batch)
+    samples, longest = inputs["input_ids"].shape
+    padded = samples * longest
+    facts = {"padded_shape": [samples, longest], "padded_tokens": padded,
+             "padding_fraction": 1 - sum(batch["lengths"]) / padded}
+    return training_step(model, transformers_loss(model, inputs)), facts
+
+
+def _timed_step(row: dict, device: torch.device, timer: Timer, setup: Callable[[], tuple[Callable, dict]]) -> dict:
+    """``row`` with the median time and peak memory of the training step ``setup()`` builds (with facts
+    about its batch); skipped when it runs out of memory, error on any other exception."""
+    step = None
     try:
-        config = InternVL3Config.preset(case.preset)
-        with torch.device(device):
-            model = InternVL3(config).to(dtype)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, fused=device.type == "cuda")
-        batch = make_batch(config, case, device, dtype, generator)
-        step = _training_step(model, optimizer, batch)
+        step, facts = setup()
         step()  # the first step allocates the optimizer's states
         median_ms = timer.median_ms(step)
         memory = peak_memory(device, step)
-        flops = model_flops(model, case, batch["lengths"])
     except torch.cuda.OutOfMemoryError as error:
         return {**row, "status": "skipped", "reason": f"out of memory: {error}".splitlines()[0]}
     except Exception as error:  # recorded, and the run fails
         return {**row, "status": "error", "reason": f"{type(error).__name__}: {error}"}
     finally:
-        del model, optimizer
+        del step  # the model and its optimizer: free them before the next implementation builds its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    achieved = flops["total"] / (median_ms * 1e-3)
+    return {**row, "status": "ok", "median_step_ms": median_ms, **facts, **memory}
+
+
+def _with_rates(row: dict, case: TrainCase, flops: dict, ceilings: dict) -> dict:
+    """A timed ``row`` with tokens/s (real tokens: padding does not count) and MFU (the model FLOPs of the
+    real tokens: what padding costs a padded batch lowers its MFU)."""
+    if row["status"] != "ok":
+        return row
+    seconds = row["median_step_ms"] * 1e-3
+    achieved = flops["total"] / seconds
     datasheet = ceilings.get("datasheet")
     return {
-        **row, "status": "ok", "median_step_ms": median_ms, "tokens_per_s": case.tokens / (median_ms * 1e-3),
-        "tiles": case.images * case.tiles_per_image, "segment_lengths": batch["lengths"],
-        "model_flops": flops, "model_tflop_per_s": achieved / 1e12,
+        **row, "tokens_per_s": case.tokens / seconds, "model_flops": flops, "model_tflop_per_s": achieved / 1e12,
         "mfu_vs_matmul": achieved / (ceilings["matmul"]["tflop_per_s"] * 1e12),
         "mfu_vs_datasheet": None if datasheet is None else achieved / (datasheet["tflop_per_s"] * 1e12),
-        **memory,
     }
 
 
-def run_train(device: torch.device, sizes: str, timer: Timer, ceilings: dict, progress: Callable = iter) -> list[dict]:
-    return [run_case(case, device, timer, ceilings) for case in progress(SIZES[sizes])]
+def run_case(case: TrainCase, device: torch.device, timer: Timer, ceilings: dict, seed: int = 0) -> list[dict]:
+    """Time the training step of ``case`` on ``device``: model.InternVL3 on the packed batch, then
+    transformers' InternVL on the same samples padded; two rows of the record (skipped where ``case`` is
+    not meant to run, where transformers is not importable or out of memory; error on any other exception).
+    Our row gets ``speedup_vs_transformers``: the baseline's step time / ours."""
+    from model import InternVL3, InternVL3Config
 
+    dtype = train_dtype(device)
+    row = {"preset": case.preset, "case": case.label, "params": asdict(case), "dtype": str(dtype).removeprefix("torch.")}
+    ours = {**row, "implementation": ENGINE_IMPLEMENTATION}
+    baseline = {**row, "implementation": TRANSFORMERS_IMPLEMENTATION}
+    if case.device == "cuda" and device.type != "cuda":
+        reason = f"{case.preset} is timed on a GPU"
+        return [{**ours, "status": "skipped", "reason": reason}, {**baseline, "status": "skipped", "reason": reason}]
+    config = InternVL3Config.preset(case.preset)
+    batch = make_batch(config, case, device, dtype, torch.Generator(device=device).manual_seed(seed))
+    with torch.device("meta"):  # the parameter counts, without memory
+        flops = model_flops(InternVL3(config), case, batch["lengths"])
+    described = {"tiles": case.images * case.tiles_per_image, "segment_lengths": batch["lengths"]}
+    ours = _with_rates(_timed_step({**ours, **described}, device, timer,
+                                   lambda: _engine_setup(config, batch, device, dtype)), case, flops, ceilings)
+    missing = import_error("transformers", "InternVLForConditionalGeneration")
+    if missing is not None:
+        baseline = {**baseline, "status": "skipped", "reason": missing}
+    else:
+        baseline = _with_rates(_timed_step({**baseline, **described}, device, timer,
+                                           lambda: _transformers_setup(config, batch, device, dtype)),
+                               case, flops, ceilings)
+    timed = ours["status"] == baseline["status"] == "ok"
+    ours["speedup_vs_transformers"] = baseline["median_step_ms"] / ours["median_step_ms"] if timed else None
+    return [ours, baseline]
+
+
+def run_train(device: torch.device, sizes: str, timer: Timer, ceilings: dict, progress: Callable = iter) -> list[dict]:
+    return [row for case in progress(SIZES[sizes]) for row in run_case(case, device, timer, ceilings)]

@@ -4,11 +4,13 @@ original OpenGVLab (InternVLChatModel) config.json."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
+
+from internvl3_engine.plan.presets import INTERNVL3_IMG_CONTEXT_ID, preset_config
+from internvl3_engine.plan.presets import PRESETS as PUBLISHED_PRESETS
 
 NORM_TYPES = ("layer_norm", "rms_norm")
 # Activations the model implements (names as transformers' ACT2FN spells them).
@@ -101,8 +103,6 @@ class TextConfig:
         return self.hidden_size // self.num_heads
 
 
-# The special token ids of InternVL3's vocabulary (Qwen2.5's plus InternVL's).
-INTERNVL3_IMG_CONTEXT_ID = 151667
 # model.data.ByteTokenizer's <IMG_CONTEXT> (256 + its index among the special tokens), for the tiny preset.
 BYTE_TOKENIZER_VOCAB = 262
 BYTE_TOKENIZER_IMG_CONTEXT_ID = 261
@@ -148,13 +148,12 @@ class InternVL3Config:
     @classmethod
     def preset(cls, name: str) -> "InternVL3Config":
         """A fresh config of preset ``name`` (one of ``PRESETS``)."""
-        if name not in _PRESETS:
+        if name == TINY_PRESET:
+            return cls(vision=_tiny_vision(), projector=ProjectorConfig(), text=_tiny_text(),
+                       image_token_id=BYTE_TOKENIZER_IMG_CONTEXT_ID, name=name)
+        if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
-        vision, text, image_token_id = _PRESETS[name]
-        return cls(
-            vision=copy.deepcopy(vision), projector=ProjectorConfig(), text=copy.deepcopy(text),
-            image_token_id=image_token_id, name=name,
-        )
+        return cls.from_hf(preset_config(name))
 
     # ---- plain dictionaries (this project's own format)
 
@@ -418,41 +417,22 @@ def _check_choice(config, what: str, name: str, choices: tuple[str, ...]) -> Non
         raise ValueError(f"{what} {name} must be one of {choices}, got {value!r}")
 
 
-# ---- presets: shapes from ../shared/reference/internvl3-facts.md
+# ---- presets: the published ones are internvl3_engine.plan's table (transformers layout); "tiny" is this
+# model's own: seconds on a CPU, 56x56 tiles of 14x14 patches -> 4x4 patches -> 4 <IMG_CONTEXT> tokens a
+# tile, and model.data.ByteTokenizer's vocabulary and image token.
 
-INTERNVIT_300M = VisionConfig(
-    hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
-    norm_type="layer_norm", qkv_bias=True, qk_norm=False,
-)
-INTERNVIT_6B = VisionConfig(
-    hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
-    norm_type="rms_norm", qkv_bias=False, qk_norm=True,
-)
+TINY_PRESET = "tiny"
 
 
-def _qwen25(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> TextConfig:
+def _tiny_vision() -> VisionConfig:
+    return VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=56, patch_size=14)
+
+
+def _tiny_text() -> TextConfig:
     return TextConfig(
-        vocab_size=151674, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-        intermediate_size=ffn, rope_theta=1e6, tie_word_embeddings=False,
+        vocab_size=BYTE_TOKENIZER_VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=128, rope_theta=1e6,
     )
 
 
-_PRESETS: dict[str, tuple[VisionConfig, TextConfig, int]] = {
-    # Seconds on a CPU: 56x56 tiles of 14x14 patches -> 4x4 patches -> 4 <IMG_CONTEXT> tokens a tile;
-    # the vocabulary and image token are model.data.ByteTokenizer's.
-    "tiny": (
-        VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=56, patch_size=14),
-        TextConfig(
-            vocab_size=BYTE_TOKENIZER_VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-            intermediate_size=128, rope_theta=1e6,
-        ),
-        BYTE_TOKENIZER_IMG_CONTEXT_ID,
-    ),
-    "internvl3-1b": (INTERNVIT_300M, _qwen25(896, 24, 14, 2, 4864), INTERNVL3_IMG_CONTEXT_ID),
-    "internvl3-2b": (INTERNVIT_300M, _qwen25(1536, 28, 12, 2, 8960), INTERNVL3_IMG_CONTEXT_ID),
-    "internvl3-8b": (INTERNVIT_300M, _qwen25(3584, 28, 28, 4, 18944), INTERNVL3_IMG_CONTEXT_ID),
-    "internvl3-14b": (INTERNVIT_300M, _qwen25(5120, 48, 40, 8, 13824), INTERNVL3_IMG_CONTEXT_ID),
-    "internvl3-38b": (INTERNVIT_6B, _qwen25(5120, 64, 40, 8, 27648), INTERNVL3_IMG_CONTEXT_ID),
-    "internvl3-78b": (INTERNVIT_6B, _qwen25(8192, 80, 64, 8, 29568), INTERNVL3_IMG_CONTEXT_ID),
-}
-PRESETS = tuple(_PRESETS)
+PRESETS = (TINY_PRESET,) + PUBLISHED_PRESETS

@@ -14,41 +14,23 @@ import os
 from typing import Optional
 
 import torch
-
-# Dense bf16 tensor-core peaks (FLOP/s) by device name, for MFU; unknown devices report no MFU.
-PEAK_BF16_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "B200": 2250e12,
-}
+from internvl3_engine.plan import ModelShape, datasheet_bf16_flops
+from internvl3_engine.plan import training_flops as engine_training_flops
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
+    """The datasheet's dense bf16 FLOP/s of a CUDA device (internvl3_engine.plan's table), for MFU; None
+    on CPUs and unknown devices."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in sorted(PEAK_BF16_FLOPS.items(), key=lambda item: -len(item[0])):
-        if key in name:
-            return value
-    return None
+    return datasheet_bf16_flops(torch.cuda.get_device_name(device))
 
 
-def training_flops(config, counts: dict, tokens: int, tiles: int, sample_lengths) -> float:
-    """Forward + backward FLOPs of a pack: 6 per parameter per token (language on tokens, vision and
-    projector on their patches), plus causal attention scores (12 * layers * hidden * L^2 / 2) and the
-    ViT's bidirectional attention. ``config``: the InternVL3Config; ``counts``: InternVL3.num_parameters()
-    (taken before any sharding)."""
-    vision_tokens = tiles * (config.vision.grid_size**2 + 1)
-    flops = 6 * counts["language"] * tokens + 6 * counts["vision"] * vision_tokens
-    flops += 6 * counts["projector"] * tiles * config.tokens_per_tile
-    flops += 6 * config.text.num_layers * config.text.hidden_size * sum(length * length for length in sample_lengths)
-    flops += 12 * config.vision.num_layers * config.vision.hidden_size * tiles * (config.vision.grid_size**2 + 1) ** 2
-    return float(flops)
+def training_flops(shape: ModelShape, tokens: int, tiles: int, sample_lengths) -> float:
+    """Forward + backward model FLOPs of a pack (internvl3_engine.plan.training_flops's total: the LLM's
+    matmuls without the input embedding, causal attention, the ViT per tile, the projector). ``shape``:
+    ``ModelShape.from_modules(config.to_hf(), model)``, taken before any sharding."""
+    return engine_training_flops(shape, tokens, tiles, sample_lengths)["total"]
 
 
 class MetricsLog:

@@ -15,3 +15,7 @@ cmake --build "$cmake_dir" -j "$(nproc)" >/dev/null
 ctest --test-dir "$cmake_dir" --output-on-failure
 
 python -m pytest -q -p no:cacheprovider "$@"
+
+# The CPU benchmarks (bench/test_cpu.py), each case run once as a test, untimed (timing them:
+# bench/results/README.md).
+python -m pytest -q -p no:cacheprovider bench/test_cpu.py --benchmark-disable

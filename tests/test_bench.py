@@ -82,16 +82,70 @@ def test_tiny_attention_and_cross_entropy_rows(tiny_run):
     assert all(row["status"] == "ok" for row in cross_entropy if row["implementation"] == "torch-linear+cross_entropy")
 
 
-def test_tiny_train_row(tiny_run):
+def test_tiny_train_rows(tiny_run):
     _, record, _ = tiny_run
-    (row,) = record["train"]
-    assert row["status"] == "ok", row
-    assert row["preset"] == "tiny" and row["median_step_ms"] > 0 and row["tokens_per_s"] > 0
-    flops = row["model_flops"]
+    ours, baseline = record["train"]
+    assert ours["implementation"] == train.ENGINE_IMPLEMENTATION and ours["status"] == "ok", ours
+    assert ours["preset"] == "tiny" and ours["median_step_ms"] > 0 and ours["tokens_per_s"] > 0
+    flops = ours["model_flops"]
     parts = ("llm_matmuls", "llm_attention", "vit_matmuls", "vit_attention", "projector")
     assert flops["total"] == pytest.approx(sum(flops[part] for part in parts)) and min(flops[part] for part in parts) > 0
-    assert row["mfu_vs_matmul"] > 0 and row["mfu_vs_datasheet"] is None
-    assert sum(row["segment_lengths"]) == row["params"]["tokens"]
+    assert ours["mfu_vs_matmul"] > 0 and ours["mfu_vs_datasheet"] is None and ours["padding_fraction"] == 0
+    tokens = ours["params"]["tokens"]
+    assert sum(ours["segment_lengths"]) == tokens
+
+    assert baseline["implementation"] == train.TRANSFORMERS_IMPLEMENTATION and baseline["case"] == ours["case"]
+    if baseline["status"] == "skipped":  # transformers is optional
+        assert "transformers" in baseline["reason"] and ours["speedup_vs_transformers"] is None
+        return
+    assert baseline["status"] == "ok", baseline
+    # Padded to the longest sample; tokens/s counts the real tokens only.
+    samples, longest = baseline["padded_shape"]
+    assert samples == ours["params"]["samples"] and longest == max(ours["segment_lengths"])
+    assert baseline["padded_tokens"] == samples * longest > tokens
+    assert baseline["padding_fraction"] == pytest.approx(1 - tokens / (samples * longest))
+    assert baseline["tokens_per_s"] == pytest.approx(tokens / (baseline["median_step_ms"] * 1e-3))
+    assert baseline["model_flops"] == flops
+    assert ours["speedup_vs_transformers"] == pytest.approx(baseline["median_step_ms"] / ours["median_step_ms"])
+
+
+def test_padded_batch_holds_the_same_samples_and_targets():
+    from model import InternVL3Config
+
+    config = InternVL3Config.preset("tiny")
+    case = train.SIZES["tiny"][0]
+    batch = train.make_batch(config, case, CPU, torch.float32, torch.Generator().manual_seed(3))
+    padded = train.padded_batch(batch)
+    lengths = batch["lengths"]
+    assert padded["input_ids"].shape == padded["labels"].shape == (case.samples, max(lengths))
+    assert padded["attention_mask"].sum(1).tolist() == lengths
+    real = padded["attention_mask"].bool()
+    assert torch.equal(padded["input_ids"][real], batch["input_ids"])  # row-major: the pack's order
+    assert bool((padded["labels"][~real] == train.IGNORE_INDEX).all())
+    # transformers' loss pairs position t with labels[t + 1]: shifted back, the labels are the pack's own.
+    assert torch.equal(torch.cat([row[1:length] for row, length in zip(padded["labels"], lengths)]),
+                       torch.cat([labels[:-1] for labels in batch["labels"].split(lengths)]))
+    supervised = int((batch["labels"] != train.IGNORE_INDEX).sum())
+    assert int((padded["labels"] != train.IGNORE_INDEX).sum()) == supervised > 0
+    image_tokens = case.images * case.tiles_per_image * config.tokens_per_tile
+    assert int((padded["input_ids"] == config.image_token_id).sum()) == image_tokens
+    assert padded["pixel_values"] is batch["pixel_values"]
+
+
+def test_transformers_baseline_computes_our_loss():
+    """With our weights, transformers' InternVL on the padded batch gives our loss on the packed one: the
+    baseline trains on the same samples and targets."""
+    pytest.importorskip("transformers")
+    from model import InternVL3, InternVL3Config
+
+    config = InternVL3Config.preset("tiny")
+    batch = train.make_batch(config, train.SIZES["tiny"][0], CPU, torch.float32, torch.Generator().manual_seed(4))
+    ours = InternVL3(config)
+    theirs = train.transformers_model(config, CPU, torch.float32, weights_of=ours)
+    assert theirs.config._attn_implementation == "sdpa" and theirs.training
+    expected = train.engine_loss(ours, batch)()
+    torch.testing.assert_close(train.transformers_loss(theirs, train.padded_batch(batch))(), expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_real_sizes_on_cpu_skip_the_gpu_presets_and_print_how_to_publish(tmp_path, capsys):

@@ -8,7 +8,9 @@ The policy, in order:
    LLM's blocks over the mesh's tp dim (tensor_parallel.py); wrap each transformer block (the children of
    the component's largest nn.ModuleList) with activation checkpointing and torch.compile if asked, shard
    it with ``fully_shard`` over the data-parallel dims, then shard the component itself (its remaining
-   parameters: embeddings, norms, the LM head).
+   parameters: embeddings, norms, the LM head). Where modules outside the components hold parameters
+   (transformers' lm_head, whose LLM embeddings are also called outside the LLM's forward), the LLM's
+   remaining parameters are left to the root instead.
 3. Shard the root (parameters outside every component, if any) with the language plan.
 4. Prefetch (CUDA only: FSDP2's explicit prefetch runs on CUDA streams): in forward each FSDP module
    all-gathers the next ``prefetch`` modules, so the LLM's first blocks are gathered while the ViT and
@@ -105,6 +107,12 @@ def find_blocks(component: nn.Module) -> nn.ModuleList | None:
     return best
 
 
+def root_holds_parameters(model: nn.Module, found: dict[str, nn.Module]) -> bool:
+    """Whether a module outside every component holds parameters (transformers' lm_head, tied or not)."""
+    inside = {id(sub) for module in found.values() for sub in module.modules()}
+    return any(next(m.parameters(recurse=False), None) is not None for m in model.modules() if id(m) not in inside)
+
+
 def build_meshes(plan: ParallelPlan, device_type: str) -> Meshes:
     world = dist.get_world_size()
     if world % (plan.dp_replicate * plan.tp):
@@ -169,6 +177,10 @@ def parallelize(
     meshes = mesh if mesh is not None else build_meshes(plan, "cuda" if device.type == "cuda" else "cpu")
     if meshes.shard.size(2) != plan.tp:
         raise ValueError(f"mesh has a tp dim of {meshes.shard.size(2)} but plan.tp = {plan.tp}")
+    # transformers' layout: the output head outside the LLM, and the token embeddings called outside the LLM's
+    # forward (to merge the image rows). FSDP2 gathers a module's parameters only around its own forward, so
+    # the LLM's embeddings, final norm and head join the root, gathered for the whole forward.
+    language_with_root = root_holds_parameters(model, found)
     order: list[nn.Module] = []
     for name in COMPONENTS:
         module, component = found[name], plan.component(name)
@@ -181,9 +193,10 @@ def parallelize(
             _prepare_blocks(blocks, component)
             for block in blocks:
                 _shard(block, component, meshes)
-        _shard(module, component, meshes)
-        # The component's own parameters (embeddings, first norms) are gathered when it starts, before its blocks.
-        order.append(module)
+        if not (name == "language" and language_with_root):
+            _shard(module, component, meshes)
+            # The component's own parameters (embeddings, first norms) are gathered when it starts, before its blocks.
+            order.append(module)
         order.extend(blocks or [])
     if model not in found.values():
         _shard(model, plan.language, meshes)

@@ -1,0 +1,111 @@
+"""The planner's search: every plan the engine can run on the GPUs, costed; the fastest that fits memory.
+
+Enumerated: each component's sharding (replicate, zero2, zero3), activation checkpointing of the ViT and
+the LLM (the projector has no blocks to checkpoint), the LLM's tensor-parallel degree (1, 2, 4, 8: within
+a node, dividing its query and key-value heads and FFN width), and HSDP (dp_replicate = 1, or one replica
+group a node when there are several nodes). Mixed precision is fixed (bf16 parameters for compute, fp32
+reductions) and so is prefetch (PREFETCH: the cost model never finds less prefetch faster). "Fastest" is
+the most tokens per second per GPU: tensor-parallel peers share a pack, so step times of different tp
+differ in tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from ..parallel.plan import SHARDINGS, ComponentPlan, ParallelPlan
+from .cost import Assumptions, PlanCost, Workload, estimate
+from .hardware import GIB, GPU
+from .shape import ModelShape
+
+PREFETCH = 1
+TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The fastest plan that fits (None if none does, with ``reason``) and the runners-up, fastest first."""
+
+    best: PlanCost | None
+    alternatives: list[PlanCost]
+    considered: int
+    reason: str | None
+    skipped_tp: dict[int, str]  # degrees the engine or the model rule out, and why
+
+
+def check_gpus(gpus: int, gpu: GPU) -> None:
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"gpus must be a positive int, got {gpus!r}")
+    if gpus > gpu.gpus_per_node and gpus % gpu.gpus_per_node:
+        raise ValueError(f"gpus ({gpus}) must be a multiple of the node size ({gpu.gpus_per_node}) beyond one node")
+
+
+def tensor_parallel_degrees(shape: ModelShape, gpus: int, gpu: GPU) -> tuple[list[int], dict[int, str]]:
+    """The tp degrees to try, and those skipped with the reason."""
+    usable, skipped = [], {}
+    for tp in TENSOR_PARALLEL_DEGREES:
+        if tp > min(gpus, gpu.gpus_per_node) or gpus % tp:
+            continue  # not a degree of this machine
+        uneven = [f"{name} {value}" for name, value in
+                  (("heads", shape.heads), ("kv heads", shape.kv_heads), ("FFN width", shape.intermediate)) if value % tp]
+        if uneven:
+            skipped[tp] = f"does not divide the LLM's {', '.join(uneven)}"
+            continue
+        try:
+            ParallelPlan(tp=tp)
+        except ValueError as error:  # the engine cannot run it (yet)
+            skipped[tp] = str(error)
+            continue
+        usable.append(tp)
+    return usable, skipped
+
+
+def candidate_plans(shape: ModelShape, gpus: int, gpu: GPU) -> tuple[list[ParallelPlan], dict[int, str]]:
+    check_gpus(gpus, gpu)
+    degrees, skipped = tensor_parallel_degrees(shape, gpus, gpu)
+    nodes = gpus // gpu.gpus_per_node
+    replica_counts = (1, nodes) if nodes > 1 else (1,)
+
+    def component(sharding: str, checkpointing: bool) -> ComponentPlan:
+        return ComponentPlan(sharding=sharding, param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                             activation_checkpointing=checkpointing)
+
+    plans = []
+    for vision, vision_ckpt, projector, language, language_ckpt, tp, replicas in itertools.product(
+        SHARDINGS, (False, True), SHARDINGS, SHARDINGS, (False, True), degrees, replica_counts
+    ):
+        if (gpus // tp) % replicas:
+            continue
+        plans.append(ParallelPlan(
+            vision=component(vision, vision_ckpt), projector=component(projector, False),
+            language=component(language, language_ckpt), dp_replicate=replicas, tp=tp, prefetch=PREFETCH,
+        ))
+    return plans, skipped
+
+
+def recommend(
+    shape: ModelShape, gpus: int, gpu: GPU, workload: Workload | None = None, assumptions: Assumptions | None = None,
+    top: int = 5,
+) -> Recommendation:
+    """Cost every candidate plan; the fastest that fits ``assumptions.memory_fraction`` of HBM, and the next
+    ``top - 1`` fitting ones."""
+    workload = workload or Workload()
+    assumptions = assumptions or Assumptions()
+    plans, skipped = candidate_plans(shape, gpus, gpu)
+    costs = [estimate(shape, plan, gpus, gpu, workload, assumptions) for plan in plans]
+    fitting = sorted((cost for cost in costs if cost.fits), key=lambda cost: (-cost.tokens_per_s_per_gpu, cost.memory_bytes))
+    reason = None
+    if not fitting:
+        leanest = min(costs, key=lambda cost: cost.memory_bytes)
+        reason = (
+            f"no plan fits: the leanest needs {leanest.memory_bytes / GIB:.1f} GiB per GPU, over the budget of "
+            f"{leanest.memory_budget_bytes / GIB:.1f} GiB ({assumptions.memory_fraction:.0%} of {gpu.name}'s HBM); "
+            "use more GPUs, fewer tokens or tiles per pack, or a GPU with more memory"
+        )
+    return Recommendation(
+        best=fitting[0] if fitting else None, alternatives=fitting[1:top], considered=len(costs), reason=reason,
+        skipped_tp=skipped,
+    )

@@ -1,0 +1,242 @@
+"""The parallelism planner: presets, the FLOP formula, the memory model, the search, calibration and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from internvl3_engine.parallel.plan import ComponentPlan, ParallelPlan
+from internvl3_engine.plan import (
+    DEFAULT_EFFICIENCY, GPUS, PRESETS, Assumptions, ComponentShape, ModelShape, Workload, calibrate, estimate,
+    model_shape, preset_config, recommend, training_flops,
+)
+from internvl3_engine.plan.__main__ import main
+from internvl3_engine.plan.cost import language_activation_bytes_per_token
+from internvl3_engine.plan.hardware import GIB, datasheet_bf16_flops
+
+pytest.importorskip("transformers")
+
+GIGA = 10**9
+
+
+@pytest.fixture(scope="module")
+def shape_78b():
+    return model_shape("internvl3-78b")
+
+
+def tiny_shape(**changes) -> ModelShape:
+    """A hand-sized shape: LLM 2 blocks of 100 parameters + 50 outside, ViT 2 blocks of 40 + 20, projector 30."""
+    fields = dict(
+        name="hand", vision=ComponentShape(100, 90, 2, 40), projector=ComponentShape(30, 30, 0, 0),
+        language=ComponentShape(250, 220, 2, 100), vision_layers=2, vision_hidden=8, vision_heads=2,
+        vision_intermediate=16, vision_tokens_per_tile=5, tokens_per_tile=1, projector_in_features=32, layers=2,
+        hidden=16, heads=4, kv_heads=2, head_dim=4, intermediate=32, vocab=10, tied_head=False,
+    )
+    return ModelShape(**{**fields, **changes})
+
+
+def plan_of(vision: str, projector: str, language: str, **kwargs) -> ParallelPlan:
+    return ParallelPlan(vision=ComponentPlan(vision), projector=ComponentPlan(projector), language=ComponentPlan(language), **kwargs)
+
+
+# ---- presets
+
+def test_presets_are_the_reference_models():
+    model_config = pytest.importorskip("model.config")
+    for name in PRESETS:
+        config = model_config.InternVL3Config.preset(name)
+        assert config.to_hf() | {"_name_or_path": name} == preset_config(name)
+        assert model_config.InternVL3Config.from_hf(preset_config(name)).to_dict() == config.to_dict()
+    assert model_config.PRESETS == ("tiny",) + PRESETS
+
+
+def test_preset_config_is_fresh_and_checked():
+    preset_config("internvl3-1b")["text_config"]["hidden_size"] = 1
+    assert preset_config("internvl3-1b")["text_config"]["hidden_size"] == 896
+    with pytest.raises(ValueError, match="preset"):
+        preset_config("internvl3-3b")
+
+
+def test_model_shape_counts_match_the_reference_model(shape_78b):
+    modeling = pytest.importorskip("model.modeling")
+    config = pytest.importorskip("model.config").InternVL3Config.preset("internvl3-78b")
+    with torch.device("meta"):
+        reference = modeling.InternVL3(config)
+    counts = reference.num_parameters()
+    assert ModelShape.from_modules(config.to_hf(), reference, name=config.name) == shape_78b
+    assert shape_78b.vision.parameters == counts["vision"] and shape_78b.language.parameters == counts["language"]
+    embedding = shape_78b.vocab * shape_78b.hidden
+    assert shape_78b.language.matmul_parameters == counts["language"] - embedding
+    assert shape_78b.vision.parameters - shape_78b.vision.matmul_parameters == 1026 * 3200  # position embedding + CLS
+    assert (shape_78b.layers, shape_78b.heads, shape_78b.kv_heads, shape_78b.head_dim, shape_78b.tokens_per_tile) == (80, 64, 8, 128, 256)
+
+
+def test_model_shape_tied_head_and_config_file(tmp_path):
+    config = preset_config("internvl3-1b")
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    tied, untied = model_shape(tmp_path), model_shape("internvl3-1b")
+    embedding = untied.vocab * untied.hidden
+    assert tied.tied_head and tied.language.parameters == untied.language.parameters - embedding
+    assert tied.language.matmul_parameters == untied.language.matmul_parameters  # the head's matmul still runs
+    (tmp_path / "other.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="InternVL"):
+        model_shape(tmp_path / "other.json")
+
+
+# ---- FLOPs
+
+def test_training_flops_by_hand():
+    shape = tiny_shape()
+    flops = training_flops(shape, tokens=10, tiles=3, sample_lengths=[6, 4])
+    assert flops["llm_matmuls"] == 6 * 220 * 10
+    assert flops["llm_attention"] == 12 * 2 * 4 * 4 * (36 + 16) / 2
+    assert flops["vit_matmuls"] == 3 * 6 * 90 * 5
+    assert flops["vit_attention"] == 3 * 12 * 2 * 8 * 25
+    assert flops["projector"] == 3 * 6 * 30 * 1
+    assert flops["total"] == sum(value for key, value in flops.items() if key != "total")
+
+
+# ---- memory
+
+def test_memory_by_hand_and_ordering():
+    shape, gpu, workload = tiny_shape(), GPUS["h100"], Workload(tokens_per_pack=10, tiles_per_pack=3, sample_length=5)
+    costs = {
+        sharding: estimate(shape, plan_of(sharding, sharding, sharding, prefetch=0), 4, gpu, workload, Assumptions())
+        for sharding in ("replicate", "zero2", "zero3")
+    }
+    language = {sharding: cost.components["language"] for sharding, cost in costs.items()}
+    # 250 parameters (2 blocks of 100, 50 outside) over 4 ranks: fp32 master shard + bf16 gathered copies
+    assert language["zero3"].parameters_bytes == 250 / 4 * 4 + (50 + 100) * 2  # prefetch 0: one block at a time
+    assert language["zero2"].parameters_bytes == 250 / 4 * 4 + 250 * 2
+    assert language["replicate"].parameters_bytes == 250 * 4 + 250 * 2
+    assert language["zero3"].gradients_bytes == 250 / 4 * 4 + 100 * 2  # + the largest unit's bf16 gradients
+    assert language["zero3"].optimizer_bytes == 250 / 4 * 8
+    layer, _ = language_activation_bytes_per_token(shape, tp=1)
+    assert layer == 4 * 16 * 2 + (2 * 16 + 2 * 8 + 4 * 32) * 2 + 4 * 4
+    assert language["zero3"].activations_bytes == 10 * (2 * layer + layer)
+    memory = [costs[sharding].memory_bytes for sharding in ("zero3", "zero2", "replicate")]
+    assert memory == sorted(memory) and len(set(memory)) == 3
+
+
+def test_checkpointing_keeps_block_inputs(shape_78b):
+    gpu, workload = GPUS["h100"], Workload()
+    plain = estimate(shape_78b, plan_of("zero3", "zero3", "zero3"), 256, gpu, workload, Assumptions())
+    checkpointed = estimate(
+        shape_78b, ParallelPlan(language=ComponentPlan("zero3", activation_checkpointing=True)), 256, gpu, workload,
+        Assumptions(),
+    )
+    layer, block_input = language_activation_bytes_per_token(shape_78b, tp=1)
+    assert checkpointed.components["language"].activations_bytes == workload.tokens_per_pack * (80 * block_input + layer)
+    assert checkpointed.components["language"].activations_bytes < plain.components["language"].activations_bytes / 10
+    assert checkpointed.components["language"].compute_s > plain.components["language"].compute_s  # recomputation
+
+
+def test_more_gpus_never_increase_zero3_parameter_memory(shape_78b):
+    plan, previous = plan_of("zero3", "zero3", "zero3"), None
+    for gpus in (8, 16, 64, 256, 1024):
+        cost = estimate(shape_78b, plan, gpus, GPUS["h100"], Workload(), Assumptions())
+        parameters = sum(part.parameters_bytes + part.gradients_bytes + part.optimizer_bytes for part in cost.components.values())
+        assert previous is None or parameters <= previous
+        previous = parameters
+
+
+# ---- search
+
+def test_78b_on_256_h100_fits(shape_78b):
+    recommendation = recommend(shape_78b, 256, GPUS["h100"])
+    best = recommendation.best
+    assert best is not None and best.memory_bytes <= 0.9 * 80 * GIB
+    assert isinstance(best.plan, ParallelPlan) and best.plan.language.sharding == "zero3"
+    assert best.plan.language.param_dtype == torch.bfloat16 and best.plan.language.reduce_dtype == torch.float32
+    assert 0.1 < best.mfu <= DEFAULT_EFFICIENCY
+    assert all(alternative.tokens_per_s_per_gpu <= best.tokens_per_s_per_gpu for alternative in recommendation.alternatives)
+
+
+def test_1b_on_8_gpus_needs_no_full_sharding():
+    best = recommend(model_shape("internvl3-1b"), 8, GPUS["h100"]).best
+    assert best is not None and best.fits
+    assert any(best.plan.component(name).sharding in ("replicate", "zero2") for name in ("vision", "projector", "language"))
+
+
+def test_nothing_fits_says_why(shape_78b):
+    recommendation = recommend(shape_78b, 1, GPUS["h100"])
+    assert recommendation.best is None and "no plan fits" in recommendation.reason
+
+
+def test_tensor_parallel_degrees_divide_heads():
+    recommendation = recommend(model_shape("internvl3-1b"), 8, GPUS["h100"])  # 14 heads, 2 kv heads
+    assert set(recommendation.skipped_tp) == {4, 8}
+
+
+def test_bad_gpus():
+    with pytest.raises(ValueError, match="gpus"):
+        recommend(tiny_shape(), 12, GPUS["h100"])
+    with pytest.raises(ValueError, match="gpus"):
+        recommend(tiny_shape(), 0, GPUS["h100"])
+
+
+# ---- calibration
+
+def _record(name: str, rows: list[dict]) -> dict:
+    return {"schema": 1, "suite": "train", "device": {"type": "cuda", "name": name}, "train": rows}
+
+
+def test_calibration_from_results(tmp_path):
+    assert calibrate(GPUS["h100"], tmp_path).efficiency == DEFAULT_EFFICIENCY
+    assert calibrate(GPUS["h100"], None).efficiency == DEFAULT_EFFICIENCY
+    rows = [
+        {"preset": "internvl3-1b", "status": "ok", "median_step_ms": 100.0, "mfu_vs_datasheet": 0.31},
+        {"preset": "internvl3-2b", "status": "ok", "median_step_ms": 200.0, "mfu_vs_datasheet": 0.37},
+        {"preset": "internvl3-8b", "status": "skipped", "reason": "out of memory"},
+    ]
+    (tmp_path / "2025-01-01-h100-train-real.json").write_text(json.dumps(_record("NVIDIA H100 80GB HBM3", rows)))
+    (tmp_path / "2025-01-01-pcie-train-real.json").write_text(json.dumps(_record("NVIDIA H100 PCIe", rows[:1])))
+    (tmp_path / "notes.json").write_text("not json")
+    calibration = calibrate(GPUS["h100"], tmp_path)
+    assert calibration.efficiency == 0.37 and "internvl3-2b" in calibration.source
+    assert calibrate(GPUS["h200"], tmp_path).efficiency == DEFAULT_EFFICIENCY
+    assert datasheet_bf16_flops("NVIDIA H100 PCIe") == 756e12 and datasheet_bf16_flops("Tesla T4") is None
+
+
+# ---- the command line
+
+def test_cli_78b_tables():
+    result = subprocess.run(
+        [sys.executable, "-m", "internvl3_engine.plan", "--preset", "internvl3-78b", "--gpus", "256", "--gpu", "h100"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "160"},
+    )
+    assert result.returncode == 0, result.stderr
+    for text in ("Recommended plan", "language", "zero3", "tokens/s/GPU", "Assumptions", "989 TFLOP/s"):
+        assert text in result.stdout
+
+
+def test_cli_json(tmp_path, capsys):
+    rows = [{"preset": "internvl3-2b", "status": "ok", "median_step_ms": 200.0, "mfu_vs_datasheet": 0.35}]
+    (tmp_path / "record.json").write_text(json.dumps(_record("NVIDIA H100 80GB HBM3", rows)))
+    assert main(["--preset", "internvl3-8b", "--gpus", "64", "--json", "--results", str(tmp_path), "--top", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["assumptions"]["compute_efficiency"] == 0.35
+    assert result["best"]["memory_bytes"] <= result["best"]["memory_budget_bytes"]
+    assert result["best"]["plan"]["language"]["param_dtype"] == "bfloat16"
+    assert len(result["alternatives"]) == 2 and result["model"]["layers"] == 28
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "12"], "--gpus"),
+    (["--gpus", "0"], "--gpus"),
+    (["--gpu", "v100"], "--gpu"),
+    (["--preset", "internvl3-3b"], "--preset"),
+    (["--efficiency", "1.5"], "--efficiency"),
+    (["--tokens-per-pack", "0"], "--tokens-per-pack"),
+])
+def test_cli_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2 and message in capsys.readouterr().err
