@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from internvl3_engine.plan.hardware import datasheet_bf16_flops, device_pattern
+
 from .harness import Timer, gb_per_s, nbytes
 
 # GPU: a 1 GiB bf16 copy (far beyond L2) and the 8192^3 bf16 matmul of performance-anchors.md.
@@ -33,26 +35,14 @@ def matmul_ceiling(device: torch.device, timer: Timer) -> dict:
             "tflop_per_s": 2 * n**3 / (median_ms * 1e-3) / 1e12}
 
 
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), matched in order against
-# the NVML device name (e.g. 'NVIDIA H100 80GB HBM3' is the SXM part).
-DATASHEET_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-)
-
-
 def datasheet_ceiling(info: dict) -> dict | None:
-    """The datasheet's dense bf16 peak for this device (from NVML's name, else torch's), None when unknown."""
+    """The datasheet's dense bf16 peak for this device (from NVML's name, else torch's; the table is
+    internvl3_engine.plan.hardware's), None when unknown."""
     name = info.get("nvml_name") or info.get("name") or ""
-    if info.get("type") != "cuda":
+    pattern = device_pattern(name) if info.get("type") == "cuda" else None
+    if pattern is None:
         return None
-    for pattern, tflops in DATASHEET_BF16_TFLOPS:
-        if pattern in name:
-            return {"device_name": name, "matched": pattern, "dtype": "bfloat16", "tflop_per_s": tflops}
-    return None
+    return {"device_name": name, "matched": pattern, "dtype": "bfloat16", "tflop_per_s": datasheet_bf16_flops(name) / 1e12}
 
 
 def measure_ceilings(device: torch.device, timer: Timer, info: dict) -> dict:
