@@ -15,7 +15,7 @@ from internvl3_engine.plan import (
     DEFAULT_EFFICIENCY, GPUS, PRESETS, Assumptions, ComponentShape, ModelShape, Workload, calibrate, estimate,
     model_shape, preset_config, recommend, training_flops,
 )
-from internvl3_engine.plan.__main__ import main
+from internvl3_engine.plan.__main__ import main, plan_dict
 from internvl3_engine.plan.cost import language_activation_bytes_per_token
 from internvl3_engine.plan.hardware import GIB, datasheet_bf16_flops
 
@@ -226,6 +226,17 @@ def test_cli_json(tmp_path, capsys):
     assert result["best"]["memory_bytes"] <= result["best"]["memory_budget_bytes"]
     assert result["best"]["plan"]["language"]["param_dtype"] == "bfloat16"
     assert len(result["alternatives"]) == 2 and result["model"]["layers"] == 28
+
+
+def test_cli_saves_a_plan_the_trainer_loads(tmp_path, capsys):
+    from model.train import load_plan
+
+    saved = tmp_path / "plan.json"
+    assert main(["--preset", "internvl3-8b", "--gpus", "64", "--results", str(tmp_path), "--save", str(saved)]) == 0
+    assert f"plan written to {saved}" in capsys.readouterr().out
+    plan = load_plan(str(saved))
+    assert isinstance(plan, ParallelPlan) and plan.language.param_dtype == torch.bfloat16
+    assert plan_dict(plan) == json.loads(saved.read_text())
 
 
 @pytest.mark.parametrize("argv, message", [

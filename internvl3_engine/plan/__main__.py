@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: bench/results of this checkout, if any)")
     parser.add_argument("--top", type=int, default=5, help="plans to list: the best and the runners-up (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="write the recommended ParallelPlan to this JSON file (also valid YAML), the format of "
+                        "`torchrun -m model.train --plan FILE`")
     args = parser.parse_args(argv)
     if args.gpus < 1:
         parser.error(f"--gpus must be positive, got {args.gpus}")
@@ -198,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result_dict(shape, args.gpus, gpu, workload, assumptions, recommendation)))
     else:
         render(shape, args.gpus, gpu, workload, assumptions, recommendation)
-    return 0 if recommendation.best is not None else 1
+    if recommendation.best is None:
+        return 1
+    if args.save is not None:
+        args.save.write_text(json.dumps(plan_dict(recommendation.best.plan), indent=2) + "\n")
+        if not args.json:
+            print(f"plan written to {args.save}")
+    return 0
 
 
 if __name__ == "__main__":
