@@ -182,27 +182,15 @@ class InternVL3Config:
             raise ValueError("only vision_feature_select_strategy 'default' (CLS dropped) is supported")
         vision = data.get("vision_config") or {}
         text = data.get("text_config") or {}
-        if text.get("model_type", "qwen2") != "qwen2":
-            raise ValueError(f"only a Qwen2 language model is supported, got {text.get('model_type')!r}")
-        if text.get("use_sliding_window", False):
-            raise ValueError("sliding-window attention is not supported")
-        _check_rope(text)
         return cls(
-            vision=VisionConfig(
-                hidden_size=vision.get("hidden_size", 1024),
-                num_layers=vision.get("num_hidden_layers", 24),
-                num_heads=vision.get("num_attention_heads", 16),
-                intermediate_size=vision.get("intermediate_size", 4096),
-                image_size=_square(vision.get("image_size", 448), "image_size"),
-                patch_size=_square(vision.get("patch_size", 14), "patch_size"),
-                num_channels=vision.get("num_channels", 3),
+            vision=_vision_config_from(
+                vision,
+                vision.get("image_size", 448),
                 norm_type=vision.get("norm_type", "layer_norm"),
-                norm_eps=vision.get("layer_norm_eps", 1e-6),
                 # transformers' InternVLVisionConfig defaults attention_bias to False
                 qkv_bias=vision.get("attention_bias", False),
                 qk_norm=vision.get("use_qk_norm", False),
                 layer_scale_init=vision.get("layer_scale_init_value", 0.1),
-                hidden_act=vision.get("hidden_act", "gelu"),
                 final_norm=not vision.get("use_mean_pooling", True),
             ),
             projector=ProjectorConfig(
@@ -247,21 +235,9 @@ class InternVL3Config:
                 "use_mean_pooling": not v.final_norm,
                 "use_absolute_position_embeddings": True,
             },
-            "text_config": {
-                "model_type": "qwen2",
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "num_hidden_layers": t.num_layers,
-                "num_attention_heads": t.num_heads,
-                "num_key_value_heads": t.num_kv_heads,
-                "intermediate_size": t.intermediate_size,
-                "rms_norm_eps": t.rms_norm_eps,
-                "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
-                "hidden_act": t.hidden_act,
-                "max_position_embeddings": t.max_position_embeddings,
-                "tie_word_embeddings": t.tie_word_embeddings,
-                "use_sliding_window": False,
-            },
+            "text_config": _qwen2_config_dict(
+                t, {"rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"}}
+            ),
         }
 
     def to_opengvlab(self) -> dict:
@@ -294,19 +270,7 @@ class InternVL3Config:
             },
             "llm_config": {
                 "architectures": ["Qwen2ForCausalLM"],
-                "model_type": "qwen2",
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "num_hidden_layers": t.num_layers,
-                "num_attention_heads": t.num_heads,
-                "num_key_value_heads": t.num_kv_heads,
-                "intermediate_size": t.intermediate_size,
-                "rms_norm_eps": t.rms_norm_eps,
-                "rope_theta": t.rope_theta,
-                "hidden_act": t.hidden_act,
-                "max_position_embeddings": t.max_position_embeddings,
-                "tie_word_embeddings": t.tie_word_embeddings,
-                "use_sliding_window": False,
+                **_qwen2_config_dict(t, {"rope_theta": t.rope_theta}),
             },
             # Not a field of InternVLChatModel's config (its tokenizer fixes the id); kept for round trips.
             "img_context_token_id": self.image_token_id,
@@ -316,29 +280,19 @@ class InternVL3Config:
 def _from_opengvlab(data: dict) -> InternVL3Config:
     vision = data.get("vision_config") or {}
     text = data["llm_config"]
-    if text.get("model_type", "qwen2") != "qwen2":
-        raise ValueError(f"only a Qwen2 language model is supported, got {text.get('model_type')!r}")
     if data.get("select_layer", -1) != -1:
         raise ValueError("only select_layer = -1 (the last layer) is supported")
     if data.get("ps_version", "v2") != "v2":
         raise ValueError("only ps_version 'v2' pixel shuffle is supported")
-    _check_rope(text)
     image_size = data.get("force_image_size") or vision.get("image_size", 448)
     return InternVL3Config(
-        vision=VisionConfig(
-            hidden_size=vision.get("hidden_size", 1024),
-            num_layers=vision.get("num_hidden_layers", 24),
-            num_heads=vision.get("num_attention_heads", 16),
-            intermediate_size=vision.get("intermediate_size", 4096),
-            image_size=_square(image_size, "image_size"),
-            patch_size=_square(vision.get("patch_size", 14), "patch_size"),
-            num_channels=vision.get("num_channels", 3),
+        vision=_vision_config_from(
+            vision,
+            image_size,
             norm_type=vision.get("norm_type", "rms_norm"),
-            norm_eps=vision.get("layer_norm_eps", 1e-6),
             qkv_bias=vision.get("qkv_bias", False),
             qk_norm=vision.get("qk_normalization", False),
             layer_scale_init=vision.get("initializer_factor", 0.1),
-            hidden_act=vision.get("hidden_act", "gelu"),
         ),
         projector=ProjectorConfig(downsample_ratio=data.get("downsample_ratio", 0.5)),
         text=_text_config_from_qwen2(text, tie_word_embeddings=bool(text.get("tie_word_embeddings", False))),
@@ -380,9 +334,52 @@ def _check_rope(text: dict) -> None:
             raise ValueError(f"only default rotary embeddings are supported, got {key}.rope_type {kind!r}")
 
 
+def _vision_config_from(vision: dict, image_size: Any, **layout_fields) -> VisionConfig:
+    """VisionConfig from a vision_config dict (transformers' or OpenGVLab's): the keys both layouts name
+    alike are read here; ``image_size`` (OpenGVLab may force it outside vision_config) and the fields each
+    layout names its own way (``layout_fields``) come from the caller."""
+    return VisionConfig(
+        hidden_size=vision.get("hidden_size", 1024),
+        num_layers=vision.get("num_hidden_layers", 24),
+        num_heads=vision.get("num_attention_heads", 16),
+        intermediate_size=vision.get("intermediate_size", 4096),
+        image_size=_square(image_size, "image_size"),
+        patch_size=_square(vision.get("patch_size", 14), "patch_size"),
+        num_channels=vision.get("num_channels", 3),
+        norm_eps=vision.get("layer_norm_eps", 1e-6),
+        hidden_act=vision.get("hidden_act", "gelu"),
+        **layout_fields,
+    )
+
+
+def _qwen2_config_dict(t: TextConfig, rope: dict) -> dict:
+    """The Qwen2 config dict of ``t`` (transformers' text_config, OpenGVLab's llm_config); ``rope`` is the
+    rotary entry, which the two layouts spell differently."""
+    return {
+        "model_type": "qwen2",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "intermediate_size": t.intermediate_size,
+        "rms_norm_eps": t.rms_norm_eps,
+        **rope,
+        "hidden_act": t.hidden_act,
+        "max_position_embeddings": t.max_position_embeddings,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "use_sliding_window": False,
+    }
+
+
 def _text_config_from_qwen2(text: dict, tie_word_embeddings: bool) -> TextConfig:
     """TextConfig from a Qwen2 config dict (transformers' text_config, OpenGVLab's llm_config); where the
     head-tying flag lives differs between the two layouts, so the caller reads it."""
+    if text.get("model_type", "qwen2") != "qwen2":
+        raise ValueError(f"only a Qwen2 language model is supported, got {text.get('model_type')!r}")
+    if text.get("use_sliding_window", False):
+        raise ValueError("sliding-window attention is not supported")
+    _check_rope(text)
     return TextConfig(
         vocab_size=text.get("vocab_size", 151936),
         hidden_size=text.get("hidden_size", 4096),

@@ -219,3 +219,8 @@ def test_configs_convert_both_ways():
     assert loaded.text.rope_theta == 5e5 and loaded.text.tie_word_embeddings
     with pytest.raises(ValueError, match="rope"):
         InternVL3Config.from_hf({"text_config": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}})
+    # Both layouts share the language-model checks.
+    opengvlab = InternVL3Config.preset("tiny").to_opengvlab()
+    for change, match in (({"use_sliding_window": True}, "sliding-window"), ({"model_type": "llama"}, "only a Qwen2")):
+        with pytest.raises(ValueError, match=match):
+            InternVL3Config.from_hf({**opengvlab, "llm_config": {**opengvlab["llm_config"], **change}})

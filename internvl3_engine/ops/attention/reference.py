@@ -9,6 +9,29 @@ import torch
 from ..rotary.reference import rotary_inv_freq, rotary_reference
 
 
+def _rotated_and_scale(q, k, positions, theta, softmax_scale):
+    """(q, k rotated by positions when given, inv_freq or None, the softmax scale: default 1/sqrt(D))."""
+    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else softmax_scale
+    if positions is None:
+        return q, k, None, scale
+    inv_freq = rotary_inv_freq(q.shape[2], theta, q.device)
+    return rotary_reference(q, positions, inv_freq), rotary_reference(k, positions, inv_freq), inv_freq, scale
+
+
+def _segment_scores(q, k, v, start, end, group, scale, causal, matmul, compute):
+    """One segment's heads-first q, k, v in the ``matmul`` dtype (k and v repeated over each GQA group) and
+    its scaled scores [Hq, L, L] in ``compute``, -inf where the causal mask hides a key."""
+    qs = q[start:end].transpose(0, 1).to(matmul)  # [Hq, L, D]
+    ks = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(matmul)
+    vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(matmul)
+    scores = (qs @ ks.transpose(1, 2)).to(compute) * scale
+    if causal:
+        length = end - start
+        visible = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return qs, ks, vs, scores
+
+
 def v2pe_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -34,13 +57,9 @@ def v2pe_attention_reference(
     the input dtype and rounds the probabilities to it before the product with v, as FlashAttention's
     low-precision test baseline does.
     """
-    tokens, q_heads, head_dim = q.shape
+    tokens, q_heads, _ = q.shape
     group = q_heads // k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    if positions is not None:
-        inv_freq = rotary_inv_freq(head_dim, theta, q.device)
-        q = rotary_reference(q, positions, inv_freq)
-        k = rotary_reference(k, positions, inv_freq)
+    q, k, _, scale = _rotated_and_scale(q, k, positions, theta, softmax_scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     matmul = compute if upcast else q.dtype
     bounds = cu_seqlens.tolist()
@@ -48,14 +67,7 @@ def v2pe_attention_reference(
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs = q[start:end].transpose(0, 1).to(matmul)  # [Hq, L, D]
-        ks = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(matmul)
-        vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(matmul)
-        scores = (qs @ ks.transpose(1, 2)).to(compute) * scale
-        if causal:
-            length = end - start
-            visible = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~visible, float("-inf"))
+        _, _, vs, scores = _segment_scores(q, k, v, start, end, group, scale, causal, matmul, compute)
         lses.append(torch.logsumexp(scores, dim=-1))
         probs = torch.softmax(scores, dim=-1).to(matmul)
         outs.append((probs @ vs).transpose(0, 1).to(q.dtype))
@@ -85,11 +97,7 @@ def v2pe_attention_backward_reference(
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    if positions is not None:
-        inv_freq = rotary_inv_freq(head_dim, theta, q.device)
-        q = rotary_reference(q, positions, inv_freq)
-        k = rotary_reference(k, positions, inv_freq)
+    q, k, inv_freq, scale = _rotated_and_scale(q, k, positions, theta, softmax_scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(tokens, q_heads, head_dim, dtype=compute, device=q.device)
     dk = torch.zeros(tokens, kv_heads, head_dim, dtype=compute, device=q.device)
@@ -98,15 +106,8 @@ def v2pe_attention_backward_reference(
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs = q[start:end].transpose(0, 1).to(compute)  # [Hq, L, D]
-        ks = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(compute)
-        vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0).to(compute)
+        qs, ks, vs, scores = _segment_scores(q, k, v, start, end, group, scale, causal, compute, compute)
         dos = grad_out[start:end].transpose(0, 1).to(compute)
-        scores = (qs @ ks.transpose(1, 2)) * scale
-        if causal:
-            length = end - start
-            visible = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         dprobs = dos @ vs.transpose(1, 2)
         delta = (probs * dprobs).sum(-1, keepdim=True)

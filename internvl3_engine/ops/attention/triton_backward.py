@@ -15,7 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import LOG2E, attention_blocks, head_constants, load_halves, load_tile, rotary_plan, unrotate_store
+from .triton_common import (
+    LOG2E, attention_blocks, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
+    query_block_key_bounds, rotary_plan, segment_block, segment_head_ptr, store_tile, tile_ptrs, unrotate_store,
+    visible_keys,
+)
 
 
 @triton.jit
@@ -51,8 +55,7 @@ def _dkdv_blocks(
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < seqlen
         q1, q2 = load_halves(q_base, stride_qt, rows, seqlen, half_cols, positions_ptr, freq, HALF, True, PAD_HALF, ROTATE_Q)
-        do_ptrs = do_base + rows.to(tl.int64)[:, None] * stride_dt + d_cols[None, :]
-        do = load_tile(do_ptrs, rows, seqlen, d_cols, HEAD_DIM, True, PAD_D)
+        do = load_tile(tile_ptrs(do_base, stride_dt, rows, d_cols), rows, seqlen, d_cols, HEAD_DIM, True, PAD_D)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634  # to log2
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
@@ -79,27 +82,15 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     ROTATE_Q: tl.constexpr, ROTATE_K: tl.constexpr, UNROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    sequence = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + sequence)
-    seqlen = tl.load(cu_seqlens + sequence + 1) - seq_start
-    start_n = block_n * BLOCK_N
+    start_n, token0, seqlen = segment_block(cu_seqlens, BLOCK_N)
     if start_n >= seqlen:
         return
-    keys = start_n + tl.arange(0, BLOCK_N)
-    half_cols = tl.arange(0, BLOCK_HALF)
-    d_cols = tl.arange(0, BLOCK_D)
-    token0 = seq_start.to(tl.int64)
-    positions_ptr = positions + token0
-    if UNROTATE:
-        freq = tl.load(inv_freq + half_cols, mask=half_cols < HALF, other=0.0)
-    else:
-        freq = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-
-    k_base = K + token0 * stride_kt + kv_head * stride_kh
-    k1, k2 = load_halves(k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq, HALF, True, PAD_HALF, ROTATE_K)
-    v_ptrs = V + token0 * stride_vt + kv_head * stride_vh + keys.to(tl.int64)[:, None] * stride_vt + d_cols[None, :]
+    kv_head = tl.program_id(2)
+    keys, half_cols, d_cols, positions_ptr, freq, k1, k2 = program_block_halves(
+        K, positions, inv_freq, start_n, token0, seqlen, stride_kt, kv_head, stride_kh,
+        BLOCK_N, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, UNROTATE, ROTATE_K,
+    )
+    v_ptrs = tile_ptrs(segment_head_ptr(V, token0, stride_vt, kv_head, stride_vh), stride_vt, keys, d_cols)
     v = load_tile(v_ptrs, keys, seqlen, d_cols, HEAD_DIM, True, PAD_D)
     dk1 = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
@@ -113,8 +104,8 @@ def _dkdv_kernel(
         full_start = 0
     for member in range(GROUP):
         head = kv_head * GROUP + member
-        q_base = Q + token0 * stride_qt + head * stride_qh
-        do_base = dOut + token0 * stride_dt + head * stride_dh
+        q_base = segment_head_ptr(Q, token0, stride_qt, head, stride_qh)
+        do_base = segment_head_ptr(dOut, token0, stride_dt, head, stride_dh)
         lse_base = Lse + head * stride_lse_h + token0
         delta_base = Delta + head * stride_lse_h + token0
         dk1, dk2, dv = _dkdv_blocks(
@@ -128,11 +119,11 @@ def _dkdv_kernel(
             scale_log2, HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_M, False, ROTATE_Q, DOT_PRECISION,
         )
 
-    dk_base = dK + token0 * stride_dkt + kv_head * stride_dkh
+    dk_base = segment_head_ptr(dK, token0, stride_dkt, kv_head, stride_dkh)
     unrotate_store(dk_base, stride_dkt, keys, seqlen, half_cols, positions_ptr, freq,
                    dk1 * softmax_scale, dk2 * softmax_scale, HALF, UNROTATE)
-    dv_ptrs = dV + token0 * stride_dvt + kv_head * stride_dvh + keys.to(tl.int64)[:, None] * stride_dvt + d_cols[None, :]
-    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=(keys < seqlen)[:, None] & (d_cols < HEAD_DIM)[None, :])
+    dv_ptrs = tile_ptrs(segment_head_ptr(dV, token0, stride_dvt, kv_head, stride_dvh), stride_dvt, keys, d_cols)
+    store_tile(dv_ptrs, keys, seqlen, d_cols, HEAD_DIM, dv)
 
 
 @triton.jit
@@ -145,19 +136,14 @@ def _dq_blocks(
 ):
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
-        k1, k2 = load_halves(
-            k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq, HALF, MASKED, PAD_HALF, ROTATE_K
+        k1, k2, s = key_block_scores(
+            q1, q2, k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq,
+            HALF, MASKED, PAD_HALF, ROTATE_K, DOT_PRECISION,
         )
-        v_ptrs = v_base + keys.to(tl.int64)[:, None] * stride_vt + d_cols[None, :]
-        v = load_tile(v_ptrs, keys, seqlen, d_cols, HEAD_DIM, MASKED, PAD_D)
-        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
+        v = load_tile(tile_ptrs(v_base, stride_vt, keys, d_cols), keys, seqlen, d_cols, HEAD_DIM, MASKED, PAD_D)
         p = tl.exp2(s * scale_log2 - lse[:, None])
         if MASKED:
-            visible = (keys < seqlen)[None, :]
-            if CAUSAL:
-                visible = visible & (rows[:, None] >= keys[None, :])
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(visible_keys(rows, keys, seqlen, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
         dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PRECISION)
@@ -176,43 +162,26 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     ROTATE_Q: tl.constexpr, ROTATE_K: tl.constexpr, UNROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    sequence = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + sequence)
-    seqlen = tl.load(cu_seqlens + sequence + 1) - seq_start
-    start_m = block_m * BLOCK_M
+    start_m, token0, seqlen = segment_block(cu_seqlens, BLOCK_M)
     if start_m >= seqlen:
         return
+    head = tl.program_id(2)
     kv_head = head // GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
+    rows, half_cols, d_cols, positions_ptr, freq, q1, q2 = program_block_halves(
+        Q, positions, inv_freq, start_m, token0, seqlen, stride_qt, head, stride_qh,
+        BLOCK_M, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, UNROTATE, ROTATE_Q,
+    )
     row_ok = rows < seqlen
-    half_cols = tl.arange(0, BLOCK_HALF)
-    d_cols = tl.arange(0, BLOCK_D)
-    token0 = seq_start.to(tl.int64)
-    positions_ptr = positions + token0
-    if UNROTATE:
-        freq = tl.load(inv_freq + half_cols, mask=half_cols < HALF, other=0.0)
-    else:
-        freq = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-
-    q_base = Q + token0 * stride_qt + head * stride_qh
-    q1, q2 = load_halves(q_base, stride_qt, rows, seqlen, half_cols, positions_ptr, freq, HALF, True, PAD_HALF, ROTATE_Q)
-    do_ptrs = dOut + token0 * stride_dt + head * stride_dh + rows.to(tl.int64)[:, None] * stride_dt + d_cols[None, :]
+    do_ptrs = tile_ptrs(segment_head_ptr(dOut, token0, stride_dt, head, stride_dh), stride_dt, rows, d_cols)
     do = load_tile(do_ptrs, rows, seqlen, d_cols, HEAD_DIM, True, PAD_D)
     lse = tl.load(Lse + head * stride_lse_h + token0 + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # to log2
     delta = tl.load(Delta + head * stride_lse_h + token0 + rows, mask=row_ok, other=0.0)
-    k_base = K + token0 * stride_kt + kv_head * stride_kh
-    v_base = V + token0 * stride_vt + kv_head * stride_vh
+    k_base = segment_head_ptr(K, token0, stride_kt, kv_head, stride_kh)
+    v_base = segment_head_ptr(V, token0, stride_vt, kv_head, stride_vh)
 
     dq1 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
-    if CAUSAL:
-        full_end = start_m
-        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
-    else:
-        full_end = (seqlen // BLOCK_N) * BLOCK_N
-        masked_end = seqlen
+    full_end, masked_end = query_block_key_bounds(start_m, seqlen, BLOCK_M, BLOCK_N, CAUSAL)
     dq1, dq2 = _dq_blocks(
         dq1, dq2, q1, q2, do, lse, delta, rows, seqlen, 0, full_end,
         k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
@@ -223,27 +192,15 @@ def _dq_kernel(
         k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
         HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, True, CAUSAL, ROTATE_K, DOT_PRECISION,
     )
-    dq_base = dQ + token0 * stride_dqt + head * stride_dqh
+    dq_base = segment_head_ptr(dQ, token0, stride_dqt, head, stride_dqh)
     unrotate_store(dq_base, stride_dqt, rows, seqlen, half_cols, positions_ptr, freq,
                    dq1 * softmax_scale, dq2 * softmax_scale, HALF, UNROTATE)
 
 
 def attention_backward_triton(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    positions: torch.Tensor | None,
-    theta: float,
-    causal: bool,
-    softmax_scale: float,
-    rotary_mode: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode
+):
+    """The 'triton' backend of the v2pe_attention_backward custom op: its arguments, (dq, dk, dv)."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

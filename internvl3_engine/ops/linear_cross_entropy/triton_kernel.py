@@ -26,14 +26,22 @@ BLOCK_V = 4096
 
 
 @triton.jit
+def _program_row(logits_ptr, labels_ptr, vocab, ignore_index, BLOCK_V: tl.constexpr):
+    """(row, pointer to its logits, the column offsets of a block, its label, whether the label counts).
+    Out-of-range labels (rejected before the launch) are treated as ignored: never read out of bounds."""
+    row = tl.program_id(0)
+    label = tl.load(labels_ptr + row)
+    supervised = (label != ignore_index) & (label >= 0) & (label < vocab)
+    return row, logits_ptr + row.to(tl.int64) * vocab, tl.arange(0, BLOCK_V), label, supervised
+
+
+@triton.jit
 def _lse_ce_kernel(
     logits_ptr, labels_ptr, ce_ptr, lse_ptr,
     vocab, ignore_index,
     COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * vocab
-    columns = tl.arange(0, BLOCK_V)
+    row, row_ptr, columns, label, supervised = _program_row(logits_ptr, labels_ptr, vocab, ignore_index, BLOCK_V)
     # One running max and sum per lane, combined once at the end: no cross-lane reduction in the loop.
     lane_max = tl.full([BLOCK_V], float("-inf"), COMPUTE)
     lane_sum = tl.zeros([BLOCK_V], COMPUTE)
@@ -48,9 +56,6 @@ def _lse_ce_kernel(
         lane_max = new_max
     row_max = tl.max(lane_max, axis=0)
     lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
-    label = tl.load(labels_ptr + row)
-    # Out-of-range labels (rejected before the launch) are treated as ignored: never read out of bounds.
-    supervised = (label != ignore_index) & (label >= 0) & (label < vocab)
     picked = tl.load(row_ptr + tl.where(supervised, label, 0)).to(COMPUTE)
     tl.store(lse_ptr + row, lse)
     tl.store(ce_ptr + row, tl.where(supervised, lse - picked, 0.0))
@@ -63,11 +68,7 @@ def _softmax_grad_kernel(
     COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Overwrites a logits row with (softmax - onehot(label)) * grad_ce, or zeros for an ignored token."""
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * vocab
-    columns = tl.arange(0, BLOCK_V)
-    label = tl.load(labels_ptr + row)
-    supervised = (label != ignore_index) & (label >= 0) & (label < vocab)
+    row, row_ptr, columns, label, supervised = _program_row(logits_ptr, labels_ptr, vocab, ignore_index, BLOCK_V)
     lse = tl.load(lse_ptr + row).to(COMPUTE)
     grad = tl.load(grad_ce_ptr + row).to(COMPUTE)
     for start in range(0, vocab, BLOCK_V):
@@ -96,14 +97,8 @@ def _logits_chunk(buffer: torch.Tensor, hidden_chunk, weight, bias) -> torch.Ten
     return logits
 
 
-def linear_cross_entropy_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index, chunk_size):
+    """The 'triton' backend of the linear_cross_entropy custom op: its arguments, per-token (ce, lse)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     ce = hidden.new_empty(tokens, dtype=accumulate_dtype(hidden.dtype))
     lse = torch.empty_like(ce)
@@ -133,16 +128,9 @@ def _accumulate_grad_weight(accumulator: torch.Tensor, dlogits: torch.Tensor, hi
         accumulator.addmm_(dlogits.t().to(accumulator.dtype), hidden_chunk.to(accumulator.dtype))
 
 
-def linear_cross_entropy_backward_triton(
-    grad_ce: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_backward_triton(grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
+    """The 'triton' backend of the linear_cross_entropy_backward custom op: its arguments, (grad_hidden,
+    grad_weight, grad_bias)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     accumulate = accumulate_dtype(hidden.dtype)
     grad_hidden = torch.empty_like(hidden)

@@ -17,33 +17,18 @@ from .reference import (
 )
 
 
-def _triton(name: str):
-    return lazy(f"{__package__}.triton_kernel", name)
+def _kernel_set(name: str, reference) -> KernelSet:
+    """The KernelSet of op ``name``: ``reference`` on 'torch', ``{name}_triton`` from triton_kernel on 'triton',
+    the compiled kernel ``name`` on 'cuda'."""
+    triton = lazy(f"{__package__}.triton_kernel", f"{name}_triton")
+    return KernelSet(name, torch=reference, triton=triton, cuda=compiled(name))
 
 
-PIXEL_UNSHUFFLE = KernelSet(
-    "pixel_unshuffle",
-    torch=pixel_unshuffle_reference,
-    triton=_triton("pixel_unshuffle_triton"),
-    cuda=compiled("pixel_unshuffle"),
-)
-PIXEL_UNSHUFFLE_BACKWARD = KernelSet(
-    "pixel_unshuffle_backward",
-    torch=pixel_unshuffle_backward_reference,
-    triton=_triton("pixel_unshuffle_backward_triton"),
-    cuda=compiled("pixel_unshuffle_backward"),
-)
-PIXEL_UNSHUFFLE_LAYERNORM = KernelSet(
-    "pixel_unshuffle_layernorm",
-    torch=pixel_unshuffle_layernorm_reference,
-    triton=_triton("pixel_unshuffle_layernorm_triton"),
-    cuda=compiled("pixel_unshuffle_layernorm"),
-)
-PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD = KernelSet(
-    "pixel_unshuffle_layernorm_backward",
-    torch=pixel_unshuffle_layernorm_backward_reference,
-    triton=_triton("pixel_unshuffle_layernorm_backward_triton"),
-    cuda=compiled("pixel_unshuffle_layernorm_backward"),
+PIXEL_UNSHUFFLE = _kernel_set("pixel_unshuffle", pixel_unshuffle_reference)
+PIXEL_UNSHUFFLE_BACKWARD = _kernel_set("pixel_unshuffle_backward", pixel_unshuffle_backward_reference)
+PIXEL_UNSHUFFLE_LAYERNORM = _kernel_set("pixel_unshuffle_layernorm", pixel_unshuffle_layernorm_reference)
+PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD = _kernel_set(
+    "pixel_unshuffle_layernorm_backward", pixel_unshuffle_layernorm_backward_reference
 )
 
 

@@ -12,10 +12,13 @@ MAX_BLOCK_C = 8192
 
 
 @triton.jit
-def _source_row(flag, visual_before, num_visual):
-    """Visual row token t takes, or -1 when it keeps its text row (bound-checked against num_visual)."""
-    take = (flag != 0) & (visual_before >= 0) & (visual_before < num_visual)
-    return tl.where(take, visual_before, -1)
+def _program_token(is_visual_ptr, visual_before_ptr, num_visual, BLOCK_C: tl.constexpr):
+    """(the program's token t as int64, the visual row it takes or -1 when it keeps its text row, the column
+    offsets of a block). The visual row is bound-checked against num_visual."""
+    t = tl.program_id(0).to(tl.int64)
+    visual_before = tl.load(visual_before_ptr + t)
+    take = (tl.load(is_visual_ptr + t) != 0) & (visual_before >= 0) & (visual_before < num_visual)
+    return t, tl.where(take, visual_before, -1), tl.arange(0, BLOCK_C)
 
 
 @triton.jit
@@ -24,9 +27,7 @@ def _scatter_visual_kernel(
     num_visual, width,
     BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    j = _source_row(tl.load(is_visual_ptr + t), tl.load(visual_before_ptr + t), num_visual)
-    cols = tl.arange(0, BLOCK_C)
+    t, j, cols = _program_token(is_visual_ptr, visual_before_ptr, num_visual, BLOCK_C)
     for start in range(0, width, BLOCK_C):
         mask = start + cols < width
         if j >= 0:
@@ -42,9 +43,7 @@ def _scatter_visual_backward_kernel(
     num_visual, width,
     BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    j = _source_row(tl.load(is_visual_ptr + t), tl.load(visual_before_ptr + t), num_visual)
-    cols = tl.arange(0, BLOCK_C)
+    t, j, cols = _program_token(is_visual_ptr, visual_before_ptr, num_visual, BLOCK_C)
     for start in range(0, width, BLOCK_C):
         mask = start + cols < width
         row = tl.load(grad_ptr + t * width + start + cols, mask=mask)

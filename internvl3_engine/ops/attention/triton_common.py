@@ -1,0 +1,250 @@
+"""What the Triton forward and backward of v2pe_attention share: tile loads and stores, the rotary of q and k
+tiles, each program's segment and block, the causal split of a query block's keys, and the launch constants.
+
+q and k are handled as two [BLOCK, D/2] halves (columns d and d + D/2): Qwen2's half-split rotary then
+is elementwise on the two tiles, with no register permutation, and the score is the sum of two dots.
+The halves are padded to a power of two with masked loads, so any even head dim from 16 to 256 works.
+The @triton.jit helpers are inlined into the kernels that call them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...dispatch import triton_interpret
+from ..rotary.op import ROTARY
+from ..rotary.reference import rotary_inv_freq
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def segment_head_ptr(base_ptr, token0, token_stride, head, head_stride):
+    """Pointer to the first token of the segment (token0) in one head of a [T, H, ...] tensor."""
+    return base_ptr + token0 * token_stride + head * head_stride
+
+
+@triton.jit
+def tile_ptrs(base_ptr, row_stride, rows, cols):
+    """Pointers [rows, cols] into a row-major tile at base_ptr (int64 row offsets)."""
+    return base_ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
+
+
+@triton.jit
+def load_tile(ptrs, rows, row_limit, cols, col_limit, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [rows, cols] tile, zero outside rows < row_limit and cols < col_limit (each check only when asked)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=(rows < row_limit)[:, None] & (cols < col_limit)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows < row_limit)[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=(cols < col_limit)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def store_tile(ptrs, rows, row_limit, cols, col_limit, tile):
+    """Store a [rows, cols] tile in the pointers' element dtype, where rows < row_limit and cols < col_limit."""
+    mask = (rows < row_limit)[:, None] & (cols < col_limit)[None, :]
+    tl.store(ptrs, tile.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rotary_cos_sin(positions_ptr, rows, row_limit, freq):
+    """float32 cos and sin [rows, D/2] of angle = position * inv_freq (rows past row_limit: angle 0)."""
+    position = tl.load(positions_ptr + rows, mask=rows < row_limit, other=0.0)
+    angle = position[:, None] * freq[None, :]
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def load_halves(
+    base_ptr, row_stride, rows, row_limit, cols, positions_ptr, freq,
+    HALF: tl.constexpr, CHECK_ROWS: tl.constexpr, PAD_HALF: tl.constexpr, ROTATE: tl.constexpr,
+):
+    """The two halves [rows, BLOCK_HALF] of one head of q or k, rotated by their positions when ROTATE.
+    The rotated halves are rounded to the input dtype, as apply_rotary's output would be."""
+    ptrs = tile_ptrs(base_ptr, row_stride, rows, cols)
+    x1 = load_tile(ptrs, rows, row_limit, cols, HALF, CHECK_ROWS, PAD_HALF)
+    x2 = load_tile(ptrs + HALF, rows, row_limit, cols, HALF, CHECK_ROWS, PAD_HALF)
+    if ROTATE:
+        cos, sin = rotary_cos_sin(positions_ptr, rows, row_limit, freq)
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
+        x1 = (a * cos - b * sin).to(x1.dtype)
+        x2 = (b * cos + a * sin).to(x2.dtype)
+    return x1, x2
+
+
+@triton.jit
+def unrotate_store(
+    base_ptr, row_stride, rows, row_limit, cols, positions_ptr, freq, g1, g2,
+    HALF: tl.constexpr, UNROTATE: tl.constexpr,
+):
+    """Store a gradient given as two float32 halves, first rotated by -angle when UNROTATE (the adjoint of
+    the forward rotation: the gradient of q or k before rotary)."""
+    if UNROTATE:
+        cos, sin = rotary_cos_sin(positions_ptr, rows, row_limit, freq)
+        r1 = g1 * cos + g2 * sin
+        r2 = g2 * cos - g1 * sin
+        g1 = r1
+        g2 = r2
+    ptrs = tile_ptrs(base_ptr, row_stride, rows, cols)
+    store_tile(ptrs, rows, row_limit, cols, HALF, g1)
+    store_tile(ptrs + HALF, rows, row_limit, cols, HALF, g2)
+
+
+@triton.jit
+def segment_block(cu_seqlens, BLOCK: tl.constexpr):
+    """(first row of the program's block within its segment, the segment's first token as int64, the
+    segment's length). Program axis 0 numbers the blocks of a segment, axis 1 the segments; a program whose
+    block starts at or past the length has nothing to do (the grid is sized for the longest segment)."""
+    sequence = tl.program_id(1)
+    seq_start = tl.load(cu_seqlens + sequence)
+    seqlen = tl.load(cu_seqlens + sequence + 1) - seq_start
+    return tl.program_id(0) * BLOCK, seq_start.to(tl.int64), seqlen
+
+
+@triton.jit
+def head_columns(
+    positions, token0, inv_freq,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, LOAD_FREQ: tl.constexpr,
+):
+    """(column offsets of a half head, of a whole head, the segment's positions, the rotary inverse
+    frequencies). The frequencies are zeros without LOAD_FREQ: then nothing rotates with them."""
+    half_cols = tl.arange(0, BLOCK_HALF)
+    if LOAD_FREQ:
+        freq = tl.load(inv_freq + half_cols, mask=half_cols < HALF, other=0.0)
+    else:
+        freq = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    return half_cols, tl.arange(0, BLOCK_D), positions + token0, freq
+
+
+@triton.jit
+def program_block_halves(
+    X, positions, inv_freq, start, token0, seqlen, token_stride, head, head_stride,
+    BLOCK: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAD_HALF: tl.constexpr, LOAD_FREQ: tl.constexpr, ROTATE: tl.constexpr,
+):
+    """The prologue of a program over one block of q or k (the rows from ``start`` of one head of X):
+    (rows, half-head and head columns, the segment's positions, inv_freq, the block's two halves, rotated
+    when ROTATE)."""
+    rows = start + tl.arange(0, BLOCK)
+    half_cols, d_cols, positions_ptr, freq = head_columns(positions, token0, inv_freq, HALF, BLOCK_HALF, BLOCK_D, LOAD_FREQ)
+    x1, x2 = load_halves(
+        segment_head_ptr(X, token0, token_stride, head, head_stride), token_stride, rows, seqlen, half_cols,
+        positions_ptr, freq, HALF, True, PAD_HALF, ROTATE,
+    )
+    return rows, half_cols, d_cols, positions_ptr, freq, x1, x2
+
+
+@triton.jit
+def query_block_key_bounds(start_m, seqlen, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_end, masked_end): the query block at start_m sees every key in [0, full_end) from all its rows,
+    and the keys in [full_end, masked_end) only through the mask (causal: the diagonal blocks; otherwise
+    the ragged last block)."""
+    if CAUSAL:
+        full_end = start_m
+        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        masked_end = seqlen
+    return full_end, masked_end
+
+
+@triton.jit
+def visible_keys(rows, keys, seqlen, CAUSAL: tl.constexpr):
+    """[rows, keys] mask (broadcastable) of the keys inside the segment that the rows may see."""
+    visible = (keys < seqlen)[None, :]
+    if CAUSAL:
+        visible = visible & (rows[:, None] >= keys[None, :])
+    return visible
+
+
+@triton.jit
+def key_block_scores(
+    q1, q2, k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq,
+    HALF: tl.constexpr, MASKED: tl.constexpr, PAD_HALF: tl.constexpr, ROTATE_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """(k1, k2, unscaled float32 scores q.k [rows, keys]) of one key block, bounds-checked when MASKED."""
+    k1, k2 = load_halves(k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq, HALF, MASKED, PAD_HALF, ROTATE_K)
+    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+    s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
+    return k1, k2, s
+
+
+# Per kernel: (largest padded head dim, (BLOCK_M, BLOCK_N, num_warps, num_stages, num_stages on sm_90+)),
+# by increasing head dim; the last row also serves anything larger.
+_GPU_BLOCKS = {
+    "forward": ((64, (128, 64, 4, 3, 3)), (128, (128, 64, 8, 2, 3)), (256, (64, 32, 4, 2, 2))),
+    "dkdv": ((64, (32, 128, 4, 2, 2)), (128, (32, 64, 4, 2, 2)), (256, (16, 32, 4, 1, 1))),
+    "dq": ((64, (128, 32, 4, 2, 2)), (128, (64, 32, 4, 2, 2)), (256, (32, 16, 4, 1, 1))),
+}
+
+
+def attention_blocks(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ('forward', 'dkdv' or 'dq').
+
+    BLOCK_M tiles queries and BLOCK_N keys. The diagonal split needs BLOCK_M a multiple of BLOCK_N in
+    'forward' and 'dq', and BLOCK_N a multiple of BLOCK_M in 'dkdv'. Under the interpreter, small blocks
+    keep the CPU tests fast. On the GPU: conservative sizes that fit sm_80's shared memory and registers
+    (to be tuned on the H100); float32 tiles take twice the memory, so their blocks are halved."""
+    if triton_interpret():
+        return 16, 16, 1, 1
+    if kernel not in _GPU_BLOCKS:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    padded = triton.next_power_of_2(head_dim)
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    for largest_head_dim, (block_m, block_n, warps, stages, hopper_stages) in _GPU_BLOCKS[kernel]:
+        if padded <= largest_head_dim:
+            break
+    if hopper:
+        stages = hopper_stages
+    if dtype == torch.float32:
+        block_m, block_n = max(block_m // 2, 16), max(block_n // 2, 16)
+    return block_m, block_n, warps, stages
+
+
+def head_constants(head_dim: int, dtype: torch.dtype) -> dict:
+    """The head-dim and precision constexprs shared by every attention kernel."""
+    half = head_dim // 2
+    block_half = max(triton.next_power_of_2(half), 16)  # tl.dot needs K >= 16
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    return dict(
+        HEAD_DIM=head_dim,
+        HALF=half,
+        BLOCK_HALF=block_half,
+        BLOCK_D=block_d,
+        PAD_HALF=block_half != half,
+        PAD_D=block_d != head_dim,
+        # float32 inputs: exact float32 products (no TF32), as torch's float32 matmul.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
+def rotary_plan(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, theta: float, rotary_mode: str, backward: bool
+):
+    """(q, k, inv_freq, rotate_q, rotate_k) for the kernels under ``rotary_mode``.
+
+    'fused': the kernels rotate q and k tiles as they load them. 'prerotate_k': k is rotated once by the
+    apply_rotary kernel and the kernels load it rotated; the forward rotates q in its prologue, while the
+    backward, whose dK/dV kernel re-reads every q block, rotates q once by the pre-pass as well.
+    inv_freq is also what the backward's epilogues need to rotate dq and dk back."""
+    if positions is None:
+        return q, k, q.new_zeros(0, dtype=torch.float32), False, False
+    inv_freq = rotary_inv_freq(q.shape[2], theta, q.device)
+    if rotary_mode == "fused":
+        return q, k, inv_freq, True, True
+    rotate = ROTARY.select(k.device)
+    k = rotate(k, positions, inv_freq, False)
+    if backward:
+        return rotate(q, positions, inv_freq, False), k, inv_freq, False, False
+    return q, k, inv_freq, True, False
