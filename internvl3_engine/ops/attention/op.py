@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ...autocast import autocast_inputs, kernels_at_input_dtype
 from ...dispatch import KernelSet, lazy
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_float, check_int, check_length, check_tensor
 from ..rotary.op import apply_rotary
@@ -127,6 +128,7 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _validated(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
+    q, k, v = autocast_inputs(q, k, v)
     check_tensor("q", q, dtypes=ATTENTION_DTYPES, ndim=3)
     for name, x in (("k", k), ("v", v)):
         check_tensor(name, x, ndim=3)
@@ -189,7 +191,9 @@ def v2pe_attention_with_lse(
     exp(softmax_scale * q.k) over the keys it attends to. Every row attends at least to itself, so lse is
     finite (a row with no visible key would get out = 0 and lse = -inf; cu_seqlens admits none).
     Differentiable in both outputs."""
-    return v2pe_attention_op(*_validated(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode))
+    arguments = _validated(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode)
+    with kernels_at_input_dtype(arguments[0].device):
+        return v2pe_attention_op(*arguments)
 
 
 def v2pe_attention(
@@ -226,6 +230,8 @@ def v2pe_attention(
           but each K block is rotated once per Q block);
       'separate': apply_rotary on q and k, then attention without positions.
     In every mode the backward's epilogues rotate dq and dk back (by -angle).
+
+    Under torch.autocast, q, k and v are cast to the autocast dtype first (as SDPA's are).
 
     Differentiable in q, k and v. Backends: Triton on CUDA; on CPU the PyTorch reference ('auto'), or
     the Triton kernels under TRITON_INTERPRET=1 with backend 'triton'.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ...autocast import autocast_inputs, kernels_at_input_dtype
 from ...dispatch import KernelSet, lazy
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
 from .reference import accumulate_dtype, linear_cross_entropy_backward_reference, linear_cross_entropy_reference
@@ -162,12 +163,15 @@ def linear_cross_entropy(
     sum(w). When the divisor is 0 (no supervised token) the mean is sum(w * CE), i.e. 0 with 0 gradients,
     not NaN.
 
+    Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first (as nn.Linear's are).
+
     Differentiable in hidden, weight and bias (not twice). The Triton backend works on chunks of
     ``chunk_size`` tokens (default: a chunk's logits take ~256 MiB in float32 on GPU, 16 MiB on CPU),
     recomputing each chunk's logits in the backward; the weight and bias gradients are accumulated across
     chunks in float32 and returned in the parameters' dtype. The 'torch' backend (the reference, also
     'auto' on CPU) materialises the whole logits.
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("weight", weight, ndim=2)
     _check_same("weight", weight, hidden)
@@ -202,9 +206,10 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
 
     labels = labels.to(torch.int64).contiguous()
-    ce, _ = linear_cross_entropy_op(
-        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index, chunk_size
-    )
+    with kernels_at_input_dtype(hidden.device):
+        ce, _ = linear_cross_entropy_op(
+            hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index, chunk_size
+        )
     if reduction == "none" and loss_weights is None:
         return ce
     supervised = labels != ignore_index
