@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One script for a lent GPU (the device tool's H100/H200: torch 2.11, triton 3.6, no network), in stages so
+# that a 30-minute lease fits in a few calls of at most 10 minutes each. Everything it writes goes to $OUT
+# (default ./gpu_out): at most 8 files, logs and tarballs, as the device tool returns them.
+#
+#   bash scripts/gpu_check.sh build test        # build the extension (sm_90) and run every test on the GPU
+#   bash scripts/gpu_check.sh sanitize          # compute-sanitizer memcheck + racecheck over every op
+#   bash scripts/gpu_check.sh bench             # python -m bench --suite all --sizes real, tarred
+#   bash scripts/gpu_check.sh profile           # ncu (--clock-control none) of the attention kernels
+#
+# Stages run in the order given; the build persists on a warm machine between calls. A failing stage is
+# reported and the next ones still run; the exit status is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=()
+
+stage_build() {
+  # The machine's torch is kept (--no-build-isolation, --no-deps): only the extension is built, for Hopper.
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" INTERNVL3_ENGINE_BUILD=cuda MAX_JOBS="${MAX_JOBS:-16}" \
+    python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20 || return 1
+  python -m internvl3_engine info
+}
+
+stage_test() {
+  # GPU tests first (real sizes, bf16), then the whole suite, where every op test also runs on CUDA.
+  python -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tail -30 || return 1
+  python -m pytest -q -p no:cacheprovider --durations=15 2>&1 | tail -40
+}
+
+stage_sanitize() {
+  local tool status=0
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 python scripts/ops_smoke.py --device cuda 2>&1 | tail -25 || status=1
+  done
+  return $status
+}
+
+stage_bench() {
+  local folder="$OUT/bench_results"
+  python -m bench --suite all --sizes real --out "$folder" 2>&1 | tail -60 || return 1
+  tar czf "$OUT/bench_results.tgz" -C "$OUT" bench_results && rm -rf "$folder"
+}
+
+stage_profile() {
+  # A small ncu pass over the attention kernels at the benchmark's 16k-token pack: launch stats and the
+  # speed-of-light sections, with the card's clocks as found (never locked).
+  ncu --clock-control none --kernel-name regex:attention --launch-count 6 --section SpeedOfLight \
+    --section LaunchStats --section Occupancy -o "$OUT/attention_profile" \
+    python -m bench --suite kernels --sizes real --ops v2pe_attention --quick --out /tmp/bench_profile 2>&1 | tail -30 || return 1
+  ncu --import "$OUT/attention_profile.ncu-rep" --page details 2>&1 | tail -80
+}
+
+for stage in "$@"; do
+  case "$stage" in
+    build|test|sanitize|bench|profile) ;;
+    *) echo "unknown stage $stage (build, test, sanitize, bench, profile)"; exit 2 ;;
+  esac
+  echo "=== $stage"
+  # Each stage returns non-zero at its first failing command (pipefail: the command's status, not tail's).
+  if ! "stage_$stage" 2>&1 | tee "$OUT/$stage.log"; then
+    failed+=("$stage")
+  fi
+done
+if ((${#failed[@]})); then
+  echo "failed stages: ${failed[*]}"
+  exit 1
+fi
+echo "all stages passed: $*"
