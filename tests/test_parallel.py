@@ -252,6 +252,33 @@ def test_sharded_training_equals_single_process_and_checkpoints_reshard(tmp_path
     _spawn(4, checkpoints)
 
 
+def _compiled_worker(rank: int, world_size: int, init_file: str, errors):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        torch.set_num_threads(1)
+        for tp in (1, 2):
+            blocks = ComponentPlan(sharding="zero3", activation_checkpointing=True, compile=True)
+            plan = ParallelPlan(vision=blocks, projector=ComponentPlan(sharding="replicate", compile=True), language=blocks, tp=tp)
+            model, _ = _train_sharded(plan, build_meshes(plan, "cpu"))
+            state = _full_state(model)
+            if rank == 0:
+                _assert_states_close(state, _single_process_reference(world_size // tp), f"compiled, checkpointed, tp {tp}")
+        dist.destroy_process_group()
+    except Exception:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def test_compiled_and_checkpointed_blocks_train_like_a_single_process(tmp_path):
+    """ComponentPlan(compile=True, activation_checkpointing=True): torch.compile (inductor) and activation
+    checkpointing per block under FSDP2, with and without tensor parallelism, at world 2."""
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    mp.start_processes(_compiled_worker, args=(2, str(tmp_path / "init"), errors), nprocs=2, join=True, start_method="spawn")
+    if not errors.empty():
+        pytest.fail(errors.get())
+
+
 def test_find_components_and_blocks():
     model = ThreeComponents()
     found = find_components(model)
