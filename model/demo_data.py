@@ -46,7 +46,7 @@ QUESTIONS = {
     "count": ("How many shapes are there?", COUNTS),
 }
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,8 @@ def render(rng: random.Random, color: str, shape: str, count: int, width: int, h
         pixels[x, y] = (shade, shade, shade)
     draw = ImageDraw.Draw(image)
     short = min(width, height)
-    radius_range = (short * 0.09, short * 0.15)
+    # Shapes 27-43 pixels across at 112: several 14-pixel patches each (smaller ones left count at chance).
+    radius_range = (short * 0.12, short * 0.19)
     placed: list[tuple[float, float, float]] = []
     while len(placed) < count:
         r = rng.uniform(*radius_range)

@@ -18,11 +18,12 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -
     before clipping (a float32 scalar tensor). Works on plain tensors, FSDP2 and tensor-parallel DTensors."""
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    grads_by_mesh: dict[int, list[torch.Tensor]] = {}
+    # Keyed by the mesh's value (DeviceMesh hashes by its ranks and names): slices of one mesh taken
+    # separately are equal, so each mesh costs one reduction whatever the number of FSDP units on it.
+    grads_by_mesh: dict = {}
     for parameter in parameters:
         if parameter.grad is not None:
-            mesh = getattr(parameter.grad, "device_mesh", None)
-            grads_by_mesh.setdefault(id(mesh), []).append(parameter.grad)
+            grads_by_mesh.setdefault(getattr(parameter.grad, "device_mesh", None), []).append(parameter.grad)
     norms = []
     for grads in grads_by_mesh.values():
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
