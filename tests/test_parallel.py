@@ -1,6 +1,6 @@
 """The parallelism scheduler on CPU with gloo: sharded training equals a single-process run on the same
 global batch, for every combination of component shardings, at world sizes 2 and 4, with and without
-tensor parallelism of the LLM; checkpoints load across world sizes and tensor-parallel degrees."""
+tensor parallelism of the LLM and HSDP; checkpoints load across world sizes and tensor-parallel degrees."""
 
 from __future__ import annotations
 
@@ -195,32 +195,36 @@ def _worker(rank: int, world_size: int, init_file: str, checkpoint_dir: str, err
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         torch.set_num_threads(1)
         tp = 2
-        meshes = {1: build_meshes(ParallelPlan(), "cpu"), tp: build_meshes(ParallelPlan(tp=tp), "cpu")}
+        layouts = [(1, 1), (1, tp), (2, 1)] + ([(2, tp)] if world_size >= 2 * tp else [])  # (dp_replicate, tp)
+        meshes = {layout: build_meshes(ParallelPlan(dp_replicate=layout[0], tp=layout[1]), "cpu") for layout in layouts}
         shardings = ("replicate", "zero2", "zero3")
         plans = [
             ParallelPlan(**{name: ComponentPlan(sharding=s) for name, s in zip(("vision", "projector", "language"), combination)})
             for combination in itertools.product(shardings, repeat=3)
         ]
-        # Tensor parallelism with each sharding of the LLM (and of the other components, in turn).
+        # Tensor parallelism with each sharding of the LLM (and of the other components, in turn); HSDP
+        # (two replica groups) alone and with tensor parallelism where the world holds both.
         plans += [ParallelPlan(vision=ComponentPlan(sharding=s), projector=ComponentPlan(sharding=s),
                                language=ComponentPlan(sharding=s), tp=tp) for s in shardings]
+        plans += [ParallelPlan(dp_replicate=replicas, tp=degree) for replicas, degree in layouts if replicas > 1]
         for plan in plans:
-            model, _ = _train_sharded(plan, meshes[plan.tp])
+            model, _ = _train_sharded(plan, meshes[plan.dp_replicate, plan.tp])
             state = _full_state(model)
             if rank == 0:
-                what = f"world {world_size} tp {plan.tp} {[plan.component(n).sharding for n in ('vision', 'projector', 'language')]}"
+                what = (f"world {world_size} dp_replicate {plan.dp_replicate} tp {plan.tp} "
+                        f"{[plan.component(n).sharding for n in ('vision', 'projector', 'language')]}")
                 _assert_states_close(state, _single_process_reference(world_size // plan.tp), what)
         # Checkpoints: world 2 saves one without and one with tensor parallelism; world 4 loads them into other
         # layouts (resharding data-parallel and tensor-parallel dims) and must hold the same weights.
         checkpoints = {1: os.path.join(checkpoint_dir, "dp"), tp: os.path.join(checkpoint_dir, "tp")}
         for saved_tp, load_plan in ((1, ParallelPlan(tp=tp)), (tp, ParallelPlan())):
             if world_size == 2:
-                model, optimizer = _train_sharded(ParallelPlan(tp=saved_tp), meshes[saved_tp])
+                model, optimizer = _train_sharded(ParallelPlan(tp=saved_tp), meshes[1, saved_tp])
                 save_sharded(checkpoints[saved_tp], model, optimizer)
             else:
                 torch.manual_seed(1)
                 fresh = ThreeComponents()
-                parallelize(fresh, load_plan, mesh=meshes[load_plan.tp])
+                parallelize(fresh, load_plan, mesh=meshes[1, load_plan.tp])
                 load_sharded(checkpoints[saved_tp], fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
                 state = _full_state(fresh)
                 if rank == 0:
