@@ -207,11 +207,13 @@ def _worker(rank: int, world_size: int, init_file: str, checkpoint_dir: str, err
         plans += [ParallelPlan(vision=ComponentPlan(sharding=s), projector=ComponentPlan(sharding=s),
                                language=ComponentPlan(sharding=s), tp=tp) for s in shardings]
         plans += [ParallelPlan(dp_replicate=replicas, tp=degree) for replicas, degree in layouts if replicas > 1]
+        # Explicit prefetch off, and deeper than the default (across component boundaries).
+        plans += [ParallelPlan(prefetch=0), ParallelPlan(prefetch=3, tp=tp)]
         for plan in plans:
             model, _ = _train_sharded(plan, meshes[plan.dp_replicate, plan.tp])
             state = _full_state(model)
             if rank == 0:
-                what = (f"world {world_size} dp_replicate {plan.dp_replicate} tp {plan.tp} "
+                what = (f"world {world_size} dp_replicate {plan.dp_replicate} tp {plan.tp} prefetch {plan.prefetch} "
                         f"{[plan.component(n).sharding for n in ('vision', 'projector', 'language')]}")
                 _assert_states_close(state, _single_process_reference(world_size // plan.tp), what)
         # Checkpoints: world 2 saves one without and one with tensor parallelism; world 4 loads them into other

@@ -12,9 +12,8 @@ The policy, in order:
    (transformers' lm_head, whose LLM embeddings are also called outside the LLM's forward), the LLM's
    remaining parameters are left to the root instead.
 3. Shard the root (parameters outside every component, if any) with the language plan.
-4. Prefetch (CUDA only: FSDP2's explicit prefetch runs on CUDA streams): in forward each FSDP module
-   all-gathers the next ``prefetch`` modules, so the LLM's first blocks are gathered while the ViT and
-   projector compute; in backward the same in reverse order.
+4. Prefetch: in forward each FSDP module all-gathers the next ``prefetch`` modules, so the LLM's first
+   blocks are gathered while the ViT and projector compute; in backward the same in reverse order.
 """
 
 from __future__ import annotations
@@ -200,6 +199,6 @@ def parallelize(
         order.extend(blocks or [])
     if model not in found.values():
         _shard(model, plan.language, meshes)
-    if plan.prefetch and device.type == "cuda":
+    if plan.prefetch:
         set_prefetch(order, plan.prefetch)
     return ParallelState(meshes=meshes, modules=order, plan=plan)
