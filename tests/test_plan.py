@@ -125,6 +125,21 @@ def test_memory_by_hand_and_ordering():
     assert memory == sorted(memory) and len(set(memory)) == 3
 
 
+def test_collective_latency_by_hand():
+    """A tiny model's communication is latency: zero3 over 4 ranks of one node runs, per FSDP unit (2 blocks +
+    the rest), a gather in forward and a gather plus a reduce-scatter in backward."""
+    shape, gpu, workload = tiny_shape(), GPUS["h100"], Workload(tokens_per_pack=10, tiles_per_pack=3, sample_length=5)
+    plan = plan_of("zero3", "zero3", "zero3", prefetch=0)
+    with_latency = estimate(shape, plan, 4, gpu, workload, Assumptions(collective_latency_s=1e-3))
+    without = estimate(shape, plan, 4, gpu, workload, Assumptions(collective_latency_s=0.0))
+    added = with_latency.components["language"].communication_s - without.components["language"].communication_s
+    assert added == pytest.approx(3 * 3 * 1e-3)
+    alone = estimate(shape, plan, 1, gpu, workload, Assumptions(collective_latency_s=1e-3))
+    assert alone.components["language"].communication_s == 0  # no collective on one GPU
+    with pytest.raises(ValueError, match="collective_latency_s"):
+        Assumptions(collective_latency_s=-1.0)
+
+
 def test_checkpointing_keeps_block_inputs(shape_78b):
     gpu, workload = GPUS["h100"], Workload()
     plain = estimate(shape_78b, plan_of("zero3", "zero3", "zero3"), 256, gpu, workload, Assumptions())

@@ -171,7 +171,9 @@ def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptio
         f"{gpu.hbm_bandwidth / 1e12:.2f} TB/s, NVLink {gpu.nvlink_bandwidth / 1e9:.0f} GB/s and network "
         f"{gpu.network_bandwidth / 1e9:.0f} GB/s per GPU and direction, {gpu.gpus_per_node} GPUs a node",
         f"compute efficiency {assumptions.compute_efficiency:.1%} of peak ({assumptions.efficiency_source})",
-        f"collectives at {assumptions.collective_efficiency:.0%} of link bandwidth (rings); explicit prefetch hides "
+        f"collectives at {assumptions.collective_efficiency:.0%} of link bandwidth (rings) plus "
+        f"{assumptions.collective_latency_s * 1e6:.0f} us each within a node, {assumptions.network_latency_s * 1e6:.0f} us "
+        "across nodes; explicit prefetch hides "
         f"FSDP traffic behind the same pass's compute ({assumptions.prefetch0_overlap:.0%} without prefetch); "
         "tensor-parallel all-reduces not overlapped",
         f"memory budget {assumptions.memory_fraction:.0%} of HBM; bf16 compute parameters, fp32 master parameters, "

@@ -12,7 +12,9 @@ Stated assumptions (each a named constant here or a field of Assumptions / Workl
   blocks; zero2 and replicate the whole component. Gradients are reduced every micro-batch (FSDP2's
   default), one FSDP unit's unsharded bf16 gradients live at a time.
 - Collectives are rings: a GPU sends and receives (n-1)/n of the data per all-gather or reduce-scatter, twice
-  that per all-reduce, at COLLECTIVE_EFFICIENCY of NVLink within a node and of its NIC across nodes.
+  that per all-reduce, at COLLECTIVE_EFFICIENCY of NVLink within a node and of its NIC across nodes, plus a
+  fixed latency per collective (collective_latency_s within a node, network_latency_s across nodes): the
+  term that dominates small models.
 - FSDP's gathers and reductions overlap the component's compute in the same pass (all of it with explicit
   prefetch, PREFETCH0_OVERLAP of it without); one unit's transfer per pass stays exposed (the first gather,
   the last reduction). Tensor-parallel all-reduces are on the critical path (not overlapped).
@@ -69,12 +71,17 @@ class Assumptions:
     collective_efficiency: float = 0.80  # achieved / link bandwidth of NCCL's ring collectives
     memory_fraction: float = 0.90  # of HBM a plan may use (the rest: CUDA context, NCCL buffers, fragmentation)
     prefetch0_overlap: float = 0.50  # of a pass's compute that hides FSDP traffic without explicit prefetch
+    collective_latency_s: float = 20e-6  # a collective's fixed cost within a node (launch, ring start-up)
+    network_latency_s: float = 60e-6  # the same across nodes
 
     def __post_init__(self):
         for name in ("compute_efficiency", "collective_efficiency", "memory_fraction", "prefetch0_overlap"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        for name in ("collective_latency_s", "network_latency_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,14 @@ def _bandwidth(gpu: GPU, span: int, assumptions: Assumptions) -> float:
     return link * assumptions.collective_efficiency
 
 
+def _latency(gpu: GPU, ranks: int, span: int, assumptions: Assumptions) -> float:
+    """The fixed cost of one collective among ``ranks`` ranks spread over ``span`` consecutive ones (none for
+    a group of one)."""
+    if ranks <= 1:
+        return 0.0
+    return assumptions.collective_latency_s if span <= gpu.gpus_per_node else assumptions.network_latency_s
+
+
 def estimate(
     shape: ModelShape, plan: ParallelPlan, gpus: int, gpu: GPU, workload: Workload, assumptions: Assumptions
 ) -> PlanCost:
@@ -205,17 +220,21 @@ def estimate(
         recompute = CHECKPOINT_RECOMPUTE if component.activation_checkpointing and shape.component(name).blocks else 1.0
         forward_s, backward_s = compute / 3, compute * (2 / 3 + recompute - 1)
 
-        gather_s = ring_fraction(shards) * local * COMPUTE_PARAM_BYTES / _bandwidth(gpu, shards * tp, assumptions)
+        units = shape.component(name).blocks + 1  # FSDP units: one collective of each kind per unit
+        shard_latency = units * _latency(gpu, shards, shards * tp, assumptions)
+        gather_s = ring_fraction(shards) * local * COMPUTE_PARAM_BYTES / _bandwidth(gpu, shards * tp, assumptions) + shard_latency
         if component.sharding == "replicate":
             forward_comm = 0.0
             reduce_ranks = data_parallel
             backward_comm = 2 * ring_fraction(reduce_ranks) * local * GRADIENT_BYTES / _bandwidth(gpu, gpus, assumptions)
+            backward_comm += units * _latency(gpu, reduce_ranks, gpus, assumptions)
         else:
             forward_comm = gather_s
-            backward_comm = ring_fraction(shards) * local * GRADIENT_BYTES / _bandwidth(gpu, shards * tp, assumptions)
+            backward_comm = ring_fraction(shards) * local * GRADIENT_BYTES / _bandwidth(gpu, shards * tp, assumptions) + shard_latency
             backward_comm += gather_s if component.sharding == "zero3" else 0.0
-            backward_comm += 2 * ring_fraction(replicas) * local / shards * GRADIENT_BYTES / _bandwidth(gpu, gpus, assumptions)
-        units = shape.component(name).blocks + 1
+            if replicas > 1:
+                backward_comm += 2 * ring_fraction(replicas) * local / shards * GRADIENT_BYTES / _bandwidth(gpu, gpus, assumptions)
+                backward_comm += units * _latency(gpu, replicas, gpus, assumptions)
         exposed = sum(
             max(comm / units, comm - overlap * pass_s)
             for comm, pass_s in ((forward_comm, forward_s), (backward_comm, backward_s))
@@ -234,7 +253,7 @@ def estimate(
     if tp > 1:  # two all-reduces a layer in forward, two in backward, two more when the forward is recomputed
         all_reduces = shape.layers * (6 if plan.language.activation_checkpointing else 4)
         size = workload.tokens_per_pack * shape.hidden * ACTIVATION_BYTES
-        per_micro_batch = all_reduces * 2 * ring_fraction(tp) * size / _bandwidth(gpu, tp, assumptions)
+        per_micro_batch = all_reduces * (2 * ring_fraction(tp) * size / _bandwidth(gpu, tp, assumptions) + _latency(gpu, tp, tp, assumptions))
         tensor_parallel_s = per_micro_batch * workload.micro_batches
     optimizer_s = optimizer_parameters * OPTIMIZER_HBM_BYTES / gpu.hbm_bandwidth
     per_micro_batch = sum(cost.compute_s + cost.exposed_communication_s for cost in costs.values())
