@@ -14,8 +14,7 @@ import os
 from typing import Optional
 
 import torch
-from internvl3_engine.plan import ModelShape, datasheet_bf16_flops
-from internvl3_engine.plan import training_flops as engine_training_flops
+from internvl3_engine.plan import datasheet_bf16_flops
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
@@ -24,13 +23,6 @@ def peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
     return datasheet_bf16_flops(torch.cuda.get_device_name(device))
-
-
-def training_flops(shape: ModelShape, tokens: int, tiles: int, sample_lengths) -> float:
-    """Forward + backward model FLOPs of a pack (internvl3_engine.plan.training_flops's total: the LLM's
-    matmuls without the input embedding, causal attention, the ViT per tile, the projector). ``shape``:
-    ``ModelShape.from_modules(config.to_hf(), model)``, taken before any sharding."""
-    return engine_training_flops(shape, tokens, tiles, sample_lengths)["total"]
 
 
 class MetricsLog:

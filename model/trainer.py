@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from internvl3_engine.parallel import balance, clip_grad_norm_, naive_split
-from internvl3_engine.plan import ModelShape
+from internvl3_engine.plan import ModelShape, training_flops
 
 from . import checkpointing
 from .config import PRESETS, InternVL3Config
@@ -47,7 +47,7 @@ from .data import (
     load_meta,
     load_tokenizer,
 )
-from .metrics import MetricsLog, peak_flops, plot_loss_curve, progress_bar, training_flops
+from .metrics import MetricsLog, peak_flops, plot_loss_curve, progress_bar
 from .modeling import InternVL3
 from .mpo import MPO_BETA, MPO_WEIGHTS, PrecomputedReference, RunningMean, batch_reward_mean, mpo_terms, pair_logps
 from .optim import COMPONENTS, apply_freezing, build_optimizer, build_scheduler, parameter_groups
@@ -430,12 +430,17 @@ class Trainer:
         self.loader = PackedLoader(self.stream, self.packer)
         self.batches_read = 0
 
+    def _pack_flops(self, pack, tiles: int) -> float:
+        """Forward + backward model FLOPs of ``pack`` with ``tiles`` ViT tiles (the engine's formula)."""
+        lengths = (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist()
+        return training_flops(self.model_shape, pack.num_tokens, tiles, lengths)["total"]
+
     def _step_batches(self) -> tuple[list, Optional[dict]]:
         """This rank's packs for one optimizer step, and (under a plan) the step's load balance.
 
         Every rank reads the same dp_world x grad_accum packs; internvl3_engine.parallel.balance gives each
-        data-parallel rank grad_accum of them so as to minimise the largest rank's FLOPs (ViT tiles, LLM tokens, attention's
-        sum of L^2), instead of taking them in turn. The balance is reported as max/mean rank cost, with the
+        data-parallel rank grad_accum of them so as to minimise the largest rank's FLOPs (ViT tiles, LLM
+        tokens, attention's sum of L^2), instead of taking them in turn. The balance is reported as max/mean rank cost, with the
         naive split's beside it.
         """
         count = self.config.grad_accum * self.dp_world
@@ -443,14 +448,8 @@ class Trainer:
         self.batches_read += count
         if self.dp_world == 1:
             return [pack.to(self.device, non_blocking=True) for pack in packs], None
-        costs = [
-            training_flops(
-                self.model_shape, pack.num_tokens,
-                0 if pack.pixel_values is None else pack.pixel_values.shape[0],  # blank tiles run the ViT too
-                (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist(),
-            )
-            for pack in packs
-        ]
+        # Blank tiles (text-only packs) run the ViT too: they cost time, so the balance counts them.
+        costs = [self._pack_flops(pack, 0 if pack.pixel_values is None else pack.pixel_values.shape[0]) for pack in packs]
         assignment = balance(costs, self.dp_world)
         report = {"imbalance": assignment.imbalance, "imbalance_naive": naive_split(costs, self.dp_world).imbalance}
         return [packs[index].to(self.device, non_blocking=True) for index in assignment.ranks[self.dp_rank]], report
@@ -613,7 +612,7 @@ class Trainer:
                 entry.update(parts)
                 entry.update(balance_report or {})
                 if peak is not None:
-                    flops = sum(training_flops(self.model_shape, b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
+                    flops = sum(self._pack_flops(b, b.num_tiles) for b in batches)
                     entry["mfu"] = flops / tensor_parallel / elapsed / peak
                 log.write(entry)
                 window_tokens, window_time = 0, 0.0

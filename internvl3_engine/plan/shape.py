@@ -99,7 +99,8 @@ class ModelShape:
             raise ValueError(f"expected one input embedding in the language model, found {len(embeddings)}")
         embedding = embeddings[0].weight
         tied = any(isinstance(module, nn.Linear) and module.weight is embedding for module in model.modules())
-        language_matmul = counts["language"] - embedding.numel() + (embedding.numel() if tied else 0)
+        # The input embedding is a lookup, not a matmul; a head tied to it still multiplies every token.
+        language_matmul = counts["language"] - (0 if tied else embedding.numel())
 
         image_size = _side(vision_cfg.get("image_size", 448))
         patch_size = _side(vision_cfg.get("patch_size", 14))
