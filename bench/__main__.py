@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        # An index-less "cuda" means the current device (torch 2.11's set_device rejects it).
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     sizes = args.sizes or ("real" if device.type == "cuda" else "tiny")
     unknown = (args.ops or set()) - {spec.name for spec in kernels.OPS}

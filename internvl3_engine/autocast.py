@@ -28,6 +28,9 @@ def autocast_inputs(*tensors):
 
 
 def _autocast_on(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        # Traced tensors sit on real devices; torch 2.11's dynamo cannot trace is_autocast_available.
+        return torch.is_autocast_enabled(device.type)
     # Devices autocast does not know (meta) have it off.
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 

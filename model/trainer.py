@@ -53,6 +53,7 @@ from .mpo import MPO_BETA, MPO_WEIGHTS, PrecomputedReference, RunningMean, batch
 from .optim import COMPONENTS, apply_freezing, build_optimizer, build_scheduler, parameter_groups
 
 MODES = ("pretrain", "sft", "mpo")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 # ---- configuration
@@ -94,6 +95,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
+    device: str = "auto"  # "cuda" (one GPU per local rank), "cpu" (gloo), or "auto": cuda when available
     autocast_dtype: str = "bfloat16"  # on CUDA; CPU runs in float32
     cpu_threads: Optional[int] = None
     # data
@@ -122,6 +124,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         self.betas = tuple(self.betas)
         self.mpo_weights = tuple(self.mpo_weights)
         for name in ("max_steps", "grad_accum", "log_every", "save_every"):
@@ -232,18 +236,32 @@ def load_config_file(path: str) -> dict:
 # ---- runtime helpers
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world): from torchrun's environment, or a one-process group so a plan also runs alone."""
+def resolve_device(setting: str) -> torch.device:
+    """The device of this process for the config's ``device`` setting: on CUDA, the GPU of its local rank."""
+    use_cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but torch sees no CUDA device (use device: cpu)")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"local rank {local_rank} has no GPU: this node has {count}; start at most {count} processes "
+                         "per node, or train on the CPU with device: cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world): from torchrun's environment, or a one-process group so a plan also runs alone; NCCL
+    on CUDA, gloo on the CPU."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -301,19 +319,16 @@ class Trainer:
         self.show_progress = show_progress
         self.echo = echo
         self.distributed = plan is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = resolve_device(config.device)
         if self.distributed:
-            self.rank, self.world = init_distributed()
+            self.rank, self.world = init_distributed(self.device)
         else:
             self.rank, self.world = 0, 1
         # Data-parallel coordinates: tensor-parallel peers (a plan's tp > 1) train on the same packs.
         self.dp_rank, self.dp_world = self.rank, self.world
         self.is_main = self.rank == 0
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
-            if config.cpu_threads:
-                torch.set_num_threads(config.cpu_threads)
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         self.autocast_dtype = getattr(torch, config.autocast_dtype) if self.device.type == "cuda" else None
         seed_everything(config.seed)
         self._build()

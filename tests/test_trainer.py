@@ -18,7 +18,7 @@ from model.metrics import read_metrics
 from model.modeling import InternVL3
 from model.optim import WarmupCosine, parameter_groups
 from model.train import build_parser, config_from_args, main
-from model.trainer import Trainer, TrainConfig
+from model.trainer import Trainer, TrainConfig, resolve_device
 
 SMALL_DATA = DemoDataConfig(train_images=24, eval_images=4, preference_pairs=12, image_size=56, wide_fraction=0.25)
 
@@ -48,9 +48,27 @@ def small_config(data_dir, output_dir, **overrides) -> TrainConfig:
         "log_every": 1,
         "save_every": 100,
         "cpu_threads": 1,
+        "device": "cpu",  # gloo runs compare bit for bit with this one, also where a GPU is present
     }
     settings.update(overrides)
     return TrainConfig().updated(settings)
+
+
+def test_device_setting(monkeypatch):
+    with pytest.raises(ValueError, match="device must be one of"):
+        TrainConfig(device="gpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="local rank 1 has no GPU: this node has 1"):
+        resolve_device("auto")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda", 0)
 
 
 def run(config, **kwargs):
@@ -148,7 +166,7 @@ def test_short_run_through_the_cli_loss_falls_and_writes_everything(data_dir, tm
     assert "held-out accuracy" in printed and "chance" in printed and "data errors: none" in printed
     # The final weights load back (transformers layout) and equal the trained model's last checkpoint.
     loaded = InternVL3.from_pretrained(str(output / "final"))
-    state = torch.load(output / "checkpoints" / "step_00000024" / "trainer.pt", weights_only=False)["model"]
+    state = torch.load(output / "checkpoints" / "step_00000024" / "trainer.pt", map_location="cpu", weights_only=False)["model"]
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, state[name]), name
 
@@ -248,7 +266,7 @@ def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
 
     config_file = tmp_path / "run.json"
     settings = {key: value for key, value in small_config(data_dir, tmp_path / "unused").__dict__.items()
-                if key in ("model", "data", "system_message", "lr", "warmup_steps", "max_packed_tokens", "max_tiles", "max_buffers", "max_num", "cpu_threads")}
+                if key in ("model", "data", "system_message", "lr", "warmup_steps", "max_packed_tokens", "max_tiles", "max_buffers", "max_num", "cpu_threads", "device")}
     config_file.write_text(json.dumps(settings))
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(plan_text)

@@ -10,7 +10,7 @@ namespace v2pe {
 void check_args(const at::Tensor& is_visual, const at::Tensor& cu_seqlens, const c10::optional<at::Tensor>& delta_per_image,
                 double delta_scalar);
 
-// Raises ValueError unless delta_per_image (when given) has one entry per image.
+// Throws c10::Error unless delta_per_image (when given) has one entry per image.
 void check_delta_count(const c10::optional<at::Tensor>& delta_per_image, int64_t num_images);
 
 at::Tensor v2pe_positions_cpu(const at::Tensor& is_visual, const at::Tensor& cu_seqlens,

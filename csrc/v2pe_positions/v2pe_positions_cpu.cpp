@@ -10,6 +10,9 @@
 #include "v2pe_positions/v2pe_positions.h"
 #include "v2pe_positions/v2pe_positions_math.h"
 
+// The checks throw c10::Error (RuntimeError in Python), not c10::ValueError: a ValueError thrown from this
+// extension crashed the process under torch 2.11 (seen on an H100 machine, 2026-11-22) while c10::Error
+// propagated. The Python op raises ValueError for every one of these before a kernel runs.
 namespace ie {
 namespace v2pe {
 
@@ -30,14 +33,14 @@ void check_args(const at::Tensor& is_visual, const at::Tensor& cu_seqlens, const
     IE_CHECK_CONTIGUOUS(deltas);
     IE_CHECK_SAME_DEVICE(is_visual, deltas);
   } else {
-    TORCH_CHECK_VALUE(delta_scalar > 0 && delta_scalar <= 1, "delta must be in (0, 1], got ", delta_scalar);
+    TORCH_CHECK(delta_scalar > 0 && delta_scalar <= 1, "delta must be in (0, 1], got ", delta_scalar);
   }
 }
 
 void check_delta_count(const c10::optional<at::Tensor>& delta_per_image, int64_t num_images) {
   if (!delta_per_image.has_value()) return;
   const int64_t num_deltas = delta_per_image->size(0);
-  TORCH_CHECK_VALUE(num_deltas == num_images, "delta must have one entry per image: got ", num_deltas, " deltas for ",
+  TORCH_CHECK(num_deltas == num_images, "delta must have one entry per image: got ", num_deltas, " deltas for ",
                     num_images, " images");
 }
 
@@ -47,9 +50,9 @@ at::Tensor v2pe_positions_cpu(const at::Tensor& is_visual, const at::Tensor& cu_
   const int64_t tokens = is_visual.size(0), segments = cu_seqlens.size(0) - 1;
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   // Direct callers get the op's cu_seqlens checks too (cheap on the host): every token has a segment.
-  TORCH_CHECK_VALUE(cu[0] == 0, "cu_seqlens must start at 0, got ", cu[0]);
-  for (int64_t b = 0; b < segments; ++b) TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], "cu_seqlens must never decrease");
-  TORCH_CHECK_VALUE(cu[segments] == tokens, "cu_seqlens must end at the number of tokens ", tokens, ", got ", cu[segments]);
+  TORCH_CHECK(cu[0] == 0, "cu_seqlens must start at 0, got ", cu[0]);
+  for (int64_t b = 0; b < segments; ++b) TORCH_CHECK(cu[b + 1] >= cu[b], "cu_seqlens must never decrease");
+  TORCH_CHECK(cu[segments] == tokens, "cu_seqlens must end at the number of tokens ", tokens, ", got ", cu[segments]);
 
   const bool* visual = is_visual.data_ptr<bool>();
   std::vector<int64_t> first_image(segments + 1, 0);

@@ -313,10 +313,21 @@ def _fused_loss(hidden, head, labels, shift_labels, num_items_in_batch, ignore_i
     )
 
 
+def _kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The hidden states [B, S, H] whose logits are wanted, as transformers' causal LMs select them: an int
+    keeps the last ``logits_to_keep`` positions (0 keeps all), a 1-D tensor those positions of every row, a
+    2-D integer tensor per-row positions, a 2-D bool mask its True positions (flattened)."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden[logits_to_keep]
+        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        logits_to_keep = slice(-logits_to_keep, None)
+    return hidden[:, logits_to_keep, :]
+
+
 def _head_outputs(self, hidden, labels, logits_to_keep, kwargs):
     """(loss, logits) of a causal LM's final hidden states [B, S, H]; pops the loss keywords from kwargs."""
-    from transformers.modeling_utils import slice_logits_to_keep
-
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
@@ -325,7 +336,7 @@ def _head_outputs(self, hidden, labels, logits_to_keep, kwargs):
         loss = _fused_loss(hidden, self.lm_head, labels, shift_labels, num_items_in_batch, ignore_index)
     logits = None
     if loss is None or not self.training:
-        logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        logits = self.lm_head(_kept_positions(hidden, logits_to_keep))
     return loss, logits
 
 

@@ -16,7 +16,7 @@ import torch
 from ...dispatch import KernelSet
 from ...extension import compiled
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_tensor
-from .reference import v2pe_positions_reference
+from .reference import check_delta_count, v2pe_positions_reference
 
 
 V2PE_POSITIONS = KernelSet(
@@ -47,6 +47,8 @@ def v2pe_position_ids_op(
         if bool(bad.any()):
             first = int(torch.nonzero(bad)[0, 0])
             raise _delta_out_of_range(f"delta[{first}] = {float(delta_per_image[first])}")
+        # Here, not in the kernels: every backend raises the same error before any kernel runs.
+        check_delta_count(is_visual, cu_seqlens, delta_per_image)
     else:
         _check_scalar_delta(delta_scalar)
     return V2PE_POSITIONS.select(is_visual.device)(is_visual, cu_seqlens, delta_per_image, delta_scalar)

@@ -11,6 +11,23 @@ def _delta_count_error(num_deltas: int, num_images: int) -> ValueError:
     return ValueError(f"delta must have one entry per image: got {num_deltas} deltas for {num_images} images")
 
 
+def image_starts(is_visual: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """bool [T]: the first token of each image (a maximal run of visual tokens inside one segment)."""
+    bounds = cu_seqlens.to(torch.int64)
+    follows_visual = torch.zeros_like(is_visual)
+    follows_visual[1:] = is_visual[:-1]
+    segment_firsts = bounds[:-1][bounds[:-1] < is_visual.shape[0]]  # empty segments at the end have none
+    follows_visual[segment_firsts] = False  # a run crossing a segment boundary is two images
+    return is_visual & ~follows_visual
+
+
+def check_delta_count(is_visual: torch.Tensor, cu_seqlens: torch.Tensor, delta_per_image: torch.Tensor) -> None:
+    """ValueError unless ``delta_per_image`` has one entry per image of the pack."""
+    num_images = int(image_starts(is_visual, cu_seqlens).sum())
+    if delta_per_image.shape[0] != num_images:
+        raise _delta_count_error(delta_per_image.shape[0], num_images)
+
+
 def v2pe_positions_reference(
     is_visual: torch.Tensor, cu_seqlens: torch.Tensor, delta_per_image: torch.Tensor | None, delta_scalar: float
 ) -> torch.Tensor:
@@ -30,16 +47,12 @@ def v2pe_positions_reference(
     is vectorised.
     """
     device = is_visual.device
-    tokens = is_visual.shape[0]
     bounds = cu_seqlens.to(torch.int64)
     lengths = bounds[1:] - bounds[:-1]
     segment = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths)
-    token = torch.arange(tokens, device=device)
     segment_start = bounds[segment]  # first token of each token's segment
 
-    follows_visual = torch.zeros_like(is_visual)
-    follows_visual[1:] = is_visual[:-1] & (token[1:] != segment_start[1:])
-    starts_image = is_visual & ~follows_visual
+    starts_image = image_starts(is_visual, cu_seqlens)
     image_start = torch.nonzero(starts_image).flatten()
     num_images = image_start.shape[0]
     visual_token = torch.nonzero(is_visual).flatten()
