@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 
 from .train import ENGINE_IMPLEMENTATION, TRANSFORMERS_IMPLEMENTATION  # noqa: E402
 
@@ -143,7 +144,9 @@ def markdown(record: dict) -> str:
 
 
 def _colors(implementations: list[str]) -> dict[str, str]:
-    palette = iter(plt.get_cmap("tab20").colors)
+    # tab20 holds the fixed colours too (tab:blue is its first): the baselines skip them.
+    taken = {to_hex(color) for color in IMPLEMENTATION_COLORS.values()}
+    palette = (color for color in plt.get_cmap("tab20").colors if to_hex(color) not in taken)
     return {name: IMPLEMENTATION_COLORS.get(name) or next(palette) for name in implementations}
 
 
