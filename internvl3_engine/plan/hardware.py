@@ -19,18 +19,22 @@ class GPU:
 
     name: str
     device_pattern: str  # its entry in DATASHEET_BF16_FLOPS: which measured devices are this kind
-    peak_bf16_flops: float  # dense tensor-core bf16, FLOP/s (no sparsity)
     hbm_bytes: int
     hbm_bandwidth: float  # bytes/s
     nvlink_bandwidth: float  # bytes/s per direction, between GPUs of one node
     network_bandwidth: float  # bytes/s per direction, this GPU's share of the node's inter-node links
     gpus_per_node: int = 8
 
+    @property
+    def peak_bf16_flops(self) -> float:
+        """Dense tensor-core bf16 FLOP/s (no sparsity): the datasheet table's entry for this kind."""
+        return dict(DATASHEET_BF16_FLOPS)[self.device_pattern]
+
 
 GPUS = {
-    "h100": GPU("H100 SXM", "H100", 989e12, 80 * GIB, 3.35e12, 450e9, 400e9 / 8),
-    "h200": GPU("H200 SXM", "H200", 989e12, 141 * GIB, 4.8e12, 450e9, 400e9 / 8),
-    "a100": GPU("A100 SXM 80GB", "A100", 312e12, 80 * GIB, 2.039e12, 300e9, 200e9 / 8),
+    "h100": GPU("H100 SXM", "H100", 80 * GIB, 3.35e12, 450e9, 400e9 / 8),
+    "h200": GPU("H200 SXM", "H200", 141 * GIB, 4.8e12, 450e9, 400e9 / 8),
+    "a100": GPU("A100 SXM 80GB", "A100", 80 * GIB, 2.039e12, 300e9, 200e9 / 8),
 }
 
 # Dense bf16 peaks (FLOP/s) by a substring of the device's name, more specific names first (an 'H100 PCIe'
