@@ -41,7 +41,7 @@ void check_delta_count(const c10::optional<at::Tensor>& delta_per_image, int64_t
   if (!delta_per_image.has_value()) return;
   const int64_t num_deltas = delta_per_image->size(0);
   TORCH_CHECK(num_deltas == num_images, "delta must have one entry per image: got ", num_deltas, " deltas for ",
-                    num_images, " images");
+              num_images, " images");
 }
 
 at::Tensor v2pe_positions_cpu(const at::Tensor& is_visual, const at::Tensor& cu_seqlens,
