@@ -9,14 +9,8 @@ parameter count, optimizer) on the same samples padded into [samples, longest] w
 usual way to batch it. Its tokens/s counts the real tokens only and its MFU the same model FLOPs: the padding
 is work that does not count; our row reports the ratio of the two step times.
 
-Model FLOPs per step (performance-anchors.md; the AdamW update and the norms are not counted):
-  6 * N_llm * T                        the LLM's matmuls, N_llm = its parameters without the input embedding
-                                       table (the untied head is a matmul and counts; a tied head is added)
-  + 12 * layers * hidden * sum(L_i^2) / 2   the LLM's attention (QK^T and PV, x3 for training, causal halves)
-  + tiles * (6 * N_vit * S + 12 * vit_layers * vit_hidden * S^2)
-                                       the ViT per tile of S = 1 + patches tokens (not causal), N_vit without
-                                       the position embedding and CLS token
-  + tiles * 6 * N_projector * tokens_per_tile
+Model FLOPs per step: internvl3_engine.plan.training_flops (its module states the formula; the trainer's MFU
+and the planner use the same one).
 """
 
 from __future__ import annotations
