@@ -72,19 +72,38 @@ def test_forward_backward_against_float64(device, case):
 
 
 @pytest.mark.parametrize("device", devices(), ids=str)
-def test_rotary_modes_agree(device):
+@pytest.mark.parametrize("head_dim", [64, 80], ids=lambda d: f"D{d}")  # 80: halves padded from 40 to 64 in the kernels
+def test_rotary_modes_agree(device, head_dim):
     """Every rotary mode against the float64 gold, and against each other."""
-    case = ([33, 1, 0, 20], 4, 2, 64, True, 30_000.0)
-    kind = "triton" if "triton" in backends_for(device) else "torch"
-    for mode in ("prerotate_k", "fused", "separate"):
-        _check_against_float64(kind, torch.float16, case, device, rotary_mode=mode)
-    q, k, v, cu_seqlens, max_seqlen, positions = _pack(*case[:4], case[5], device, torch.float32)
-    outs = []
-    for mode in ("prerotate_k", "fused", "separate"):
+    case = ([33, 1, 0, 20], 4, 2, head_dim, True, 30_000.0)
+    for kind in backends_for(device):
+        for mode in ("prerotate_k", "fused", "separate"):
+            _check_against_float64(kind, torch.float16, case, device, rotary_mode=mode)
+        q, k, v, cu_seqlens, max_seqlen, positions = _pack(*case[:4], case[5], device, torch.float32)
+        outs = []
+        for mode in ("prerotate_k", "fused", "separate"):
+            with ie.backend(kind):
+                outs.append(v2pe_attention(q, k, v, cu_seqlens, max_seqlen, positions, rotary_mode=mode))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices(), ids=str)
+def test_prerotate_k_returns_the_rotated_q_and_k(device):
+    """'prerotate_k' hands its backward q and k as apply_rotary rotates them; other modes return nothing."""
+    q, k, v, cu_seqlens, max_seqlen, positions = _pack([21, 1, 0, 9], 4, 2, 64, 30_000.0, device, torch.float32)
+    for kind in backends_for(device):
         with ie.backend(kind):
-            outs.append(v2pe_attention(q, k, v, cu_seqlens, max_seqlen, positions, rotary_mode=mode))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
+            _, _, q_rotated, k_rotated = torch.ops.internvl3_engine.v2pe_attention(
+                q, k, v, cu_seqlens, max_seqlen, positions, 1e6, True, 0.125, "prerotate_k"
+            )
+            torch.testing.assert_close(q_rotated, ie.apply_rotary(q, positions), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(k_rotated, ie.apply_rotary(k, positions), rtol=1e-6, atol=1e-6)
+            for mode, given in (("fused", positions), ("separate", positions), ("prerotate_k", None)):
+                _, _, q_rotated, k_rotated = torch.ops.internvl3_engine.v2pe_attention(
+                    q, k, v, cu_seqlens, max_seqlen, given, 1e6, True, 0.125, mode
+                )
+                assert q_rotated.numel() == 0 and k_rotated.numel() == 0, (kind, mode)
 
 
 @pytest.mark.parametrize("device", devices(), ids=str)
@@ -145,8 +164,8 @@ def test_opcheck():
     args = (q, k, v, cu_seqlens, max_seqlen, positions, 1e6, True, 0.25, "prerotate_k")
     torch.library.opcheck(torch.ops.internvl3_engine.v2pe_attention.default, args)
     torch.library.opcheck(torch.ops.internvl3_engine.v2pe_attention.default, args[:5] + (None, 1e6, False, 0.25, "fused"))
-    out, lse = torch.ops.internvl3_engine.v2pe_attention(*args)
-    backward_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+    out, lse, q_rotated, k_rotated = torch.ops.internvl3_engine.v2pe_attention(*args)
+    backward_args = (torch.randn_like(out), torch.randn_like(lse), q_rotated, k_rotated, v.detach(), out.detach(), lse.detach(),
                      cu_seqlens, max_seqlen, positions, 1e6, True, 0.25, "prerotate_k")
     torch.library.opcheck(torch.ops.internvl3_engine.v2pe_attention_backward.default, backward_args)
     torch.library.opcheck(torch.ops.internvl3_engine.v2pe_attention_backward.default, (backward_args[0], None) + backward_args[2:])

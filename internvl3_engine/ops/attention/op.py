@@ -10,21 +10,31 @@ from ...autocast import autocast_inputs, kernels_at_input_dtype
 from ...dispatch import KernelSet, lazy
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_float, check_int, check_length, check_tensor
 from ..rotary.op import apply_rotary
-from .reference import v2pe_attention_backward_reference, v2pe_attention_reference
+from .reference import rotated_reference, v2pe_attention_backward_reference, v2pe_attention_reference
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 ROTARY_MODES = ("prerotate_k", "fused", "separate")
 
 
+def keeps_rotated(positions: torch.Tensor | None, rotary_mode: str) -> bool:
+    """Whether the forward returns the rotated q and k for the backward to read (see v2pe_attention_op)."""
+    return positions is not None and rotary_mode == "prerotate_k"
+
+
 def _forward_torch(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
     out, lse = v2pe_attention_reference(q, k, v, cu_seqlens, positions, theta=theta, causal=causal, softmax_scale=softmax_scale)
-    return out, lse.to(torch.float32)
+    if keeps_rotated(positions, rotary_mode):
+        q_rotated, k_rotated = rotated_reference(q, k, positions, theta)
+    else:
+        q_rotated, k_rotated = q.new_empty(0), k.new_empty(0)
+    return out, lse.to(torch.float32), q_rotated, k_rotated
 
 
 def _backward_torch(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
     return v2pe_attention_backward_reference(
-        grad_out, grad_lse, q, k, v, cu_seqlens, positions, theta=theta, causal=causal, softmax_scale=softmax_scale
+        grad_out, grad_lse, q, k, v, cu_seqlens, positions, theta=theta, causal=causal, softmax_scale=softmax_scale,
+        rotated=keeps_rotated(positions, rotary_mode),
     )
 
 
@@ -66,7 +76,10 @@ def v2pe_attention_op(
     causal: bool,
     softmax_scale: float,
     rotary_mode: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, q_rotated, k_rotated). In 'prerotate_k' mode with positions, q_rotated and k_rotated are q
+    and k rotated by the positions (as apply_rotary rotates them), which the kernels compute on the way and
+    the backward reads instead of rotating q and k again; otherwise they are empty."""
     _check_pack(cu_seqlens, q.shape[0], max_seqlen)
     return V2PE_ATTENTION.select(q.device)(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode)
 
@@ -88,6 +101,8 @@ def v2pe_attention_backward_op(
     softmax_scale: float,
     rotary_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): the gradients of the unrotated q and k, and of v. In 'prerotate_k' mode with positions,
+    q and k are the forward's q_rotated and k_rotated."""
     return V2PE_ATTENTION_BACKWARD.select(q.device)(
         grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode
     )
@@ -95,7 +110,10 @@ def v2pe_attention_backward_op(
 
 @v2pe_attention_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    if keeps_rotated(positions, rotary_mode):
+        return out, lse, torch.empty_like(q), torch.empty_like(k)
+    return out, lse, q.new_empty(0), k.new_empty(0)
 
 
 @v2pe_attention_backward_op.register_fake
@@ -105,11 +123,14 @@ def _(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, positions, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, ctx.max_seqlen, positions, ctx.theta, ctx.causal, ctx.softmax_scale, ctx.rotary_mode = inputs
-    out, lse = output
+    out, lse, q_rotated, k_rotated = output
+    ctx.mark_non_differentiable(q_rotated, k_rotated)
+    if keeps_rotated(positions, ctx.rotary_mode):
+        q, k = q_rotated, k_rotated  # as much memory as q and k, and the backward need not rotate them again
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, positions)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, grad_q_rotated, grad_k_rotated):
     q, k, v, out, lse, cu_seqlens, positions = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
@@ -193,7 +214,8 @@ def v2pe_attention_with_lse(
     Differentiable in both outputs."""
     arguments = _validated(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode)
     with kernels_at_input_dtype(arguments[0].device):
-        return v2pe_attention_op(*arguments)
+        out, lse, _, _ = v2pe_attention_op(*arguments)
+    return out, lse
 
 
 def v2pe_attention(

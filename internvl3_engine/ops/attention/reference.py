@@ -9,13 +9,14 @@ import torch
 from ..rotary.reference import rotary_inv_freq, rotary_reference
 
 
-def _rotated_and_scale(q, k, positions, theta, softmax_scale):
-    """(q, k rotated by positions when given, inv_freq or None, the softmax scale: default 1/sqrt(D))."""
-    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else softmax_scale
-    if positions is None:
-        return q, k, None, scale
+def rotated_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by ``positions`` (the rotary reference over the whole head dim)."""
     inv_freq = rotary_inv_freq(q.shape[2], theta, q.device)
-    return rotary_reference(q, positions, inv_freq), rotary_reference(k, positions, inv_freq), inv_freq, scale
+    return rotary_reference(q, positions, inv_freq), rotary_reference(k, positions, inv_freq)
+
+
+def _softmax_scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else softmax_scale
 
 
 def _segment_scores(q, k, v, start, end, group, scale, causal, matmul, compute):
@@ -59,7 +60,9 @@ def v2pe_attention_reference(
     """
     tokens, q_heads, _ = q.shape
     group = q_heads // k.shape[1]
-    q, k, _, scale = _rotated_and_scale(q, k, positions, theta, softmax_scale)
+    scale = _softmax_scale(q, softmax_scale)
+    if positions is not None:
+        q, k = rotated_reference(q, k, positions, theta)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     matmul = compute if upcast else q.dtype
     bounds = cu_seqlens.tolist()
@@ -88,16 +91,20 @@ def v2pe_attention_backward_reference(
     theta: float = 1e6,
     causal: bool = True,
     softmax_scale: float | None = None,
+    rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of v2pe_attention_reference, written out (FlashAttention's formulas):
     P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta) with delta = rowsum(P * dP) - dlse
     (rowsum(P * dP) = rowsum(dO * O), the kernels' form; d lse / dS = P), dQ = scale dS K, dK = scale dS^T Q; GQA sums dK and dV over each kv head's group;
-    with positions, dq and dk are rotated back by -angle (the adjoint of the rotation). Arithmetic in
-    float32 (float64 for float64 inputs), results in the input dtype."""
+    with positions, dq and dk are rotated back by -angle (the adjoint of the rotation). ``rotated``: q and k
+    are given already rotated by the positions (the forward's rotated copies); the gradients are still those
+    of the unrotated q and k. Arithmetic in float32 (float64 for float64 inputs), results in the input dtype."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    q, k, inv_freq, scale = _rotated_and_scale(q, k, positions, theta, softmax_scale)
+    scale = _softmax_scale(q, softmax_scale)
+    if positions is not None and not rotated:
+        q, k = rotated_reference(q, k, positions, theta)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(tokens, q_heads, head_dim, dtype=compute, device=q.device)
     dk = torch.zeros(tokens, kv_heads, head_dim, dtype=compute, device=q.device)
@@ -118,6 +125,7 @@ def v2pe_attention_backward_reference(
         dk[start:end] = (dscores.transpose(1, 2) @ qs * scale).unflatten(0, (kv_heads, group)).sum(1).transpose(0, 1)
         dv[start:end] = (probs.transpose(1, 2) @ dos).unflatten(0, (kv_heads, group)).sum(1).transpose(0, 1)
     if positions is not None:
+        inv_freq = rotary_inv_freq(head_dim, theta, q.device)
         dq = rotary_reference(dq, positions, inv_freq, inverse=True)
         dk = rotary_reference(dk, positions, inv_freq, inverse=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

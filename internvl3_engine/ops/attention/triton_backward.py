@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .triton_common import (
     LOG2E, attention_blocks, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
-    query_block_key_bounds, rotary_plan, segment_block, segment_head_ptr, store_tile, tile_ptrs, unrotate_store,
+    query_block_key_bounds, rotary_plan, segment_block, segment_head_ptr, store_halves, store_tile, tile_ptrs,
     visible_keys,
 )
 
@@ -45,7 +45,7 @@ def _preprocess_kernel(
 @triton.jit
 def _dkdv_blocks(
     dk1, dk2, dv, k1, k2, v, keys, seqlen, lo, hi,
-    q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, positions_ptr, freq, half_cols, d_cols, scale_log2,
+    q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, table_ptr, half_cols, d_cols, scale_log2,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ROTATE_Q: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -54,7 +54,7 @@ def _dkdv_blocks(
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < seqlen
-        q1, q2 = load_halves(q_base, stride_qt, rows, seqlen, half_cols, positions_ptr, freq, HALF, True, PAD_HALF, ROTATE_Q)
+        q1, q2 = load_halves(q_base, stride_qt, rows, seqlen, half_cols, table_ptr, HALF, True, PAD_HALF, ROTATE_Q)
         do = load_tile(tile_ptrs(do_base, stride_dt, rows, d_cols), rows, seqlen, d_cols, HEAD_DIM, True, PAD_D)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634  # to log2
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -73,7 +73,7 @@ def _dkdv_blocks(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens, positions, inv_freq,
+    Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens, rotary_table,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
     scale_log2, softmax_scale,
@@ -86,9 +86,9 @@ def _dkdv_kernel(
     if start_n >= seqlen:
         return
     kv_head = tl.program_id(2)
-    keys, half_cols, d_cols, positions_ptr, freq, k1, k2 = program_block_halves(
-        K, positions, inv_freq, start_n, token0, seqlen, stride_kt, kv_head, stride_kh,
-        BLOCK_N, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, UNROTATE, ROTATE_K,
+    keys, half_cols, d_cols, table_ptr, k1, k2 = program_block_halves(
+        K, rotary_table, start_n, token0, seqlen, stride_kt, kv_head, stride_kh,
+        BLOCK_N, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, ROTATE_K,
     )
     v_ptrs = tile_ptrs(segment_head_ptr(V, token0, stride_vt, kv_head, stride_vh), stride_vt, keys, d_cols)
     v = load_tile(v_ptrs, keys, seqlen, d_cols, HEAD_DIM, True, PAD_D)
@@ -110,18 +110,18 @@ def _dkdv_kernel(
         delta_base = Delta + head * stride_lse_h + token0
         dk1, dk2, dv = _dkdv_blocks(
             dk1, dk2, dv, k1, k2, v, keys, seqlen, start_n, masked_end,
-            q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, positions_ptr, freq, half_cols, d_cols,
+            q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, table_ptr, half_cols, d_cols,
             scale_log2, HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_M, True, ROTATE_Q, DOT_PRECISION,
         )
         dk1, dk2, dv = _dkdv_blocks(
             dk1, dk2, dv, k1, k2, v, keys, seqlen, full_start, seqlen,
-            q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, positions_ptr, freq, half_cols, d_cols,
+            q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, table_ptr, half_cols, d_cols,
             scale_log2, HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_M, False, ROTATE_Q, DOT_PRECISION,
         )
 
     dk_base = segment_head_ptr(dK, token0, stride_dkt, kv_head, stride_dkh)
-    unrotate_store(dk_base, stride_dkt, keys, seqlen, half_cols, positions_ptr, freq,
-                   dk1 * softmax_scale, dk2 * softmax_scale, HALF, UNROTATE)
+    store_halves(dk_base, stride_dkt, keys, seqlen, half_cols, table_ptr,
+                   dk1 * softmax_scale, dk2 * softmax_scale, HALF, PAD_HALF, UNROTATE)
     dv_ptrs = tile_ptrs(segment_head_ptr(dV, token0, stride_dvt, kv_head, stride_dvh), stride_dvt, keys, d_cols)
     store_tile(dv_ptrs, keys, seqlen, d_cols, HEAD_DIM, dv)
 
@@ -129,7 +129,7 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_blocks(
     dq1, dq2, q1, q2, do, lse, delta, rows, seqlen, lo, hi,
-    k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
+    k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTATE_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -137,7 +137,7 @@ def _dq_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         k1, k2, s = key_block_scores(
-            q1, q2, k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq,
+            q1, q2, k_base, stride_kt, keys, seqlen, half_cols, table_ptr,
             HALF, MASKED, PAD_HALF, ROTATE_K, DOT_PRECISION,
         )
         v = load_tile(tile_ptrs(v_base, stride_vt, keys, d_cols), keys, seqlen, d_cols, HEAD_DIM, MASKED, PAD_D)
@@ -153,7 +153,7 @@ def _dq_blocks(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens, positions, inv_freq,
+    Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens, rotary_table,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
     stride_dqt, stride_dqh, stride_lse_h,
     scale_log2, softmax_scale,
@@ -167,9 +167,9 @@ def _dq_kernel(
         return
     head = tl.program_id(2)
     kv_head = head // GROUP
-    rows, half_cols, d_cols, positions_ptr, freq, q1, q2 = program_block_halves(
-        Q, positions, inv_freq, start_m, token0, seqlen, stride_qt, head, stride_qh,
-        BLOCK_M, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, UNROTATE, ROTATE_Q,
+    rows, half_cols, d_cols, table_ptr, q1, q2 = program_block_halves(
+        Q, rotary_table, start_m, token0, seqlen, stride_qt, head, stride_qh,
+        BLOCK_M, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, ROTATE_Q,
     )
     row_ok = rows < seqlen
     do_ptrs = tile_ptrs(segment_head_ptr(dOut, token0, stride_dt, head, stride_dh), stride_dt, rows, d_cols)
@@ -184,17 +184,17 @@ def _dq_kernel(
     full_end, masked_end = query_block_key_bounds(start_m, seqlen, BLOCK_M, BLOCK_N, CAUSAL)
     dq1, dq2 = _dq_blocks(
         dq1, dq2, q1, q2, do, lse, delta, rows, seqlen, 0, full_end,
-        k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
+        k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
         HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, False, CAUSAL, ROTATE_K, DOT_PRECISION,
     )
     dq1, dq2 = _dq_blocks(
         dq1, dq2, q1, q2, do, lse, delta, rows, seqlen, full_end, masked_end,
-        k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
+        k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
         HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, True, CAUSAL, ROTATE_K, DOT_PRECISION,
     )
     dq_base = segment_head_ptr(dQ, token0, stride_dqt, head, stride_dqh)
-    unrotate_store(dq_base, stride_dqt, rows, seqlen, half_cols, positions_ptr, freq,
-                   dq1 * softmax_scale, dq2 * softmax_scale, HALF, UNROTATE)
+    store_halves(dq_base, stride_dqt, rows, seqlen, half_cols, table_ptr,
+                   dq1 * softmax_scale, dq2 * softmax_scale, HALF, PAD_HALF, UNROTATE)
 
 
 def attention_backward_triton(
@@ -220,15 +220,14 @@ def attention_backward_triton(
         HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_T=block_t, HAS_GRAD_LSE=grad_lse is not None,
     )
 
-    q_in, k_in, inv_freq, rotate_q, rotate_k = rotary_plan(q, k, positions, theta, rotary_mode, backward=True)
-    positions_arg = q if positions is None else positions
+    q_in, k_in, table, rotate_q, rotate_k = rotary_plan(q, k, positions, theta, rotary_mode, backward=True)
     flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, ROTATE_Q=rotate_q, ROTATE_K=rotate_k,
                  UNROTATE=positions is not None, **constants)
     scale_log2 = softmax_scale * LOG2E
 
     block_m, block_n, warps, stages = attention_blocks("dkdv", head_dim, q.dtype, q.device)
     _dkdv_kernel[(triton.cdiv(max_seqlen, block_n), num_sequences, kv_heads)](
-        q_in, k_in, v, grad_out, lse, delta, dk, dv, cu_seqlens, positions_arg, inv_freq,
+        q_in, k_in, v, grad_out, lse, delta, dk, dv, cu_seqlens, table,
         q_in.stride(0), q_in.stride(1), k_in.stride(0), k_in.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         scale_log2, softmax_scale,
@@ -236,7 +235,7 @@ def attention_backward_triton(
     )
     block_m, block_n, warps, stages = attention_blocks("dq", head_dim, q.dtype, q.device)
     _dq_kernel[(triton.cdiv(max_seqlen, block_m), num_sequences, q_heads)](
-        q_in, k_in, v, grad_out, lse, delta, dq, cu_seqlens, positions_arg, inv_freq,
+        q_in, k_in, v, grad_out, lse, delta, dq, cu_seqlens, table,
         q_in.stride(0), q_in.stride(1), k_in.stride(0), k_in.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
         scale_log2, softmax_scale,

@@ -56,16 +56,18 @@ def store_tile(ptrs, rows, row_limit, cols, col_limit, tile):
 
 
 @triton.jit
-def rotary_cos_sin(positions_ptr, rows, row_limit, freq):
-    """float32 cos and sin [rows, D/2] of angle = position * inv_freq (rows past row_limit: angle 0)."""
-    position = tl.load(positions_ptr + rows, mask=rows < row_limit, other=0.0)
-    angle = position[:, None] * freq[None, :]
-    return tl.cos(angle), tl.sin(angle)
+def rotary_cos_sin(table_ptr, rows, row_limit, cols, HALF: tl.constexpr, CHECK_ROWS: tl.constexpr, PAD_HALF: tl.constexpr):
+    """float32 cos and sin [rows, BLOCK_HALF] of the rows' angles, read from the rotary table (see
+    rotary_table; zero outside rows < row_limit and cols < HALF, where the rotated tiles are zero too)."""
+    ptrs = tile_ptrs(table_ptr, 2 * HALF, rows, cols)
+    cos = load_tile(ptrs, rows, row_limit, cols, HALF, CHECK_ROWS, PAD_HALF)
+    sin = load_tile(ptrs + HALF, rows, row_limit, cols, HALF, CHECK_ROWS, PAD_HALF)
+    return cos, sin
 
 
 @triton.jit
 def load_halves(
-    base_ptr, row_stride, rows, row_limit, cols, positions_ptr, freq,
+    base_ptr, row_stride, rows, row_limit, cols, table_ptr,
     HALF: tl.constexpr, CHECK_ROWS: tl.constexpr, PAD_HALF: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """The two halves [rows, BLOCK_HALF] of one head of q or k, rotated by their positions when ROTATE.
@@ -74,7 +76,7 @@ def load_halves(
     x1 = load_tile(ptrs, rows, row_limit, cols, HALF, CHECK_ROWS, PAD_HALF)
     x2 = load_tile(ptrs + HALF, rows, row_limit, cols, HALF, CHECK_ROWS, PAD_HALF)
     if ROTATE:
-        cos, sin = rotary_cos_sin(positions_ptr, rows, row_limit, freq)
+        cos, sin = rotary_cos_sin(table_ptr, rows, row_limit, cols, HALF, CHECK_ROWS, PAD_HALF)
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
         x1 = (a * cos - b * sin).to(x1.dtype)
@@ -83,14 +85,14 @@ def load_halves(
 
 
 @triton.jit
-def unrotate_store(
-    base_ptr, row_stride, rows, row_limit, cols, positions_ptr, freq, g1, g2,
-    HALF: tl.constexpr, UNROTATE: tl.constexpr,
+def store_halves(
+    base_ptr, row_stride, rows, row_limit, cols, table_ptr, g1, g2,
+    HALF: tl.constexpr, PAD_HALF: tl.constexpr, UNROTATE: tl.constexpr,
 ):
-    """Store a gradient given as two float32 halves, first rotated by -angle when UNROTATE (the adjoint of
-    the forward rotation: the gradient of q or k before rotary)."""
+    """Store the two halves [rows, BLOCK_HALF] of one head, first rotated by -angle when UNROTATE (the adjoint
+    of the forward rotation: it turns the gradient of a rotated q or k into that of q or k)."""
     if UNROTATE:
-        cos, sin = rotary_cos_sin(positions_ptr, rows, row_limit, freq)
+        cos, sin = rotary_cos_sin(table_ptr, rows, row_limit, cols, HALF, True, PAD_HALF)
         r1 = g1 * cos + g2 * sin
         r2 = g2 * cos - g1 * sin
         g1 = r1
@@ -112,36 +114,27 @@ def segment_block(cu_seqlens, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def head_columns(
-    positions, token0, inv_freq,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, LOAD_FREQ: tl.constexpr,
-):
-    """(column offsets of a half head, of a whole head, the segment's positions, the rotary inverse
-    frequencies). The frequencies are zeros without LOAD_FREQ: then nothing rotates with them."""
-    half_cols = tl.arange(0, BLOCK_HALF)
-    if LOAD_FREQ:
-        freq = tl.load(inv_freq + half_cols, mask=half_cols < HALF, other=0.0)
-    else:
-        freq = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    return half_cols, tl.arange(0, BLOCK_D), positions + token0, freq
+def head_columns(rotary_table, token0, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(column offsets of a half head, of a whole head, the segment's first row of the rotary table)."""
+    return tl.arange(0, BLOCK_HALF), tl.arange(0, BLOCK_D), rotary_table + token0 * (2 * HALF)
 
 
 @triton.jit
 def program_block_halves(
-    X, positions, inv_freq, start, token0, seqlen, token_stride, head, head_stride,
+    X, rotary_table, start, token0, seqlen, token_stride, head, head_stride,
     BLOCK: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAD_HALF: tl.constexpr, LOAD_FREQ: tl.constexpr, ROTATE: tl.constexpr,
+    PAD_HALF: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """The prologue of a program over one block of q or k (the rows from ``start`` of one head of X):
-    (rows, half-head and head columns, the segment's positions, inv_freq, the block's two halves, rotated
-    when ROTATE)."""
+    (rows, half-head and head columns, the segment's first row of the rotary table, the block's two halves,
+    rotated when ROTATE)."""
     rows = start + tl.arange(0, BLOCK)
-    half_cols, d_cols, positions_ptr, freq = head_columns(positions, token0, inv_freq, HALF, BLOCK_HALF, BLOCK_D, LOAD_FREQ)
+    half_cols, d_cols, table_ptr = head_columns(rotary_table, token0, HALF, BLOCK_HALF, BLOCK_D)
     x1, x2 = load_halves(
         segment_head_ptr(X, token0, token_stride, head, head_stride), token_stride, rows, seqlen, half_cols,
-        positions_ptr, freq, HALF, True, PAD_HALF, ROTATE,
+        table_ptr, HALF, True, PAD_HALF, ROTATE,
     )
-    return rows, half_cols, d_cols, positions_ptr, freq, x1, x2
+    return rows, half_cols, d_cols, table_ptr, x1, x2
 
 
 @triton.jit
@@ -169,12 +162,12 @@ def visible_keys(rows, keys, seqlen, CAUSAL: tl.constexpr):
 
 @triton.jit
 def key_block_scores(
-    q1, q2, k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq,
+    q1, q2, k_base, stride_kt, keys, seqlen, half_cols, table_ptr,
     HALF: tl.constexpr, MASKED: tl.constexpr, PAD_HALF: tl.constexpr, ROTATE_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """(k1, k2, unscaled float32 scores q.k [rows, keys]) of one key block, bounds-checked when MASKED."""
-    k1, k2 = load_halves(k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq, HALF, MASKED, PAD_HALF, ROTATE_K)
+    k1, k2 = load_halves(k_base, stride_kt, keys, seqlen, half_cols, table_ptr, HALF, MASKED, PAD_HALF, ROTATE_K)
     s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
     s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
     return k1, k2, s
@@ -229,22 +222,31 @@ def head_constants(head_dim: int, dtype: torch.dtype) -> dict:
     )
 
 
+def rotary_table(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """float32 [T, D]: row t holds cos(angle[t, :]) then sin(angle[t, :]), with angle[t, i] = positions[t] *
+    inv_freq[i] in float32, as apply_rotary computes them. Built once per call (T x D x 4 bytes) and read by
+    every head's programs, instead of each program evaluating cos and sin of its own tile: those are long
+    library routines (range reduction), and every q head and every block would repeat them."""
+    angles = positions[:, None] * inv_freq[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=1)
+
+
 def rotary_plan(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, theta: float, rotary_mode: str, backward: bool
 ):
-    """(q, k, inv_freq, rotate_q, rotate_k) for the kernels under ``rotary_mode``.
+    """(q, k, rotary table, rotate_q, rotate_k) for the kernels under ``rotary_mode``.
 
-    'fused': the kernels rotate q and k tiles as they load them. 'prerotate_k': k is rotated once by the
-    apply_rotary kernel and the kernels load it rotated; the forward rotates q in its prologue, while the
-    backward, whose dK/dV kernel re-reads every q block, rotates q once by the pre-pass as well.
-    inv_freq is also what the backward's epilogues need to rotate dq and dk back."""
+    'fused': the kernels rotate q and k tiles as they load them. 'prerotate_k': in the forward, k is
+    rotated once by the apply_rotary kernel and the kernel loads it rotated, and the kernel rotates q in
+    its prologue (writing the rotated q out); the backward is given both rotated (keeps_rotated), so its
+    kernels rotate nothing. The table is also what the backward's epilogues need to rotate dq and dk back;
+    without positions it is empty (nothing reads it)."""
     if positions is None:
         return q, k, q.new_zeros(0, dtype=torch.float32), False, False
     inv_freq = rotary_inv_freq(q.shape[2], theta, q.device)
+    table = rotary_table(positions, inv_freq)
     if rotary_mode == "fused":
-        return q, k, inv_freq, True, True
-    rotate = ROTARY.select(k.device)
-    k = rotate(k, positions, inv_freq, False)
+        return q, k, table, True, True
     if backward:
-        return rotate(q, positions, inv_freq, False), k, inv_freq, False, False
-    return q, k, inv_freq, True, False
+        return q, k, table, False, False
+    return q, ROTARY.select(k.device)(k, positions, inv_freq, False), table, True, False

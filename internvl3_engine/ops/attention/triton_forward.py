@@ -5,9 +5,9 @@ once when its block starts past the segment's end (max_seqlen sizes the grid for
 walks the key blocks of its own segment with an online softmax in exp2 (the softmax scale folded with
 log2(e)); causal programs stop at the diagonal and mask only the diagonal blocks, and only the ragged last
 block is bounds-checked. Accumulators are float32. q and k are loaded as two halves (see triton_common).
-Rotary modes (see op.py): ROTATE_Q rotates the query block once in the prologue; ROTATE_K rotates every
-key block as it is loaded (the fully fused mode); without ROTATE_K the kernel reads k as given (already
-rotated by a pre-pass, or no rotary at all).
+Rotary modes (see op.py): ROTATE_Q rotates the query block once in the prologue, through QRotated (see
+the kernel); ROTATE_K rotates every key block as it is loaded (the fully fused mode); without ROTATE_K the
+kernel reads k as given (already rotated by a pre-pass, or no rotary at all).
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .op import keeps_rotated
 from .triton_common import (
-    LOG2E, attention_blocks, head_constants, key_block_scores, load_tile, program_block_halves, query_block_key_bounds,
-    rotary_plan, segment_block, segment_head_ptr, store_tile, tile_ptrs, visible_keys,
+    LOG2E, attention_blocks, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
+    query_block_key_bounds, rotary_plan, segment_block, segment_head_ptr, store_halves, store_tile, tile_ptrs,
+    visible_keys,
 )
 
 
 @triton.jit
 def _forward_blocks(
     acc, l_i, m_i, q1, q2, rows, seqlen, lo, hi,
-    k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
+    k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTATE_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -35,7 +37,7 @@ def _forward_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         _, _, s = key_block_scores(
-            q1, q2, k_base, stride_kt, keys, seqlen, half_cols, positions_ptr, freq,
+            q1, q2, k_base, stride_kt, keys, seqlen, half_cols, table_ptr,
             HALF, MASKED, PAD_HALF, ROTATE_K, DOT_PRECISION,
         )
         s = s * scale_log2
@@ -56,23 +58,33 @@ def _forward_blocks(
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Out, Lse, cu_seqlens, positions, inv_freq,
+    Q, K, V, Out, Lse, QRotated, cu_seqlens, rotary_table,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse_h,
     scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE_Q: tl.constexpr, ROTATE_K: tl.constexpr, LOAD_FREQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTATE_Q: tl.constexpr, ROTATE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m, token0, seqlen = segment_block(cu_seqlens, BLOCK_M)
     if start_m >= seqlen:
         return
     head = tl.program_id(2)
     kv_head = head // GROUP
-    rows, half_cols, d_cols, positions_ptr, freq, q1, q2 = program_block_halves(
-        Q, positions, inv_freq, start_m, token0, seqlen, stride_qt, head, stride_qh,
-        BLOCK_M, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, LOAD_FREQ, ROTATE_Q,
+    rows, half_cols, d_cols, table_ptr, q1, q2 = program_block_halves(
+        Q, rotary_table, start_m, token0, seqlen, stride_qt, head, stride_qh,
+        BLOCK_M, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, ROTATE_Q,
     )
+    if ROTATE_Q:
+        # The rotated block is stored to QRotated (q's layout: the q_rotated the backward reads instead of
+        # rotating q again, or in 'fused' mode Out, whose tile this program overwrites at the end) and loaded
+        # back: a q loaded from memory is a shared-memory operand of Hopper's MMA (wgmma), while a q computed
+        # in registers would stay a register operand through the whole key loop (more registers per thread,
+        # and slower). The reload hits L2.
+        q_rotated_base = segment_head_ptr(QRotated, token0, stride_qt, head, stride_qh)
+        store_halves(q_rotated_base, stride_qt, rows, seqlen, half_cols, table_ptr, q1, q2, HALF, PAD_HALF, False)
+        tl.debug_barrier()
+        q1, q2 = load_halves(q_rotated_base, stride_qt, rows, seqlen, half_cols, table_ptr, HALF, True, PAD_HALF, False)
     k_base = segment_head_ptr(K, token0, stride_kt, kv_head, stride_kh)
     v_base = segment_head_ptr(V, token0, stride_vt, kv_head, stride_vh)
 
@@ -82,12 +94,12 @@ def _forward_kernel(
     full_end, masked_end = query_block_key_bounds(start_m, seqlen, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _forward_blocks(
         acc, l_i, m_i, q1, q2, rows, seqlen, 0, full_end,
-        k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
+        k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
         HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, False, CAUSAL, ROTATE_K, DOT_PRECISION,
     )
     acc, l_i, m_i = _forward_blocks(
         acc, l_i, m_i, q1, q2, rows, seqlen, full_end, masked_end,
-        k_base, v_base, stride_kt, stride_vt, positions_ptr, freq, half_cols, d_cols, scale_log2,
+        k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
         HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, True, CAUSAL, ROTATE_K, DOT_PRECISION,
     )
 
@@ -102,25 +114,28 @@ def _forward_kernel(
 
 
 def attention_forward_triton(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
-    """The 'triton' backend of the v2pe_attention custom op: its arguments, (out, lse)."""
+    """The 'triton' backend of the v2pe_attention custom op: its arguments, (out, lse, q_rotated, k_rotated)."""
     tokens, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(q_heads, tokens, dtype=torch.float32, device=q.device)
+    q_in, k_in, table, rotate_q, rotate_k = rotary_plan(q, k, positions, theta, rotary_mode, backward=False)
+    keep = keeps_rotated(positions, rotary_mode)
+    q_rotated = torch.empty_like(q) if keep else q.new_empty(0)
+    k_rotated = k_in if keep else k.new_empty(0)
     num_sequences = cu_seqlens.shape[0] - 1
     if tokens == 0 or num_sequences == 0 or max_seqlen == 0:
-        return out, lse
-    q_in, k_in, inv_freq, rotate_q, rotate_k = rotary_plan(q, k, positions, theta, rotary_mode, backward=False)
+        return out, lse, q_rotated, k_rotated
     block_m, block_n, warps, stages = attention_blocks("forward", head_dim, q.dtype, q.device)
     grid = (triton.cdiv(max_seqlen, block_m), num_sequences, q_heads)
     _forward_kernel[grid](
-        q_in, k_in, v, out, lse, cu_seqlens, q if positions is None else positions, inv_freq,
+        q_in, k_in, v, out, lse, q_rotated if keep else out, cu_seqlens, table,
         q_in.stride(0), q_in.stride(1), k_in.stride(0), k_in.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         softmax_scale * LOG2E,
         GROUP=q_heads // k.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, ROTATE_Q=rotate_q, ROTATE_K=rotate_k,
-        LOAD_FREQ=rotate_q or rotate_k, num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
         **head_constants(head_dim, q.dtype),
     )
-    return out, lse
+    return out, lse, q_rotated, k_rotated
 
