@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import attention
 from .harness import (
-    Case, Implementation, OpSpec, Timer, engine, gb_per_s, input_copies, nbytes, peak_memory, randn, rotating,
+    Case, Implementation, OpSpec, Timer, device_ms, engine, gb_per_s, input_copies, nbytes, peak_memory, randn, rotating,
     tflop_per_s,
 )
 
@@ -345,12 +345,15 @@ class KernelSuite:
                 call = self._callable(implementation, case, sets, job.direction)
                 call()  # fails here when the implementation cannot run this case on this device
                 median_ms = self.timer.median_ms(call)
+                gpu_ms = device_ms(self.device, call)
                 memory = peak_memory(self.device, call)
         except RuntimeError as error:  # the implementation cannot run here (dispatch or the library says why)
             return {**row, "status": "skipped", "reason": f"{type(error).__name__}: {error}"}
         except Exception as error:  # a broken op must not stop the others: recorded, and the run fails
             return {**row, "status": "error", "reason": f"{type(error).__name__}: {error}"}
         timed = {**row, "status": "ok", "median_ms": median_ms, "input_copies": len(sets), **memory}
+        if gpu_ms is not None:
+            timed["device_ms"] = gpu_ms
         backward = job.direction == FORWARD_BACKWARD
         if spec.bytes_moved is not None:
             forward_bytes, backward_bytes = spec.bytes_moved(sets[0])
@@ -387,7 +390,8 @@ def run_kernels(device: torch.device, sizes: str, timer: Timer, progress: Callab
 
 
 def add_rates(rows: list[dict], ceilings: dict) -> list[dict]:
-    """Add to timed rows: GB/s and the fraction of the copy ceiling (memory-bound ops), TFLOP/s and the
+    """Add to timed rows: GB/s and the fraction of the copy ceiling (memory-bound ops; from the device time
+    too where it was measured), TFLOP/s and the
     fraction of the matmul ceiling (compute-bound ops; on forward+backward rows also the backward alone,
     from the difference to the same implementation's forward row), and the speedup over the engine's
     'torch' reference."""
@@ -401,6 +405,9 @@ def add_rates(rows: list[dict], ceilings: dict) -> list[dict]:
         if "bytes" in row:
             row["gb_per_s"] = gb_per_s(row["bytes"], row["median_ms"])
             row["fraction_of_copy"] = row["gb_per_s"] / ceilings["copy"]["gb_per_s"]
+            if "device_ms" in row:  # the kernels' own bandwidth, without the host's overhead
+                row["device_gb_per_s"] = gb_per_s(row["bytes"], row["device_ms"])
+                row["device_fraction_of_copy"] = row["device_gb_per_s"] / ceilings["copy"]["gb_per_s"]
         if "flops" in row:
             row["tflop_per_s"] = tflop_per_s(row["flops"], row["median_ms"])
             row["fraction_of_matmul"] = row["tflop_per_s"] / matmul

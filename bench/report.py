@@ -68,7 +68,7 @@ def _ratio(value) -> str:
 
 KERNEL_COLUMNS = [
     ("op", False), ("case", False), ("direction", False), ("implementation", False), ("median (us)", True),
-    ("GB/s", True), ("of copy", True), ("TFLOP/s", True), ("of matmul", True), ("bwd TFLOP/s", True),
+    ("device (us)", True), ("GB/s", True), ("of copy", True), ("of copy (device)", True), ("TFLOP/s", True), ("of matmul", True), ("bwd TFLOP/s", True),
     ("vs torch", True), ("workspace (MiB)", True), ("note", False),
 ]
 
@@ -80,7 +80,9 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
         cells.append([
             row["op"], row["case"], row["direction"], row["implementation"],
             _number(row["median_ms"] * 1e3, 1) if row["status"] == "ok" else "-",
+            _number(None if row.get("device_ms") is None else row["device_ms"] * 1e3, 1),
             _number(row.get("gb_per_s"), 1), _percent(row.get("fraction_of_copy")),
+            _percent(row.get("device_fraction_of_copy")),
             _number(row.get("tflop_per_s"), 2), _percent(row.get("fraction_of_matmul")),
             _number(row.get("backward_tflop_per_s"), 2),
             _ratio(row.get("speedup_vs_torch")),
@@ -91,7 +93,9 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
         "## Kernels",
         "",
         "GB/s for memory-bound ops (of the copy ceiling), TFLOP/s for compute-bound ones (of the matmul ceiling; "
-        "'bwd' = the backward alone, forward+backward minus forward). Workspace = peak memory above the inputs.",
+        "'bwd' = the backward alone, forward+backward minus forward). Workspace = peak memory above the inputs. "
+        "Median = wall time per call; device = the GPU's own time per call (its kernels' summed durations, "
+        "torch.profiler), without the host's overhead; 'of copy (device)' is the bandwidth over the device time.",
         "",
     ]
     return intro + _table(KERNEL_COLUMNS, cells)

@@ -13,7 +13,7 @@ import internvl3_engine
 from bench import attention, kernels, train
 from bench.__main__ import main
 from bench.ceilings import datasheet_ceiling
-from bench.harness import Timer
+from bench.harness import Timer, device_ms, gpu_busy_us
 
 CPU = torch.device("cpu")
 
@@ -265,3 +265,16 @@ def test_quick_timer_times_one_call():
     calls = []
     assert Timer(CPU, quick=True).median_ms(lambda: calls.append(1)) >= 0
     assert calls == [1]
+
+
+def test_device_time_sums_only_the_gpu_activities():
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(start, end, device_type):
+        return FunctionEvent(id=0, name="e", thread=0, start_us=start, end_us=end, device_type=device_type)
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [event(0, 100, cpu), event(10, 35, cuda), event(40, 47, cuda), event(50, 90, cpu)]
+    assert gpu_busy_us(events) == 32
+    # Elsewhere than on CUDA there is no device time, and the callable is not run.
+    assert device_ms(CPU, lambda: pytest.fail("ran")) is None

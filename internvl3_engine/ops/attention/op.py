@@ -247,9 +247,11 @@ def v2pe_attention(
     ``rotary_mode`` chooses how the rotary is applied, all with the same result:
       'separate' (default): apply_rotary on q and k, then attention without positions; the fastest
           on an H100 (2026-11-22, 16k-token pack, 28 heads of 128: forward 966 us against 1134 for
-          'prerotate_k' and 4618 for 'fused'; forward+backward 4.86 ms, 5.16 and 23.7);
+          'prerotate_k' and 4618 for 'fused'; forward+backward 4.86 ms, 5.16 and 23.7), timed before
+          'prerotate_k' took its present form (not yet timed);
       'prerotate_k': k rotated once by the apply_rotary kernel, q rotated in the attention kernel's
-          prologue (the backward pre-rotates q too);
+          prologue; the rotated q and k are kept for the backward instead of q and k (the same memory),
+          so the backward rotates nothing but the gradients;
       'fused': the kernels rotate q and every K block as they load them (no extra pass over memory,
           but each K block is rotated once per Q block: the slowest).
     In every mode the backward's epilogues rotate dq and dk back (by -angle).

@@ -121,7 +121,7 @@ def _dkdv_kernel(
 
     dk_base = segment_head_ptr(dK, token0, stride_dkt, kv_head, stride_dkh)
     store_halves(dk_base, stride_dkt, keys, seqlen, half_cols, table_ptr,
-                   dk1 * softmax_scale, dk2 * softmax_scale, HALF, PAD_HALF, UNROTATE)
+                 dk1 * softmax_scale, dk2 * softmax_scale, HALF, PAD_HALF, UNROTATE)
     dv_ptrs = tile_ptrs(segment_head_ptr(dV, token0, stride_dvt, kv_head, stride_dvh), stride_dvt, keys, d_cols)
     store_tile(dv_ptrs, keys, seqlen, d_cols, HEAD_DIM, dv)
 
@@ -194,7 +194,7 @@ def _dq_kernel(
     )
     dq_base = segment_head_ptr(dQ, token0, stride_dqt, head, stride_dqh)
     store_halves(dq_base, stride_dqt, rows, seqlen, half_cols, table_ptr,
-                   dq1 * softmax_scale, dq2 * softmax_scale, HALF, PAD_HALF, UNROTATE)
+                 dq1 * softmax_scale, dq2 * softmax_scale, HALF, PAD_HALF, UNROTATE)
 
 
 def attention_backward_triton(
