@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh build test        # build the extension (sm_90) and run every test on the GPU
 #   bash scripts/gpu_check.sh sanitize          # compute-sanitizer memcheck + racecheck over every op
 #   bash scripts/gpu_check.sh bench             # python -m bench --suite all --sizes real, tarred
+#                                               # (BENCH_ARGS replaces those arguments: a suite or ops at a time)
 #   bash scripts/gpu_check.sh profile           # ncu (--clock-control none) of the attention kernels
 #
 # Stages run in the order given; the build persists on a warm machine between calls. A failing stage is
@@ -45,7 +46,8 @@ stage_sanitize() {
 
 stage_bench() {
   local folder="$OUT/bench_results"
-  python -m bench --suite all --sizes real --out "$folder" 2>&1 | tail -60 || return 1
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  python -m bench ${BENCH_ARGS:---suite all --sizes real} --out "$folder" 2>&1 | tail -60 || return 1
   tar czf "$OUT/bench_results.tgz" -C "$OUT" bench_results && rm -rf "$folder"
 }
 

@@ -16,6 +16,7 @@ import torch
 
 import internvl3_engine as ie
 from internvl3_engine.dispatch import why_unusable
+from internvl3_engine.ops.attention import ROTARY_MODES
 
 
 def make_cases(device: torch.device, dtype: torch.dtype) -> dict:
@@ -45,8 +46,10 @@ def make_cases(device: torch.device, dtype: torch.dtype) -> dict:
         "pixel_unshuffle_layernorm": (lambda x, w, b: ie.pixel_unshuffle_layernorm(x, w, b), [tiles, randn(width), randn(width)]),
         "scatter_visual": (lambda text, visual: ie.scatter_visual(text, visual, is_visual),
                            [randn(tokens, 24), randn(int(is_visual.sum()), 24)]),
-        "v2pe_attention": (lambda q, k, v: ie.v2pe_attention(q, k, v, cu_seqlens, max(lengths), positions),
-                           [randn(tokens, 6, 64), randn(tokens, 2, 64), randn(tokens, 2, 64)]),
+        **{f"v2pe_attention[{mode}]": (
+            lambda q, k, v, mode=mode: ie.v2pe_attention(q, k, v, cu_seqlens, max(lengths), positions, rotary_mode=mode),
+            [randn(tokens, 6, 64), randn(tokens, 2, 64), randn(tokens, 2, 64)],
+        ) for mode in ROTARY_MODES},
         "linear_cross_entropy": (lambda hidden, weight: ie.linear_cross_entropy(hidden, weight, labels),
                                  [randn(tokens, 48), randn(50, 48)]),
     }

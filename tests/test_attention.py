@@ -171,10 +171,12 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.internvl3_engine.v2pe_attention_backward.default, (backward_args[0], None) + backward_args[2:])
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("rotary_mode", ["separate", "prerotate_k"])
+def test_torch_compile_fullgraph(rotary_mode):
     def block(x, positions, cu_seqlens, max_seqlen):
         q, k, v = (x * 2).split([32, 16, 16], dim=1)
-        out = v2pe_attention(q.unflatten(1, (2, 16)), k[:, None], v[:, None], cu_seqlens, max_seqlen, positions)
+        out = v2pe_attention(q.unflatten(1, (2, 16)), k[:, None], v[:, None], cu_seqlens, max_seqlen, positions,
+                             rotary_mode=rotary_mode)
         return out.flatten(1).sum(-1)
 
     x = torch.randn(12, 64, requires_grad=True)
