@@ -391,10 +391,9 @@ def run_kernels(device: torch.device, sizes: str, timer: Timer, progress: Callab
 
 def add_rates(rows: list[dict], ceilings: dict) -> list[dict]:
     """Add to timed rows: GB/s and the fraction of the copy ceiling (memory-bound ops; from the device time
-    too where it was measured), TFLOP/s and the
-    fraction of the matmul ceiling (compute-bound ops; on forward+backward rows also the backward alone,
-    from the difference to the same implementation's forward row), and the speedup over the engine's
-    'torch' reference."""
+    too where it was measured), TFLOP/s and the fraction of the matmul ceiling (compute-bound ops; on
+    forward+backward rows also the backward alone, from the difference to the same implementation's forward
+    row), and the speedup over the engine's 'torch' reference."""
     timed = [row for row in rows if row["status"] == "ok"]
     key = lambda row: (row["op"], row["case"], row["direction"])  # noqa: E731
     torch_ms = {key(row): row["median_ms"] for row in timed if row["implementation"] == "torch"}

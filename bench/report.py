@@ -68,8 +68,8 @@ def _ratio(value) -> str:
 
 KERNEL_COLUMNS = [
     ("op", False), ("case", False), ("direction", False), ("implementation", False), ("median (us)", True),
-    ("device (us)", True), ("GB/s", True), ("of copy", True), ("of copy (device)", True), ("TFLOP/s", True), ("of matmul", True), ("bwd TFLOP/s", True),
-    ("vs torch", True), ("workspace (MiB)", True), ("note", False),
+    ("device (us)", True), ("GB/s", True), ("of copy", True), ("of copy (device)", True), ("TFLOP/s", True),
+    ("of matmul", True), ("bwd TFLOP/s", True), ("vs torch", True), ("workspace (MiB)", True), ("note", False),
 ]
 
 

@@ -23,11 +23,12 @@ def keeps_rotated(positions: torch.Tensor | None, rotary_mode: str) -> bool:
 
 
 def _forward_torch(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
-    out, lse = v2pe_attention_reference(q, k, v, cu_seqlens, positions, theta=theta, causal=causal, softmax_scale=softmax_scale)
+    q_rotated, k_rotated = q.new_empty(0), k.new_empty(0)
     if keeps_rotated(positions, rotary_mode):
+        # Rotated once, returned and attended (the reference would otherwise rotate them a second time).
         q_rotated, k_rotated = rotated_reference(q, k, positions, theta)
-    else:
-        q_rotated, k_rotated = q.new_empty(0), k.new_empty(0)
+        q, k, positions = q_rotated, k_rotated, None
+    out, lse = v2pe_attention_reference(q, k, v, cu_seqlens, positions, theta=theta, causal=causal, softmax_scale=softmax_scale)
     return out, lse.to(torch.float32), q_rotated, k_rotated
 
 
