@@ -64,7 +64,14 @@ def get_backend() -> str:
     chosen = _context_backends[-1] if _context_backends else _global_backend
     if chosen is not None:
         return chosen
-    return _checked(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    return _environment_backend(os.environ.get(ENV_VAR))
+
+
+@functools.lru_cache(maxsize=16)
+def _environment_backend(value: str | None) -> str:
+    # Read on every call (the variable may change at run time), parsed once per distinct value: every op
+    # call asks, and host time per call is what bounds the short memory-bound kernels.
+    return _checked((value or "").strip().lower() or "auto", ENV_VAR)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,11 +85,13 @@ def triton_import_error() -> str | None:
 
 
 def lazy(module: str, name: str) -> Callable:
-    """A function calling ``module.name``, imported on first call: Triton kernel modules import triton
-    and read TRITON_INTERPRET when imported, which must wait until a Triton kernel is actually used."""
+    """A function calling ``module.name``, imported on its first call (and remembered): Triton kernel modules
+    import triton and read TRITON_INTERPRET when imported, which must wait until a Triton kernel is used."""
+
+    resolve = functools.cache(lambda: getattr(importlib.import_module(module), name))
 
     def run(*args):
-        return getattr(importlib.import_module(module), name)(*args)
+        return resolve()(*args)
 
     run.__name__ = run.__qualname__ = name
     return run
@@ -126,7 +135,11 @@ class KernelSet:
     torch: Callable
     triton: Callable | None = None
     cuda: Callable | None = None
-    gpu_order: tuple[str, ...] = ("triton", "cuda", "torch")
+    # Compiled kernels first: on an H100 (bench/results/20261122T180330Z_*) they beat the Triton kernels of
+    # every memory-bound op forward+backward (1.3-1.6x: rotary, both unshuffles, scatter_visual) and
+    # loss_weights 15x, where short kernels make the host's time per call count (a C++ op launches
+    # with less of it than Triton's Python launcher). Ops whose kernels are only Triton say so.
+    gpu_order: tuple[str, ...] = ("cuda", "triton", "torch")
 
     def select(self, device: torch.device) -> Callable:
         requested = get_backend()

@@ -47,11 +47,12 @@ def kernel(name: str):
 
 
 def compiled(name: str):
-    """A function calling the compiled operator ``name``, looked up at call time (so that importing the
-    package never needs the extension)."""
+    """A function calling the compiled operator ``name``, looked up on its first call (so that importing the
+    package never needs the extension) and remembered."""
+    resolve = functools.cache(lambda: kernel(name).default)
 
     def run(*args):
-        return kernel(name)(*args)
+        return resolve()(*args)
 
     run.__name__ = run.__qualname__ = f"compiled_{name}"
     return run

@@ -70,8 +70,8 @@ def test_auto_on_cpu_prefers_compiled_kernels(monkeypatch):
 
 def test_auto_on_gpu_follows_gpu_order(monkeypatch):
     monkeypatch.setattr(dispatch, "why_unusable", lambda kind, device: None)
-    assert _kernels().select(torch.device("cuda"))() == "triton"
-    assert _kernels(triton=False).select(torch.device("cuda"))() == "cuda"
+    assert _kernels().select(torch.device("cuda"))() == "cuda"
+    assert _kernels(cuda=False).select(torch.device("cuda"))() == "triton"
 
 
 def test_explicit_backend_without_such_kernel_runs_auto_choice(monkeypatch):

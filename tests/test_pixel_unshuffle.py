@@ -169,15 +169,16 @@ def test_scale_factor_one_is_identity():
 
 
 def test_opcheck():
-    x = torch.randn(2, 4, 6, 3, requires_grad=True)
-    weight, bias = _params(12, torch.float32, torch.device("cpu"))
+    # The operators take no gradients (autograd lives in the public functions; ops/library.py says why).
+    x = torch.randn(2, 4, 6, 3)
+    weight, bias = (param.detach() for param in _params(12, torch.float32, torch.device("cpu")))
     ops = torch.ops.internvl3_engine
     torch.library.opcheck(ops.pixel_unshuffle.default, (x, 2))
-    torch.library.opcheck(ops.pixel_unshuffle_backward.default, (torch.randn(2, 2, 3, 12, requires_grad=True), 2))
+    torch.library.opcheck(ops.pixel_unshuffle_backward.default, (torch.randn(2, 2, 3, 12), 2))
     torch.library.opcheck(ops.pixel_unshuffle_layernorm.default, (x, weight, bias, 1e-5, 2))
-    _, mean, rstd = ops.pixel_unshuffle_layernorm(x.detach(), weight.detach(), bias.detach(), 1e-5, 2)
+    _, mean, rstd = ops.pixel_unshuffle_layernorm(x, weight, bias, 1e-5, 2)
     grad = torch.randn(2, 6, 12)
-    torch.library.opcheck(ops.pixel_unshuffle_layernorm_backward.default, (grad, x.detach(), weight.detach(), mean, rstd, 2))
+    torch.library.opcheck(ops.pixel_unshuffle_layernorm_backward.default, (grad, x, weight, mean, rstd, 2))
 
 
 def test_torch_compile_fullgraph():

@@ -1,4 +1,4 @@
-"""v2pe_attention: validation, backend dispatch, and the torch.library custom ops with autograd."""
+"""v2pe_attention: validation, backend dispatch, the torch.library operators, and their autograd."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ...autocast import autocast_inputs, kernels_at_input_dtype
 from ...dispatch import KernelSet, lazy
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_float, check_int, check_length, check_tensor
 from ..rotary.op import apply_rotary
+from ..library import operator
 from .reference import rotated_reference, v2pe_attention_backward_reference, v2pe_attention_reference
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,7 +66,18 @@ def _check_pack(cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int) -> None:
         raise ValueError(f"max_seqlen must be at least the longest segment ({longest}), got {max_seqlen}")
 
 
-@torch.library.custom_op("internvl3_engine::v2pe_attention", mutates_args=())
+def _attention_fake(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    if keeps_rotated(positions, rotary_mode):
+        return out, lse, torch.empty_like(q), torch.empty_like(k)
+    return out, lse, q.new_empty(0), k.new_empty(0)
+
+
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@operator("v2pe_attention", fake=_attention_fake)
 def v2pe_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,7 +97,7 @@ def v2pe_attention_op(
     return V2PE_ATTENTION.select(q.device)(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode)
 
 
-@torch.library.custom_op("internvl3_engine::v2pe_attention_backward", mutates_args=())
+@operator("v2pe_attention_backward", fake=_attention_backward_fake)
 def v2pe_attention_backward_op(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor | None,
@@ -109,40 +121,32 @@ def v2pe_attention_backward_op(
     )
 
 
-@v2pe_attention_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
-    out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-    if keeps_rotated(positions, rotary_mode):
-        return out, lse, torch.empty_like(q), torch.empty_like(k)
-    return out, lse, q.new_empty(0), k.new_empty(0)
+class _V2PEAttention(torch.autograd.Function):
+    """(out, lse), differentiable in q, k and v through both."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, positions, theta: float, causal: bool, softmax_scale: float,
+                rotary_mode: str):
+        out, lse, q_rotated, k_rotated = v2pe_attention_op(
+            q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode
+        )
+        if keeps_rotated(positions, rotary_mode):
+            q, k = q_rotated, k_rotated  # as much memory as q and k, and the backward need not rotate them again
+        ctx.max_seqlen, ctx.theta, ctx.causal, ctx.softmax_scale, ctx.rotary_mode = max_seqlen, theta, causal, softmax_scale, rotary_mode
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, positions)
+        ctx.set_materialize_grads(False)  # an unused lse passes None (no zeros to build and read)
+        return out, lse
 
-@v2pe_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, ctx.max_seqlen, positions, ctx.theta, ctx.causal, ctx.softmax_scale, ctx.rotary_mode = inputs
-    out, lse, q_rotated, k_rotated = output
-    ctx.mark_non_differentiable(q_rotated, k_rotated)
-    if keeps_rotated(positions, ctx.rotary_mode):
-        q, k = q_rotated, k_rotated  # as much memory as q and k, and the backward need not rotate them again
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, positions)
-
-
-def _backward(ctx, grad_out, grad_lse, grad_q_rotated, grad_k_rotated):
-    q, k, v, out, lse, cu_seqlens, positions = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = v2pe_attention_backward_op(
-        grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, cu_seqlens,
-        ctx.max_seqlen, positions, ctx.theta, ctx.causal, ctx.softmax_scale, ctx.rotary_mode,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-v2pe_attention_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_seqlens, positions = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = v2pe_attention_backward_op(
+            grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, cu_seqlens,
+            ctx.max_seqlen, positions, ctx.theta, ctx.causal, ctx.softmax_scale, ctx.rotary_mode,
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -215,8 +219,7 @@ def v2pe_attention_with_lse(
     Differentiable in both outputs."""
     arguments = _validated(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode)
     with kernels_at_input_dtype(arguments[0].device):
-        out, lse, _, _ = v2pe_attention_op(*arguments)
-    return out, lse
+        return _V2PEAttention.apply(*arguments)
 
 
 def v2pe_attention(

@@ -200,7 +200,7 @@ def _dq_kernel(
 def attention_backward_triton(
     grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode
 ):
-    """The 'triton' backend of the v2pe_attention_backward custom op: its arguments, (dq, dk, dv)."""
+    """The 'triton' backend of the v2pe_attention_backward operator: its arguments, (dq, dk, dv)."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

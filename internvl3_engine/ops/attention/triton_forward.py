@@ -114,7 +114,7 @@ def _forward_kernel(
 
 
 def attention_forward_triton(q, k, v, cu_seqlens, max_seqlen, positions, theta, causal, softmax_scale, rotary_mode):
-    """The 'triton' backend of the v2pe_attention custom op: its arguments, (out, lse, q_rotated, k_rotated)."""
+    """The 'triton' backend of the v2pe_attention operator: its arguments, (out, lse, q_rotated, k_rotated)."""
     tokens, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(q_heads, tokens, dtype=torch.float32, device=q.device)

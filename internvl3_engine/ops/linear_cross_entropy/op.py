@@ -1,4 +1,4 @@
-"""linear_cross_entropy: validation, backend dispatch, the torch.library custom ops with autograd, and
+"""linear_cross_entropy: validation, backend dispatch, the torch.library operators and their autograd, and
 the loss reductions (plain torch on the per-token CE, so autograd and torch.compile see through them)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from ...autocast import autocast_inputs, kernels_at_input_dtype
 from ...dispatch import KernelSet, lazy
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
+from ..library import operator
 from .reference import accumulate_dtype, linear_cross_entropy_backward_reference, linear_cross_entropy_reference
 
 _TRITON = f"{__package__}.triton_kernel"
@@ -52,7 +53,17 @@ def _check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> 
         )
 
 
-@torch.library.custom_op("internvl3_engine::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, chunk_size):
+    ce = hidden.new_empty(hidden.shape[0], dtype=accumulate_dtype(hidden.dtype))
+    return ce, torch.empty_like(ce)
+
+
+def _linear_cross_entropy_backward_fake(grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
+    grad_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
+@operator("linear_cross_entropy", fake=_linear_cross_entropy_fake)
 def linear_cross_entropy_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -61,11 +72,12 @@ def linear_cross_entropy_op(
     ignore_index: int,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce, lse): per-token cross-entropy and the logits' log-sum-exp, float32 [T] (float64 for float64 inputs)."""
     _check_label_values(labels, weight.shape[0], ignore_index)
     return LINEAR_CROSS_ENTROPY.select(hidden.device)(hidden, weight, bias, labels, ignore_index, chunk_size)
 
 
-@torch.library.custom_op("internvl3_engine::linear_cross_entropy_backward", mutates_args=())
+@operator("linear_cross_entropy_backward", fake=_linear_cross_entropy_backward_fake)
 def linear_cross_entropy_backward_op(
     grad_ce: torch.Tensor,
     hidden: torch.Tensor,
@@ -83,36 +95,23 @@ def linear_cross_entropy_backward_op(
     )
 
 
-@linear_cross_entropy_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_size):
-    ce = hidden.new_empty(hidden.shape[0], dtype=accumulate_dtype(hidden.dtype))
-    return ce, torch.empty_like(ce)
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The per-token cross-entropy; the logits' log-sum-exp is kept for the backward."""
 
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_size: int) -> torch.Tensor:
+        ce, lse = linear_cross_entropy_op(hidden, weight, bias, labels, ignore_index, chunk_size)
+        ctx.ignore_index, ctx.chunk_size, ctx.has_bias = ignore_index, chunk_size, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        return ce
 
-@linear_cross_entropy_backward_op.register_fake
-def _(grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
-    grad_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ctx.ignore_index, ctx.chunk_size = inputs
-    _, lse = output
-    # lse is returned for the backward only; its own gradient is not supported.
-    ctx.mark_non_differentiable(lse)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(hidden, weight, bias, labels, lse)
-
-
-def _backward(ctx, grad_ce, grad_lse):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
-    grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
-        grad_ce.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
-    )
-    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
-
-
-linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
+            grad_ce.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
+        )
+        return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
 
 
 def _check_same(name: str, value: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -207,7 +206,7 @@ def linear_cross_entropy(
 
     labels = labels.to(torch.int64).contiguous()
     with kernels_at_input_dtype(hidden.device):
-        ce, _ = linear_cross_entropy_op(
+        ce = _LinearCrossEntropy.apply(
             hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index, chunk_size
         )
     if reduction == "none" and loss_weights is None:

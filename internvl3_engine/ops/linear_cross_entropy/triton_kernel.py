@@ -98,7 +98,7 @@ def _logits_chunk(buffer: torch.Tensor, hidden_chunk, weight, bias) -> torch.Ten
 
 
 def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index, chunk_size):
-    """The 'triton' backend of the linear_cross_entropy custom op: its arguments, per-token (ce, lse)."""
+    """The 'triton' backend of the linear_cross_entropy operator: its arguments, per-token (ce, lse)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     ce = hidden.new_empty(tokens, dtype=accumulate_dtype(hidden.dtype))
     lse = torch.empty_like(ce)
@@ -129,7 +129,7 @@ def _accumulate_grad_weight(accumulator: torch.Tensor, dlogits: torch.Tensor, hi
 
 
 def linear_cross_entropy_backward_triton(grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
-    """The 'triton' backend of the linear_cross_entropy_backward custom op: its arguments, (grad_hidden,
+    """The 'triton' backend of the linear_cross_entropy_backward operator: its arguments, (grad_hidden,
     grad_weight, grad_bias)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     accumulate = accumulate_dtype(hidden.dtype)

@@ -1,4 +1,4 @@
-"""loss_weights: validation, backend dispatch, and the torch.library custom op (no gradient: integer inputs)."""
+"""loss_weights: validation, backend dispatch, and the torch.library operator (no gradient: integer inputs)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from ...dispatch import KernelSet, lazy
 from ...extension import kernel
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_int, check_tensor
+from ..library import operator
 from .reference import MODE_CODES, MODES, loss_weights_reference
 
 _INT64_RANGE = (-(2**63), 2**63 - 1)
@@ -20,15 +21,14 @@ def _loss_weights_compiled(labels, cu_seqlens, mode, ignore_index):
 LOSS_WEIGHTS = KernelSet("loss_weights", torch=loss_weights_reference, triton=lazy(f"{__package__}.triton_kernel", "loss_weights_triton"), cuda=_loss_weights_compiled)
 
 
-@torch.library.custom_op("internvl3_engine::loss_weights", mutates_args=())
+def _loss_weights_fake(labels, cu_seqlens, mode, ignore_index):
+    return labels.new_empty(labels.shape, dtype=torch.float32)
+
+
+@operator("loss_weights", fake=_loss_weights_fake)
 def loss_weights_op(labels: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, ignore_index: int) -> torch.Tensor:
     check_cu_seqlens_values(cu_seqlens, labels.shape[0])
     return LOSS_WEIGHTS.select(labels.device)(labels, cu_seqlens, mode, ignore_index)
-
-
-@loss_weights_op.register_fake
-def _(labels, cu_seqlens, mode, ignore_index):
-    return labels.new_empty(labels.shape, dtype=torch.float32)
 
 
 def loss_weights(labels: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "square", ignore_index: int = -100) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""pixel_unshuffle and pixel_unshuffle_layernorm: validation, backend dispatch, and the torch.library
-custom ops with autograd."""
+"""pixel_unshuffle and pixel_unshuffle_layernorm: validation, backend dispatch, the torch.library operators,
+and their autograd."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from ...dispatch import KernelSet, lazy
 from ...extension import compiled
 from ...validation import FLOAT_DTYPES, check_float, check_tensor
+from ..library import operator
 from .reference import (
     pixel_unshuffle_backward_reference,
     pixel_unshuffle_layernorm_backward_reference,
@@ -35,88 +36,80 @@ PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD = _kernel_set(
 # ---- pixel_unshuffle: a permutation; its backward is the inverse permutation and vice versa.
 
 
-@torch.library.custom_op("internvl3_engine::pixel_unshuffle", mutates_args=())
-def pixel_unshuffle_op(x: torch.Tensor, factor: int) -> torch.Tensor:
-    return PIXEL_UNSHUFFLE.select(x.device)(x, factor)
-
-
-@torch.library.custom_op("internvl3_engine::pixel_unshuffle_backward", mutates_args=())
-def pixel_unshuffle_backward_op(grad: torch.Tensor, factor: int) -> torch.Tensor:
-    return PIXEL_UNSHUFFLE_BACKWARD.select(grad.device)(grad, factor)
-
-
-@pixel_unshuffle_op.register_fake
-def _(x, factor):
+def _unshuffle_fake(x, factor):
     n, h, w, channels = x.shape
     return x.new_empty(n, h // factor, w // factor, factor * factor * channels)
 
 
-@pixel_unshuffle_backward_op.register_fake
-def _(grad, factor):
+def _shuffle_fake(grad, factor):
     n, out_h, out_w, width = grad.shape
     return grad.new_empty(n, out_h * factor, out_w * factor, width // (factor * factor))
 
 
-def _save_factor(ctx, inputs, output):
-    ctx.factor = inputs[1]
+@operator("pixel_unshuffle", fake=_unshuffle_fake)
+def pixel_unshuffle_op(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return PIXEL_UNSHUFFLE.select(x.device)(x, factor)
 
 
-def _pixel_unshuffle_backward(ctx, grad):
-    return pixel_unshuffle_backward_op(grad.contiguous(), ctx.factor), None
+@operator("pixel_unshuffle_backward", fake=_shuffle_fake)
+def pixel_unshuffle_backward_op(grad: torch.Tensor, factor: int) -> torch.Tensor:
+    return PIXEL_UNSHUFFLE_BACKWARD.select(grad.device)(grad, factor)
 
 
-def _pixel_unshuffle_backward_backward(ctx, grad):
-    return pixel_unshuffle_op(grad.contiguous(), ctx.factor), None
+class _Permute(torch.autograd.Function):
+    """pixel_unshuffle (inverse=False) or its inverse; each one's gradient is the other (so twice differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: int, inverse: bool) -> torch.Tensor:
+        ctx.factor, ctx.inverse = factor, inverse
+        return (pixel_unshuffle_backward_op if inverse else pixel_unshuffle_op)(x, factor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _Permute.apply(grad.contiguous(), ctx.factor, not ctx.inverse), None, None
 
 
-pixel_unshuffle_op.register_autograd(_pixel_unshuffle_backward, setup_context=_save_factor)
-pixel_unshuffle_backward_op.register_autograd(_pixel_unshuffle_backward_backward, setup_context=_save_factor)
+# ---- pixel_unshuffle_layernorm: the operator returns (out, mean, rstd); mean and rstd are kept for the backward.
 
 
-# ---- pixel_unshuffle_layernorm: returns (out, mean, rstd); mean and rstd are saved for the backward.
-
-
-@torch.library.custom_op("internvl3_engine::pixel_unshuffle_layernorm", mutates_args=())
-def pixel_unshuffle_layernorm_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, factor: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return PIXEL_UNSHUFFLE_LAYERNORM.select(x.device)(x, weight, bias, eps, factor)
-
-
-@torch.library.custom_op("internvl3_engine::pixel_unshuffle_layernorm_backward", mutates_args=())
-def pixel_unshuffle_layernorm_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, factor: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD.select(x.device)(grad, x, weight, mean, rstd, factor)
-
-
-@pixel_unshuffle_layernorm_op.register_fake
-def _(x, weight, bias, eps, factor):
+def _layernorm_fake(x, weight, bias, eps, factor):
     n, h, w, channels = x.shape
     rows = (h // factor) * (w // factor)
     stats = x.new_empty(n * rows, dtype=stats_dtype(x.dtype))
     return x.new_empty(n, rows, factor * factor * channels), stats, torch.empty_like(stats)
 
 
-@pixel_unshuffle_layernorm_backward_op.register_fake
-def _(grad, x, weight, mean, rstd, factor):
+def _layernorm_backward_fake(grad, x, weight, mean, rstd, factor):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _layernorm_setup_context(ctx, inputs, output):
-    x, weight, _, _, ctx.factor = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, weight, mean, rstd)
+@operator("pixel_unshuffle_layernorm", fake=_layernorm_fake)
+def pixel_unshuffle_layernorm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, factor: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return PIXEL_UNSHUFFLE_LAYERNORM.select(x.device)(x, weight, bias, eps, factor)
 
 
-def _layernorm_backward(ctx, grad, grad_mean, grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = pixel_unshuffle_layernorm_backward_op(grad.contiguous(), x, weight, mean, rstd, ctx.factor)
-    return dx, dweight, dbias, None, None
+@operator("pixel_unshuffle_layernorm_backward", fake=_layernorm_backward_fake)
+def pixel_unshuffle_layernorm_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, factor: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD.select(x.device)(grad, x, weight, mean, rstd, factor)
 
 
-pixel_unshuffle_layernorm_op.register_autograd(_layernorm_backward, setup_context=_layernorm_setup_context)
+class _PixelUnshuffleLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, factor: int) -> torch.Tensor:
+        out, mean, rstd = pixel_unshuffle_layernorm_op(x, weight, bias, eps, factor)
+        ctx.factor = factor
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = pixel_unshuffle_layernorm_backward_op(grad.contiguous(), x, weight, mean, rstd, ctx.factor)
+        return dx, dweight, dbias, None, None
 
 
 # ---- public wrappers
@@ -148,7 +141,7 @@ def pixel_unshuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
     """
     factor = _factor(scale_factor)
     _check_x(x, factor)
-    return pixel_unshuffle_op(x.contiguous(), factor)
+    return _Permute.apply(x.contiguous(), factor, False)
 
 
 def pixel_unshuffle_layernorm(
@@ -170,5 +163,4 @@ def pixel_unshuffle_layernorm(
     if bias.dtype != weight.dtype:
         raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     eps = check_float("eps", eps, positive=True)
-    out, _, _ = pixel_unshuffle_layernorm_op(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, factor)
-    return out
+    return _PixelUnshuffleLayerNorm.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, factor)

@@ -1,4 +1,4 @@
-"""apply_rotary: validation, backend dispatch, and the torch.library custom ops with autograd."""
+"""apply_rotary: validation, backend dispatch, the torch.library operators, and their autograd."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from ...dispatch import KernelSet, lazy
 from ...extension import compiled
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
+from ..library import operator
 from .reference import rotary_inv_freq, rotary_reference
 
 
@@ -20,44 +21,34 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: 
     return ROTARY.select(x.device)(x, positions, inv_freq, inverse)
 
 
-@torch.library.custom_op("internvl3_engine::apply_rotary", mutates_args=())
+def _rotated_fake(x, positions, theta, rotary_dim):
+    return torch.empty_like(x)
+
+
+@operator("apply_rotary", fake=_rotated_fake)
 def apply_rotary_op(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int) -> torch.Tensor:
     return _rotate(x, positions, theta, rotary_dim, inverse=False)
 
 
-@torch.library.custom_op("internvl3_engine::apply_rotary_backward", mutates_args=())
+@operator("apply_rotary_backward", fake=_rotated_fake)
 def apply_rotary_backward_op(grad: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int) -> torch.Tensor:
     return _rotate(grad, positions, theta, rotary_dim, inverse=True)
 
 
-@apply_rotary_op.register_fake
-def _(x, positions, theta, rotary_dim):
-    return torch.empty_like(x)
+class _Rotary(torch.autograd.Function):
+    """The rotation (inverse=False) or its inverse: linear maps, each the other's gradient (so twice differentiable)."""
 
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int, inverse: bool) -> torch.Tensor:
+        ctx.theta, ctx.rotary_dim, ctx.inverse = theta, rotary_dim, inverse
+        ctx.save_for_backward(positions)
+        return (apply_rotary_backward_op if inverse else apply_rotary_op)(x, positions, theta, rotary_dim)
 
-@apply_rotary_backward_op.register_fake
-def _(grad, positions, theta, rotary_dim):
-    return torch.empty_like(grad)
-
-
-def _setup_context(ctx, inputs, output):
-    _, positions, ctx.theta, ctx.rotary_dim = inputs
-    ctx.save_for_backward(positions)
-
-
-def _backward(ctx, grad):
-    (positions,) = ctx.saved_tensors
-    return apply_rotary_backward_op(grad.contiguous(), positions, ctx.theta, ctx.rotary_dim), None, None, None
-
-
-def _backward_of_backward(ctx, grad):
-    # The backward is the inverse rotation, a linear map whose own backward is the forward rotation.
-    (positions,) = ctx.saved_tensors
-    return apply_rotary_op(grad.contiguous(), positions, ctx.theta, ctx.rotary_dim), None, None, None
-
-
-apply_rotary_op.register_autograd(_backward, setup_context=_setup_context)
-apply_rotary_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (positions,) = ctx.saved_tensors
+        dx = _Rotary.apply(grad.contiguous(), positions, ctx.theta, ctx.rotary_dim, not ctx.inverse)
+        return dx, None, None, None, None
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 1e6, rotary_dim: int | None = None) -> torch.Tensor:
@@ -75,4 +66,4 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 1e6, r
     rotary_dim = head_dim if rotary_dim is None else check_int("rotary_dim", rotary_dim)
     if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
         raise ValueError(f"rotary_dim must be even and in [2, head dim {head_dim}], got {rotary_dim}")
-    return apply_rotary_op(x.contiguous(), positions.contiguous(), theta, rotary_dim)
+    return _Rotary.apply(x.contiguous(), positions.contiguous(), theta, rotary_dim, False)

@@ -1,4 +1,4 @@
-"""scatter_visual: validation, backend dispatch, and the torch.library custom ops with autograd."""
+"""scatter_visual: validation, backend dispatch, the torch.library operators, and their autograd."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from ...dispatch import KernelSet, lazy
 from ...extension import compiled
 from ...validation import FLOAT_DTYPES, check_length, check_tensor
+from ..library import operator
 from .reference import scatter_visual_backward_reference, scatter_visual_reference
 
 
@@ -48,60 +49,62 @@ def _visual_before(is_visual: torch.Tensor, num_visual: int) -> torch.Tensor:
     return inclusive - is_visual.to(torch.int64)
 
 
-@torch.library.custom_op("internvl3_engine::scatter_visual", mutates_args=())
+def _scatter_fake(text_embeds, visual_embeds, is_visual):
+    return torch.empty_like(text_embeds)
+
+
+def _split_fake(grad, is_visual, num_visual):
+    return torch.empty_like(grad), grad.new_empty(num_visual, grad.shape[1])
+
+
+@operator("scatter_visual", fake=_scatter_fake)
 def scatter_visual_op(text_embeds: torch.Tensor, visual_embeds: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
     visual_before = _visual_before(is_visual, visual_embeds.shape[0])
     return SCATTER_VISUAL.select(text_embeds.device)(text_embeds, visual_embeds, is_visual, visual_before)
 
 
-@torch.library.custom_op("internvl3_engine::scatter_visual_backward", mutates_args=())
+@operator("scatter_visual_backward", fake=_split_fake)
 def scatter_visual_backward_op(grad: torch.Tensor, is_visual: torch.Tensor, num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
     visual_before = _visual_before(is_visual, num_visual)
     return SCATTER_VISUAL_BACKWARD.select(grad.device)(grad, is_visual, visual_before, num_visual)
 
 
-@scatter_visual_op.register_fake
-def _(text_embeds, visual_embeds, is_visual):
-    return torch.empty_like(text_embeds)
+# The backward is the adjoint of a linear map (the scatter); the adjoint's own adjoint is the scatter again,
+# so each Function's backward applies the other (twice differentiable).
 
 
-@scatter_visual_backward_op.register_fake
-def _(grad, is_visual, num_visual):
-    return torch.empty_like(grad), grad.new_empty(num_visual, grad.shape[1])
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, text_embeds: torch.Tensor, visual_embeds: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+        ctx.num_visual = visual_embeds.shape[0]
+        ctx.save_for_backward(is_visual)
+        return scatter_visual_op(text_embeds, visual_embeds, is_visual)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (is_visual,) = ctx.saved_tensors
+        grad_text, grad_visual = _Split.apply(grad.contiguous(), is_visual, ctx.num_visual)
+        return grad_text, grad_visual, None
 
 
-def _setup_forward(ctx, inputs, output):
-    _, visual_embeds, is_visual = inputs
-    ctx.num_visual = visual_embeds.shape[0]
-    ctx.save_for_backward(is_visual)
+class _Split(torch.autograd.Function):
+    """The scatter's adjoint: (grad with the visual rows zeroed, the visual rows in order)."""
 
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, is_visual: torch.Tensor, num_visual: int):
+        ctx.text_shape, ctx.visual_shape = tuple(grad.shape), (num_visual, grad.shape[1])
+        ctx.save_for_backward(is_visual)
+        return scatter_visual_backward_op(grad, is_visual, num_visual)
 
-def _forward_grad(ctx, grad):
-    (is_visual,) = ctx.saved_tensors
-    grad_text, grad_visual = scatter_visual_backward_op(grad.contiguous(), is_visual, ctx.num_visual)
-    return grad_text, grad_visual, None
-
-
-def _setup_backward(ctx, inputs, output):
-    grad, is_visual, num_visual = inputs
-    ctx.text_shape = tuple(grad.shape)
-    ctx.visual_shape = (num_visual, grad.shape[1])
-    ctx.save_for_backward(is_visual)
-
-
-def _backward_grad(ctx, grad_of_text, grad_of_visual):
-    # The backward is the adjoint of a linear map (the forward); its own adjoint is the forward again.
-    # An output that was not used gets no gradient (None): it contributes zeros.
-    (is_visual,) = ctx.saved_tensors
-    if grad_of_text is None:
-        grad_of_text = grad_of_visual.new_zeros(ctx.text_shape)
-    if grad_of_visual is None:
-        grad_of_visual = grad_of_text.new_zeros(ctx.visual_shape)
-    return scatter_visual_op(grad_of_text.contiguous(), grad_of_visual.contiguous(), is_visual), None, None
-
-
-scatter_visual_op.register_autograd(_forward_grad, setup_context=_setup_forward)
-scatter_visual_backward_op.register_autograd(_backward_grad, setup_context=_setup_backward)
+    @staticmethod
+    def backward(ctx, grad_of_text: torch.Tensor | None, grad_of_visual: torch.Tensor | None):
+        # An output that was not used gets no gradient (None): it contributes zeros.
+        (is_visual,) = ctx.saved_tensors
+        if grad_of_text is None:
+            grad_of_text = grad_of_visual.new_zeros(ctx.text_shape)
+        if grad_of_visual is None:
+            grad_of_visual = grad_of_text.new_zeros(ctx.visual_shape)
+        return _Scatter.apply(grad_of_text.contiguous(), grad_of_visual.contiguous(), is_visual), None, None
 
 
 def scatter_visual(text_embeds: torch.Tensor, visual_embeds: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
@@ -127,4 +130,4 @@ def scatter_visual(text_embeds: torch.Tensor, visual_embeds: torch.Tensor, is_vi
         )
     check_tensor("is_visual", is_visual, dtypes=(torch.bool,), ndim=1, device=text_embeds.device)
     check_length("is_visual", is_visual, text_embeds.shape[0], "one per token of text_embeds")
-    return scatter_visual_op(text_embeds.contiguous(), visual_embeds.contiguous(), is_visual.contiguous())
+    return _Scatter.apply(text_embeds.contiguous(), visual_embeds.contiguous(), is_visual.contiguous())

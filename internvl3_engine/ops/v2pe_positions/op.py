@@ -1,4 +1,4 @@
-"""v2pe_position_ids: validation, backend dispatch, and the torch.library custom op.
+"""v2pe_position_ids: validation, backend dispatch, and the torch.library operator.
 
 There is no Triton kernel: the computation is a sequential scan per segment (each image's end position,
 ceil(pos + n * delta), depends on the position before it), which the compiled kernels run with one
@@ -16,6 +16,7 @@ import torch
 from ...dispatch import KernelSet
 from ...extension import compiled
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_tensor
+from ..library import operator
 from .reference import check_delta_count, v2pe_positions_reference
 
 
@@ -37,7 +38,11 @@ def _check_scalar_delta(delta) -> float:
     return delta
 
 
-@torch.library.custom_op("internvl3_engine::v2pe_position_ids", mutates_args=())
+def _v2pe_position_ids_fake(is_visual, cu_seqlens, delta_per_image, delta_scalar):
+    return is_visual.new_empty(is_visual.shape, dtype=torch.float32)
+
+
+@operator("v2pe_position_ids", fake=_v2pe_position_ids_fake)
 def v2pe_position_ids_op(
     is_visual: torch.Tensor, cu_seqlens: torch.Tensor, delta_per_image: Optional[torch.Tensor], delta_scalar: float
 ) -> torch.Tensor:
@@ -52,11 +57,6 @@ def v2pe_position_ids_op(
     else:
         _check_scalar_delta(delta_scalar)
     return V2PE_POSITIONS.select(is_visual.device)(is_visual, cu_seqlens, delta_per_image, delta_scalar)
-
-
-@v2pe_position_ids_op.register_fake
-def _(is_visual, cu_seqlens, delta_per_image, delta_scalar):
-    return is_visual.new_empty(is_visual.shape, dtype=torch.float32)
 
 
 def v2pe_position_ids(is_visual: torch.Tensor, cu_seqlens: torch.Tensor, delta: float | torch.Tensor = 1.0) -> torch.Tensor:
