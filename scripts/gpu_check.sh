@@ -8,6 +8,7 @@
 #   bash scripts/gpu_check.sh bench             # python -m bench --suite all --sizes real, tarred
 #                                               # (BENCH_ARGS replaces those arguments: a suite or ops at a time)
 #   bash scripts/gpu_check.sh profile           # ncu (--clock-control none) of the attention kernels
+#   bash scripts/gpu_check.sh blocks            # sweep the attention kernels' block sizes (bench.attention_blocks)
 #
 # Stages run in the order given; the build persists on a warm machine between calls. A failing stage is
 # reported and the next ones still run; the exit status is non-zero if any failed.
@@ -60,10 +61,15 @@ stage_profile() {
   ncu --import "$OUT/attention_profile.ncu-rep" --page details 2>&1 | tail -80
 }
 
+stage_blocks() {
+  # Each candidate launch configuration of each attention kernel, timed by its own device time.
+  python -m bench.attention_blocks --out "$OUT" 2>&1 | tail -70
+}
+
 for stage in "$@"; do
   case "$stage" in
-    build|test|sanitize|bench|profile) ;;
-    *) echo "unknown stage $stage (build, test, sanitize, bench, profile)"; exit 2 ;;
+    build|test|sanitize|bench|profile|blocks) ;;
+    *) echo "unknown stage $stage (build, test, sanitize, bench, profile, blocks)"; exit 2 ;;
   esac
   echo "=== $stage"
   # Each stage returns non-zero at its first failing command (pipefail: the command's status, not tail's).

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 import internvl3_engine as ie
+from internvl3_engine.dispatch import why_unusable
 from internvl3_engine.ops.attention import V2PE_ATTENTION, v2pe_attention, v2pe_attention_reference, v2pe_attention_with_lse
+from internvl3_engine.ops.attention.blocks import BLOCKS_ENV_VAR, attention_blocks
 
 from helpers import assert_fa_close, backends_for, devices, dtypes_for
 
@@ -69,6 +71,41 @@ def test_forward_backward_against_float64(device, case):
     for kind in backends_for(device):
         for dtype in dtypes_for(device, kind):
             _check_against_float64(kind, dtype, case, device)
+
+
+# Unequal blocks (the diagonal split with BLOCK_M != BLOCK_N in each kernel), by head dim and for all.
+UNEQUAL_BLOCKS = "forward@64=32,16,4,1;forward=64,16,4,1;dkdv=16,32,4,1;dq@64=32,16,4,1;dq=16,16,4,1"
+
+
+@pytest.mark.parametrize("device", devices(), ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=["D64-full", "D64-causal", "D128-causal"])
+def test_block_overrides_against_float64(device, case, monkeypatch):
+    if why_unusable("triton", device) is not None:
+        pytest.skip(why_unusable("triton", device))
+    monkeypatch.setenv(BLOCKS_ENV_VAR, UNEQUAL_BLOCKS)
+    assert attention_blocks("forward", 64, torch.float32, device) == (32, 16, 4, 1)
+    assert attention_blocks("forward", 128, torch.float32, device) == (64, 16, 4, 1)
+    for rotary_mode in ("separate", "prerotate_k", "fused"):
+        _check_against_float64("triton", torch.float32, case, device, rotary_mode=rotary_mode)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("forward=64,32,4", "entries must read"),
+        ("forward@96=64,32,4,2", "entries must read"),
+        ("backward=64,32,4,2", "kernel must be one of"),
+        ("forward=48,16,4,2", "BLOCK_M must be a power of two"),
+        ("forward=16,32,4,2", "forward needs BLOCK_M a multiple of BLOCK_N"),
+        ("dkdv=32,16,4,2", "dkdv needs BLOCK_N a multiple of BLOCK_M"),
+        ("dq=32,16,3,2", "warps must be a power of two"),
+        ("dq=32,16,4,0", "stages must be at least 1"),
+    ],
+)
+def test_block_overrides_bad_value(value, match, monkeypatch):
+    monkeypatch.setenv(BLOCKS_ENV_VAR, value)
+    with pytest.raises(ValueError, match=f"{BLOCKS_ENV_VAR}.*{match}"):
+        attention_blocks("forward", 64, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("device", devices(), ids=str)

@@ -10,8 +10,12 @@ import pytest
 import torch
 
 import internvl3_engine
-from bench import attention, kernels, train
+from internvl3_engine.dispatch import why_unusable
+from internvl3_engine.ops.attention.blocks import parse_overrides
+
+from bench import attention, attention_blocks, kernels, train
 from bench.__main__ import main
+from bench.attention import Segments
 from bench.ceilings import datasheet_ceiling
 from bench.harness import Timer, device_ms, gpu_busy_us
 
@@ -278,3 +282,24 @@ def test_device_time_sums_only_the_gpu_activities():
     assert gpu_busy_us(events) == 32
     # Elsewhere than on CUDA there is no device time, and the callable is not run.
     assert device_ms(CPU, lambda: pytest.fail("ran")) is None
+
+
+def test_attention_blocks_sweep_on_the_interpreter():
+    # The sweep's machinery at a tiny size: each kernel's default and one candidate with unequal blocks run,
+    # agree with the defaults' results, and the fastest come back as a valid override value.
+    if why_unusable("triton", torch.device("cpu")) is not None:
+        pytest.skip(why_unusable("triton", torch.device("cpu")))
+    case = attention_blocks.SweepCase("tiny", Segments(40, 5, 17), 2, 1, 16, True, {
+        "forward": ((32, 16, 1, 1),), "dkdv": ((16, 32, 1, 1),), "dq": ((32, 16, 1, 1),),
+    })
+    rows = attention_blocks.sweep(case, torch.device("cpu"), torch.float32, calls=1)
+    assert [(row["kernel"], tuple(row["config"]), row["default"]) for row in rows] == [
+        ("forward", (16, 16, 1, 1), True), ("forward", (32, 16, 1, 1), False),
+        ("dkdv", (16, 16, 1, 1), True), ("dkdv", (16, 32, 1, 1), False),
+        ("dq", (16, 16, 1, 1), True), ("dq", (32, 16, 1, 1), False),
+    ]
+    for row in rows:
+        assert "error" not in row and row["ms"] > 0 and row["disagreement"] < 1e-4, row
+    value = attention_blocks.override_value(attention_blocks.fastest(rows))
+    assert set(parse_overrides(value)) == {("forward", 16), ("dkdv", 16), ("dq", 16)}
+    assert "| tiny | dkdv | 16, 32, 1, 1 |" in attention_blocks.markdown(rows)

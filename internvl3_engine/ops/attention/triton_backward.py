@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .blocks import attention_blocks
 from .triton_common import (
-    LOG2E, attention_blocks, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
+    LOG2E, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
     query_block_key_bounds, rotary_plan, segment_block, segment_head_ptr, store_halves, store_tile, tile_ptrs,
     visible_keys,
 )

@@ -1,5 +1,5 @@
 """What the Triton forward and backward of v2pe_attention share: tile loads and stores, the rotary of q and k
-tiles, each program's segment and block, the causal split of a query block's keys, and the launch constants.
+tiles, each program's segment and block, the causal split of a query block's keys, and the head-dim constants.
 
 q and k are handled as two [BLOCK, D/2] halves (columns d and d + D/2): Qwen2's half-split rotary then
 is elementwise on the two tiles, with no register permutation, and the score is the sum of two dots.
@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dispatch import triton_interpret
 from ..rotary.op import ROTARY
 from ..rotary.reference import rotary_inv_freq
 
@@ -171,38 +170,6 @@ def key_block_scores(
     s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
     s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
     return k1, k2, s
-
-
-# Per kernel: (largest padded head dim, (BLOCK_M, BLOCK_N, num_warps, num_stages, num_stages on sm_90+)),
-# by increasing head dim; the last row also serves anything larger.
-_GPU_BLOCKS = {
-    "forward": ((64, (128, 64, 4, 3, 3)), (128, (128, 64, 8, 2, 3)), (256, (64, 32, 4, 2, 2))),
-    "dkdv": ((64, (32, 128, 4, 2, 2)), (128, (32, 64, 4, 2, 2)), (256, (16, 32, 4, 1, 1))),
-    "dq": ((64, (128, 32, 4, 2, 2)), (128, (64, 32, 4, 2, 2)), (256, (32, 16, 4, 1, 1))),
-}
-
-
-def attention_blocks(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ('forward', 'dkdv' or 'dq').
-
-    BLOCK_M tiles queries and BLOCK_N keys. The diagonal split needs BLOCK_M a multiple of BLOCK_N in
-    'forward' and 'dq', and BLOCK_N a multiple of BLOCK_M in 'dkdv'. Under the interpreter, small blocks
-    keep the CPU tests fast. On the GPU: conservative sizes that fit sm_80's shared memory and registers
-    (to be tuned on the H100); float32 tiles take twice the memory, so their blocks are halved."""
-    if triton_interpret():
-        return 16, 16, 1, 1
-    if kernel not in _GPU_BLOCKS:
-        raise ValueError(f"unknown kernel {kernel!r}")
-    padded = triton.next_power_of_2(head_dim)
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    for largest_head_dim, (block_m, block_n, warps, stages, hopper_stages) in _GPU_BLOCKS[kernel]:
-        if padded <= largest_head_dim:
-            break
-    if hopper:
-        stages = hopper_stages
-    if dtype == torch.float32:
-        block_m, block_n = max(block_m // 2, 16), max(block_n // 2, 16)
-    return block_m, block_n, warps, stages
 
 
 def head_constants(head_dim: int, dtype: torch.dtype) -> dict:

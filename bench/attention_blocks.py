@@ -1,0 +1,202 @@
+"""Sweep of the Triton attention kernels' launch configurations (block sizes, warps, pipeline stages).
+
+For each case (the LLM's 7B pack, D = 128, causal; the ViT's tiles, D = 64, not causal) and each kernel
+(forward, dkdv, dq), every candidate configuration runs through INTERNVL3_ENGINE_ATTENTION_BLOCKS (see
+internvl3_engine/ops/attention/blocks.py) while the other kernels keep their defaults. A candidate's time
+is its kernel's own: on a GPU the summed device time of that kernel (torch.profiler) per forward+backward,
+on a CPU the wall time of the whole forward+backward (the interpreter: a smoke test, not a result). Each
+candidate's outputs and gradients are compared with the defaults' (a candidate that disagrees is marked).
+Prints a table per case and kernel and the variable's value selecting the fastest, and writes the rows
+as JSON.
+
+    python -m bench.attention_blocks [--calls 5] [--out FOLDER]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+import internvl3_engine as ie
+from internvl3_engine.ops.attention.blocks import BLOCKS_ENV_VAR, KERNELS, attention_blocks, check_blocks
+
+from .attention import Segments, attention_flops, make_attention
+from .harness import gpu_busy_us
+
+Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, warps, stages
+# Agreement with the defaults' results: block sizes change only the order of the float32 accumulations,
+# so beyond a few low-precision ulps something is wrong.
+AGREEMENT = 2e-2
+
+
+@dataclass(frozen=True)
+class SweepCase:
+    name: str
+    segments: Segments
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    candidates: dict[str, tuple[Config, ...]]  # per kernel, besides its default
+
+
+# Hopper-oriented candidates around the defaults: wider tiles with 8 warps, deeper pipelines, and the
+# shapes FlashAttention-2's Triton implementations use for D = 64 and 128.
+CASES = (
+    SweepCase("LLM 7B", Segments(16384, 256, 4096), 28, 4, 128, True, {
+        "forward": ((128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+                    (128, 64, 8, 4), (64, 32, 4, 4)),
+        "dkdv": ((32, 128, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2),
+                 (16, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3)),
+        "dq": ((128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3),
+               (128, 64, 8, 3), (64, 16, 4, 2)),
+    }),
+    SweepCase("ViT", Segments(16 * 1025, 1025, 1025), 16, 16, 64, False, {
+        "forward": ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)),
+        "dkdv": ((64, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)),
+        "dq": ((128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 128, 8, 2)),
+    }),
+)
+# Kernel names as the profiler lists them (Triton names a kernel after its function).
+_KERNEL_FUNCTIONS = {"forward": "_forward_kernel", "dkdv": "_dkdv_kernel", "dq": "_dq_kernel"}
+WORK = {"forward": 1.0, "dkdv": 2.0, "dq": 1.5}  # FLOPs per kernel as multiples of the forward's
+
+
+@contextmanager
+def blocks_override(value: str) -> Iterator[None]:
+    previous = os.environ.get(BLOCKS_ENV_VAR)
+    os.environ[BLOCKS_ENV_VAR] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[BLOCKS_ENV_VAR]
+        else:
+            os.environ[BLOCKS_ENV_VAR] = previous
+
+
+def _forward_backward(inputs, causal: bool):
+    q, k, v, cu_seqlens, max_seqlen, _ = inputs
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with ie.backend("triton"):
+        out = ie.v2pe_attention(*leaves, cu_seqlens, max_seqlen, causal=causal)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return (out.detach(), *grads)
+
+
+def _kernel_ms(kernel: str, inputs, causal: bool, calls: int) -> float:
+    """Milliseconds per forward+backward of ``kernel`` alone (GPU, profiler), or of the whole call (CPU)."""
+    device = inputs[0].device
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(calls):
+            _forward_backward(inputs, causal)
+        return (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(calls):
+            _forward_backward(inputs, causal)
+        torch.cuda.synchronize(device)
+    events = [event for event in profile.events() if _KERNEL_FUNCTIONS[kernel] in event.name]
+    return gpu_busy_us(events) / calls / 1e3
+
+
+def _disagreement(results, expected) -> float:
+    """Largest |result - expected| relative to max |expected| over the output and the three gradients."""
+    return max(float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
+               for got, want in zip(results, expected))
+
+
+def sweep(case: SweepCase, device: torch.device, dtype: torch.dtype, calls: int, progress=iter) -> list[dict]:
+    """One row per (kernel, configuration): the default first, then the case's candidates."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    inputs = make_attention(device, dtype, generator, case.segments, case.heads, case.kv_heads, case.head_dim, False)
+    forward_flops, _ = attention_flops(inputs, causal=case.causal)
+    expected = _forward_backward(inputs, case.causal)
+    padded = 1 << (case.head_dim - 1).bit_length()
+    jobs = [(kernel, config) for kernel in KERNELS
+            for config in (attention_blocks(kernel, case.head_dim, dtype, device), *case.candidates[kernel])]
+    rows = []
+    for index, (kernel, config) in enumerate(progress(jobs)):
+        check_blocks(kernel, *config)
+        row = {"case": case.name, "head_dim": case.head_dim, "kernel": kernel, "config": list(config),
+               "default": index == 0 or jobs[index - 1][0] != kernel}
+        with blocks_override(f"{kernel}@{padded}={','.join(map(str, config))}"):
+            try:
+                row["disagreement"] = _disagreement(_forward_backward(inputs, case.causal), expected)
+                row["ms"] = _kernel_ms(kernel, inputs, case.causal, calls)
+            except Exception as error:  # a configuration the compiler or the GPU cannot run (shared memory)
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if "ms" in row and device.type == "cuda":
+            # The work each kernel does, in units of the forward's two matmuls: dkdv recomputes the scores
+            # and computes dP, dV and dK (4 matmuls), dq recomputes the scores and dP and computes dQ (3).
+            row["tflop_per_s"] = WORK[kernel] * forward_flops / (row["ms"] * 1e-3) / 1e12
+        rows.append(row)
+    return rows
+
+
+def fastest(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """{(kernel, head dim): the fastest row that agreed with the defaults}."""
+    best = {}
+    for row in rows:
+        if "ms" not in row or row["disagreement"] > AGREEMENT:
+            continue
+        key = (row["kernel"], row["head_dim"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    return best
+
+
+def override_value(best: dict[tuple[str, int], dict]) -> str:
+    """The INTERNVL3_ENGINE_ATTENTION_BLOCKS value selecting the fastest configurations."""
+    return ";".join(f"{kernel}@{1 << (head_dim - 1).bit_length()}={','.join(map(str, row['config']))}"
+                    for (kernel, head_dim), row in sorted(best.items()))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | kernel | BLOCK_M, BLOCK_N, warps, stages | ms per fwd+bwd | TFLOP/s (work done) | note |",
+             "|---|---|---|---:|---:|---|"]
+    for row in rows:
+        note = "default" if row["default"] else ""
+        if "error" in row:
+            note = row["error"]
+        elif row["disagreement"] > AGREEMENT:
+            note = f"disagrees with the defaults ({row['disagreement']:.2e})"
+        time_ms = f"{row['ms']:.3f}" if "ms" in row else "-"
+        rate = f"{row['tflop_per_s']:.1f}" if "tflop_per_s" in row else "-"
+        lines.append(f"| {row['case']} | {row['kernel']} | {', '.join(map(str, row['config']))} | {time_ms} | {rate} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.attention_blocks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=5, help="forward+backward calls timed per candidate")
+    parser.add_argument("--out", type=Path, default=None, help="folder for attention_blocks.json (default: none)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.attention_blocks: no CUDA device; the sweep times GPU kernels (its tests run it on the CPU)")
+        return 2
+    device = torch.device("cuda")
+    rows = []
+    for case in CASES:
+        rows += sweep(case, device, torch.bfloat16, args.calls, lambda jobs: tqdm(jobs, desc=case.name))
+    print(markdown(rows))
+    print(f"\n{BLOCKS_ENV_VAR}={override_value(fastest(rows))}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = {"device": torch.cuda.get_device_name(device), "versions": ie.info(), "rows": rows}
+        (args.out / "attention_blocks.json").write_text(json.dumps(record, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
