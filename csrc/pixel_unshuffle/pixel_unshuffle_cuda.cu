@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/vector.h"
 #include "pixel_unshuffle/pixel_unshuffle.h"
 #include "pixel_unshuffle/pixel_unshuffle_math.h"
 
@@ -17,13 +18,6 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 constexpr int kMaxItems = 16;  // vectors per thread: rows up to kMaxThreads * kMaxItems vectors
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-bool aligned_to(const void* pointer, int64_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
 
 // Copies whole chunks as raw `unit_t` words; `g` counts channels in units of unit_t.
 template <typename unit_t>
@@ -228,14 +222,6 @@ void dispatch_items(int items, const Body& body) {
     case 8: return body(std::integral_constant<int, 8>{});
     default: return body(std::integral_constant<int, 16>{});
   }
-}
-
-// Calls body(std::integral_constant<int, VEC>) with 16-byte vectors when every row chunk and pointer allows.
-template <typename scalar_t, typename Body>
-void dispatch_vec(bool vectorised, const Body& body) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (vectorised) return body(std::integral_constant<int, kVec>{});
-  return body(std::integral_constant<int, 1>{});
 }
 
 bool can_vectorise(const Geometry& g, std::initializer_list<const at::Tensor*> tensors) {

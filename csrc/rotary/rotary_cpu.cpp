@@ -33,32 +33,32 @@ at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& positions, const at
   const int64_t tokens = x.size(0), heads = x.size(1), head_dim = x.size(2), half = inv_freq.size(0);
   const float* pos = positions.data_ptr<float>();
   const float* freq = inv_freq.data_ptr<float>();
+  const bool vectorised = can_vectorise(head_dim, half, x.element_size(), x.data_ptr(), out.data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotary_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> cos_a(half), sin_a(half);
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = angle(pos[t], freq[i]);
-          cos_a[i] = static_cast<acc_t>(std::cos(a));
-          sin_a[i] = static_cast<acc_t>(std::sin(a));
-        }
-        for (int64_t h = 0; h < heads; ++h) {
+    // The CUDA kernel's work per token, in one thread: the token's cosines and sines once, then every
+    // head's pairs, VEC at a time.
+    dispatch_vec<scalar_t>(vectorised, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> cos_a(half), sin_a(half);
+        for (int64_t t = begin; t < end; ++t) {
           for (int64_t i = 0; i < half; ++i) {
-            const int64_t o1 = offset(t, h, i, heads, head_dim), o2 = offset(t, h, i + half, heads, head_dim);
-            acc_t y1, y2;
-            rotate<acc_t>(static_cast<acc_t>(src[o1]), static_cast<acc_t>(src[o2]), cos_a[i], sin_a[i], inverse, y1, y2);
-            dst[o1] = static_cast<scalar_t>(y1);
-            dst[o2] = static_cast<scalar_t>(y2);
+            const float a = angle(pos[t], freq[i]);
+            cos_a[i] = static_cast<acc_t>(std::cos(a));
+            sin_a[i] = static_cast<acc_t>(std::sin(a));
           }
-          for (int64_t d = 2 * half; d < head_dim; ++d) {
-            const int64_t o = offset(t, h, d, heads, head_dim);
-            dst[o] = src[o];
+          for (int64_t h = 0; h < heads; ++h) {
+            const int64_t head_offset = offset(t, h, 0, heads, head_dim);
+            for (int64_t i0 = 0; i0 < half; i0 += VEC) {
+              rotate_pairs<scalar_t, acc_t, VEC>(src, dst, head_offset, i0, half, cos_a.data(), sin_a.data(), inverse);
+            }
+            for (int64_t d = 2 * half; d < head_dim; ++d) dst[head_offset + d] = src[head_offset + d];
           }
         }
-      }
+      });
     });
   });
   return out;

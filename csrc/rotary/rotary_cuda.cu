@@ -1,5 +1,4 @@
-// CUDA kernel of apply_rotary: one block per token; threads stride over (head, pair) and the
-// pass-through dims beyond rotary_dim.
+// CUDA kernel of apply_rotary.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,22 +12,30 @@ namespace ie {
 namespace rotary {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+// One block per token: its cosines and sines are computed once into shared memory (as the CPU kernel keeps
+// them per token), then the threads stride over the (head, vector of pairs) of the token and the
+// pass-through dims beyond rotary_dim.
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void rotary_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, const float* __restrict__ positions,
-                              const float* __restrict__ inv_freq, int64_t tokens, int64_t heads, int64_t head_dim,
-                              int64_t half, bool inverse) {
+                              const float* __restrict__ inv_freq, int64_t tokens, int heads, int64_t head_dim, int half,
+                              bool inverse) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  acc_t* cos_a = reinterpret_cast<acc_t*>(shared);
+  acc_t* sin_a = cos_a + half;
   const int64_t t = blockIdx.x;
-  if (t >= tokens) return;
+  if (t >= tokens) return;  // the whole block returns: no thread misses the barrier below
   const float position = positions[t];
-  for (int64_t k = threadIdx.x; k < heads * half; k += blockDim.x) {
-    const int64_t h = k / half, i = k % half;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
     float sin_f, cos_f;
     sincosf(angle(position, inv_freq[i]), &sin_f, &cos_f);
-    const int64_t o1 = offset(t, h, i, heads, head_dim), o2 = offset(t, h, i + half, heads, head_dim);
-    acc_t y1, y2;
-    rotate<acc_t>(static_cast<acc_t>(src[o1]), static_cast<acc_t>(src[o2]), cos_f, sin_f, inverse, y1, y2);
-    dst[o1] = static_cast<scalar_t>(y1);
-    dst[o2] = static_cast<scalar_t>(y2);
+    cos_a[i] = static_cast<acc_t>(cos_f);
+    sin_a[i] = static_cast<acc_t>(sin_f);
+  }
+  __syncthreads();
+  const int vectors = half / VEC;
+  for (int k = threadIdx.x; k < heads * vectors; k += blockDim.x) {
+    rotate_pairs<scalar_t, acc_t, VEC>(src, dst, offset(t, k / vectors, 0, heads, head_dim), (k % vectors) * VEC, half, cos_a,
+                                       sin_a, inverse);
   }
   const int64_t rest = head_dim - 2 * half;
   for (int64_t k = threadIdx.x; k < heads * rest; k += blockDim.x) {
@@ -46,12 +53,20 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& positions, const a
   const int64_t tokens = x.size(0), heads = x.size(1), head_dim = x.size(2), half = inv_freq.size(0);
   if (x.numel() == 0) return out;
   TORCH_CHECK(tokens <= INT32_MAX, "too many tokens for one launch");
-  const int threads = static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(heads * half, 32) * 32)));
+  TORCH_CHECK(heads * head_dim <= INT32_MAX, "too many heads x head dims for one token");
+  const bool vectorised = can_vectorise(head_dim, half, x.element_size(), x.data_ptr(), out.data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotary_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    rotary_kernel<scalar_t, acc_t><<<static_cast<unsigned>(tokens), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), positions.data_ptr<float>(), inv_freq.data_ptr<float>(), tokens,
-        heads, head_dim, half, inverse);
+    const size_t table_bytes = 2 * static_cast<size_t>(half) * sizeof(acc_t);
+    TORCH_CHECK(table_bytes <= 48 * 1024, "rotary_dim too large for the kernel's cos/sin table (", half, " pairs)");
+    dispatch_vec<scalar_t>(vectorised, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const int64_t work = std::max<int64_t>(heads * (half / VEC), heads * (head_dim - 2 * half));
+      const int threads = static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(work, 32) * 32)));
+      rotary_kernel<scalar_t, acc_t, VEC><<<static_cast<unsigned>(tokens), threads, table_bytes, at::cuda::getCurrentCUDAStream()>>>(
+          x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), positions.data_ptr<float>(), inv_freq.data_ptr<float>(), tokens,
+          static_cast<int>(heads), head_dim, static_cast<int>(half), inverse);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common/host_device.h"
+#include "common/vector.h"
 
 namespace ie {
 namespace rotary {
@@ -22,6 +23,31 @@ IE_HOST_DEVICE void rotate(acc_t x1, acc_t x2, acc_t cos_a, acc_t sin_a, bool in
   const acc_t s = inverse ? -sin_a : sin_a;
   y1 = x1 * cos_a - x2 * s;
   y2 = x2 * cos_a + x1 * s;
+}
+
+// Whether the kernels may move VEC = 16 / element_size elements at a time: both halves of every head start
+// on a 16-byte boundary (head_dim and rotary_dim/2 multiples of VEC, both tensors 16-byte aligned).
+inline bool can_vectorise(int64_t head_dim, int64_t half, int64_t element_size, const void* src, const void* dst) {
+  const int64_t vec = 16 / element_size;
+  return half % vec == 0 && head_dim % vec == 0 && aligned_to(src, 16) && aligned_to(dst, 16);
+}
+
+// Rotates the VEC pairs (i0 + e, i0 + e + half), e < VEC, of the head starting at `head_offset`, with the
+// token's per-pair cosines and sines (cos_a[i], sin_a[i] for i < half): one vector load and store per half.
+template <typename scalar_t, typename acc_t, int VEC>
+IE_HOST_DEVICE void rotate_pairs(const scalar_t* src, scalar_t* dst, int64_t head_offset, int64_t i0, int64_t half,
+                                 const acc_t* cos_a, const acc_t* sin_a, bool inverse) {
+  const Pack<scalar_t, VEC> x1 = load_pack<scalar_t, VEC>(src + head_offset + i0);
+  const Pack<scalar_t, VEC> x2 = load_pack<scalar_t, VEC>(src + head_offset + i0 + half);
+  Pack<scalar_t, VEC> y1, y2;
+  for (int e = 0; e < VEC; ++e) {
+    acc_t a, b;
+    rotate<acc_t>(static_cast<acc_t>(x1.v[e]), static_cast<acc_t>(x2.v[e]), cos_a[i0 + e], sin_a[i0 + e], inverse, a, b);
+    y1.v[e] = static_cast<scalar_t>(a);
+    y2.v[e] = static_cast<scalar_t>(b);
+  }
+  store_pack<scalar_t, VEC>(dst + head_offset + i0, y1);
+  store_pack<scalar_t, VEC>(dst + head_offset + i0 + half, y2);
 }
 
 }  // namespace rotary
