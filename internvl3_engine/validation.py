@@ -8,11 +8,12 @@ every message names the argument.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+T = TypeVar("T")
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -54,17 +55,30 @@ def check_cu_seqlens_meta(cu_seqlens, device: torch.device) -> torch.Tensor:
     return cu_seqlens
 
 
+def remembered(tensor: torch.Tensor, name: str, key, compute: Callable[[], T]) -> T:
+    """``compute()``, remembered on ``tensor`` (as attribute ``name``) with the tensor's version counter (bumped
+    by every in-place change) and ``key``: a check that reads a tensor's values costs a host synchronisation on
+    a GPU, and this runs it once per contents instead of once per call (the layers sharing one pack's
+    cu_seqlens, the forward and backward of one batch's visual mask)."""
+    stamp = (tensor._version, key)
+    memo = getattr(tensor, name, None)
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
+    value = compute()
+    setattr(tensor, name, (stamp, value))
+    return value
+
+
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> int:
     """cu_seqlens starts at 0, never decreases and ends at ``total``; returns the longest segment.
 
-    Reading the values costs a host synchronisation on a GPU. The result is remembered on the tensor with
-    its version counter (bumped by every in-place change), so the layers of a model that share one pack's
-    cu_seqlens read it once per pack, not once per layer.
+    Reading the values costs a host synchronisation on a GPU; the result is remembered on the tensor
+    (``remembered``), so the layers of a model that share one pack's cu_seqlens read it once per pack.
     """
-    key = (cu_seqlens._version, total)
-    remembered = getattr(cu_seqlens, "_internvl3_engine_checked", None)
-    if remembered is not None and remembered[0] == key:
-        return remembered[1]
+    return remembered(cu_seqlens, "_internvl3_engine_checked", total, lambda: _cu_seqlens_longest(cu_seqlens, total))
+
+
+def _cu_seqlens_longest(cu_seqlens: torch.Tensor, total: int) -> int:
     values = cu_seqlens.detach().cpu()
     if int(values[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(values[0])}")
@@ -75,9 +89,7 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> int:
         )
     if int(values[-1]) != total:
         raise ValueError(f"cu_seqlens must end at the number of tokens {total}, got {int(values[-1])}")
-    longest = int((values[1:] - values[:-1]).max()) if values.numel() > 1 else 0
-    cu_seqlens._internvl3_engine_checked = (key, longest)
-    return longest
+    return int((values[1:] - values[:-1]).max()) if values.numel() > 1 else 0
 
 
 def check_float(name: str, value, *, positive: bool = False) -> float:

@@ -193,3 +193,23 @@ def test_gpu_bfloat16_real_size():
             assert torch.equal(ie.scatter_visual(text, visual, mask), expected), kind
             grads = torch.ops.internvl3_engine.scatter_visual_backward(grad, mask, visual.shape[0])
         assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads)), kind
+
+
+def test_count_check_reads_each_mask_once(monkeypatch):
+    # The visual count is a host sync on a GPU: read once per mask for a forward and its backward, and
+    # read again after the mask changes in place.
+    from internvl3_engine.ops.scatter_visual import op
+
+    reads = []
+    real = op.count_visual
+    monkeypatch.setattr(op, "count_visual", lambda inclusive: reads.append(1) or real(inclusive))
+    mask = torch.tensor([True, False, True, True, False, True])
+    text, visual = torch.randn(6, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    out = ie.scatter_visual(text, visual, mask)
+    torch.autograd.grad(out.sum(), (text, visual))
+    ie.scatter_visual(text, visual, mask)
+    assert len(reads) == 1
+    mask[1] = True  # five visual tokens now: checked again, and refused
+    with pytest.raises(ValueError, match="is_visual marks 5 visual tokens, visual_embeds has 4 rows"):
+        ie.scatter_visual(text, visual, mask)
+    assert len(reads) == 2

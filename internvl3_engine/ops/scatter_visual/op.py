@@ -6,7 +6,7 @@ import torch
 
 from ...dispatch import KernelSet, lazy
 from ...extension import compiled
-from ...validation import FLOAT_DTYPES, check_length, check_tensor
+from ...validation import FLOAT_DTYPES, check_length, check_tensor, remembered
 from ..library import operator
 from .reference import scatter_visual_backward_reference, scatter_visual_reference
 
@@ -37,16 +37,22 @@ def _visual_before(is_visual: torch.Tensor, num_visual: int) -> torch.Tensor:
     The exclusive prefix sum is computed here with torch.cumsum rather than inside the kernels: it is a
     dependency across the whole pack (a one-row-per-block kernel cannot see the rows before it without a
     second pass), and the scan reads T bytes against the T*C elements the copy moves, so a tuned library
-    scan costs nothing measurable. Its last entry gives the visual count, checked here (the one host sync).
+    scan costs nothing measurable. Its last entry gives the visual count, checked against num_visual: a host
+    sync, remembered on is_visual (validation.remembered), so one batch's forward and backward sync once.
     """
     inclusive = torch.cumsum(is_visual, dim=0, dtype=torch.int64)
-    count = int(inclusive[-1]) if inclusive.numel() else 0
+    count = remembered(is_visual, "_internvl3_engine_visual_count", None, lambda: count_visual(inclusive))
     if count != num_visual:
         raise ValueError(
             f"visual_embeds must have one row per visual token: is_visual marks {count} visual tokens, "
             f"visual_embeds has {num_visual} rows"
         )
     return inclusive - is_visual.to(torch.int64)
+
+
+def count_visual(inclusive: torch.Tensor) -> int:
+    """The visual count from the inclusive prefix sum of is_visual (reads a value: a host sync on a GPU)."""
+    return int(inclusive[-1]) if inclusive.numel() else 0
 
 
 def _scatter_fake(text_embeds, visual_embeds, is_visual):
@@ -113,7 +119,8 @@ def scatter_visual(text_embeds: torch.Tensor, visual_embeds: torch.Tensor, is_vi
 
     Row t of the result is visual_embeds[j] when ``is_visual[t]`` (bool [T]) and t is the (j+1)-th visual
     token, else text_embeds[t]. Out of place; V must equal the number of visual tokens (ValueError,
-    checked on the values: one host sync in the forward, one in the backward). Differentiable in both embeddings: the text gradient is the
+    checked on the values: one host sync per mask, remembered on is_visual until it changes in place, so
+    a batch's forward and backward sync once). Differentiable in both embeddings: the text gradient is the
     output gradient with the visual rows zeroed, the visual gradient its visual rows in order.
     """
     check_tensor("text_embeds", text_embeds, dtypes=FLOAT_DTYPES, ndim=2)
