@@ -31,8 +31,11 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -
     if not norms:
         return torch.zeros(())
     total = torch.stack([norm.to(norms[0].device) for norm in norms]).square().sum().sqrt()
-    coefficient = min(1.0, max_norm / (total.item() + 1e-6))
-    if coefficient < 1.0:
-        for grads in grads_by_mesh.values():
-            torch._foreach_mul_(grads, coefficient)
+    # A tensor coefficient, applied even when it is 1 (as torch's clip_grad_norm_ does): deciding on the host
+    # would synchronise with the GPU before the optimizer step could be launched.
+    coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grads in grads_by_mesh.values():
+        # In place on the local shards (a DTensor's to_local shares its storage): no DTensor dispatch.
+        local = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
+        torch._foreach_mul_(local, coefficient.to(local[0].device))
     return total
