@@ -9,6 +9,15 @@
 #define IE_HOST_DEVICE inline
 #endif
 
+// Full unrolling of a short loop with a compile-time trip count in code compiled for both: on the device
+// a loop over a register array must unroll, or the array goes to local memory. (nvcc takes its own pragma
+// in both of its passes; GCC has its own spelling.)
+#if defined(__CUDACC__)
+#define IE_UNROLL _Pragma("unroll")
+#else
+#define IE_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace ie {
 
 // Number of blocks of `block` elements covering `n` elements.

@@ -40,6 +40,7 @@ IE_HOST_DEVICE void rotate_pairs(const scalar_t* src, scalar_t* dst, int64_t hea
   const Pack<scalar_t, VEC> x1 = load_pack<scalar_t, VEC>(src + head_offset + i0);
   const Pack<scalar_t, VEC> x2 = load_pack<scalar_t, VEC>(src + head_offset + i0 + half);
   Pack<scalar_t, VEC> y1, y2;
+  IE_UNROLL
   for (int e = 0; e < VEC; ++e) {
     acc_t a, b;
     rotate<acc_t>(static_cast<acc_t>(x1.v[e]), static_cast<acc_t>(x2.v[e]), cos_a[i0 + e], sin_a[i0 + e], inverse, a, b);
