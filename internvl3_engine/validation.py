@@ -59,7 +59,10 @@ def remembered(tensor: torch.Tensor, name: str, key, compute: Callable[[], T]) -
     """``compute()``, remembered on ``tensor`` (as attribute ``name``) with the tensor's version counter (bumped
     by every in-place change) and ``key``: a check that reads a tensor's values costs a host synchronisation on
     a GPU, and this runs it once per contents instead of once per call (the layers sharing one pack's
-    cu_seqlens, the forward and backward of one batch's visual mask)."""
+    cu_seqlens, the forward and backward of one batch's visual mask). Inference tensors (made under
+    torch.inference_mode) have no version counter: their checks run on every call."""
+    if tensor.is_inference():
+        return compute()
     stamp = (tensor._version, key)
     memo = getattr(tensor, name, None)
     if memo is not None and memo[0] == stamp:

@@ -113,3 +113,22 @@ def test_cu_seqlens_check_is_remembered_until_the_tensor_changes():
     cu_seqlens[2] = 1  # in place: the version counter moves, the values are read again
     with pytest.raises(ValueError, match="must never decrease"):
         check_cu_seqlens_values(cu_seqlens, 10)
+
+
+def test_checks_of_contents_work_under_inference_mode():
+    # Inference tensors have no version counter: their checks are not remembered, and run every call.
+    with torch.inference_mode():
+        cu_seqlens = ie.cu_seqlens_from_lengths([3, 2])
+        is_visual = torch.tensor([False, True, True, False, True])
+        assert ie.max_seqlen(cu_seqlens) == 3
+        assert ie.loss_weights(torch.randint(0, 10, (5,)), cu_seqlens).shape == (5,)
+        assert ie.v2pe_position_ids(is_visual, cu_seqlens, 0.5).shape == (5,)
+        assert ie.scatter_visual(torch.randn(5, 4), torch.randn(3, 4), is_visual).shape == (5, 4)
+        q = torch.randn(5, 2, 16)
+        assert ie.v2pe_attention(q, q, q, cu_seqlens, 3, torch.arange(5.0)).shape == (5, 2, 16)
+        cu_seqlens[1] = 6  # in place, untracked: checked again all the same
+        with pytest.raises(ValueError, match="must never decrease"):
+            ie.max_seqlen(cu_seqlens)
+        is_visual[0] = True
+        with pytest.raises(ValueError, match="is_visual marks 4 visual tokens"):
+            ie.scatter_visual(torch.randn(5, 4), torch.randn(3, 4), is_visual)
