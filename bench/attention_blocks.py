@@ -1,13 +1,14 @@
 """Sweep of the Triton attention kernels' launch configurations (block sizes, warps, pipeline stages).
 
-For each case (the LLM's 7B pack, D = 128, causal; the ViT's tiles, D = 64, not causal) and each kernel
+For each case (the LLM's 7B pack, D = 128, causal, without and with V2PE positions in 'prerotate_k' mode;
+the ViT's tiles, D = 64, not causal) and each kernel
 (forward, dkdv, dq), every candidate configuration runs through INTERNVL3_ENGINE_ATTENTION_BLOCKS (see
 internvl3_engine/ops/attention/blocks.py) while the other kernels keep their defaults. A candidate's time
 is its kernel's own: on a GPU the summed device time of that kernel (torch.profiler) per forward+backward,
 on a CPU the wall time of the whole forward+backward (the interpreter: a smoke test, not a result). Each
 candidate's outputs and gradients are compared with the defaults' (a candidate that disagrees is marked).
-Prints a table per case and kernel and the variable's value selecting the fastest, and writes the rows
-as JSON.
+Prints a table per case and kernel and, per case, the variable's value selecting the fastest, and writes
+the rows as JSON.
 
     python -m bench.attention_blocks [--calls 5] [--out FOLDER]
 """
@@ -47,19 +48,24 @@ class SweepCase:
     head_dim: int
     causal: bool
     candidates: dict[str, tuple[Config, ...]]  # per kernel, besides its default
+    rotary_mode: str | None = None  # with V2PE positions in this rotary mode; None: no positions
 
 
 # Hopper-oriented candidates around the defaults: wider tiles with 8 warps, deeper pipelines, and the
 # shapes FlashAttention-2's Triton implementations use for D = 64 and 128.
+_LLM_CANDIDATES = {
+    "forward": ((128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+                (128, 64, 8, 4), (64, 32, 4, 4)),
+    "dkdv": ((32, 128, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2),
+             (16, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3)),
+    "dq": ((128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3),
+           (128, 64, 8, 3), (64, 16, 4, 2)),
+}
+# The LLM also with positions in 'prerotate_k' mode, whose kernels rotate q in the forward's prologue and
+# dq, dk in the backward's epilogues (more registers: their best blocks may differ from the plain ones').
 CASES = (
-    SweepCase("LLM 7B", Segments(16384, 256, 4096), 28, 4, 128, True, {
-        "forward": ((128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
-                    (128, 64, 8, 4), (64, 32, 4, 4)),
-        "dkdv": ((32, 128, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2),
-                 (16, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3)),
-        "dq": ((128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3),
-               (128, 64, 8, 3), (64, 16, 4, 2)),
-    }),
+    SweepCase("LLM 7B", Segments(16384, 256, 4096), 28, 4, 128, True, _LLM_CANDIDATES),
+    SweepCase("LLM 7B prerotate_k", Segments(16384, 256, 4096), 28, 4, 128, True, _LLM_CANDIDATES, "prerotate_k"),
     SweepCase("ViT", Segments(16 * 1025, 1025, 1025), 16, 16, 64, False, {
         "forward": ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)),
         "dkdv": ((64, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)),
@@ -84,27 +90,28 @@ def blocks_override(value: str) -> Iterator[None]:
             os.environ[BLOCKS_ENV_VAR] = previous
 
 
-def _forward_backward(inputs, causal: bool):
-    q, k, v, cu_seqlens, max_seqlen, _ = inputs
+def _forward_backward(inputs, case: SweepCase):
+    q, k, v, cu_seqlens, max_seqlen, positions = inputs
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     with ie.backend("triton"):
-        out = ie.v2pe_attention(*leaves, cu_seqlens, max_seqlen, causal=causal)
+        out = ie.v2pe_attention(*leaves, cu_seqlens, max_seqlen, positions, causal=case.causal,
+                                rotary_mode=case.rotary_mode or "separate")
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     return (out.detach(), *grads)
 
 
-def _kernel_ms(kernel: str, inputs, causal: bool, calls: int) -> float:
+def _kernel_ms(kernel: str, inputs, case: SweepCase, calls: int) -> float:
     """Milliseconds per forward+backward of ``kernel`` alone (GPU, profiler), or of the whole call (CPU)."""
     device = inputs[0].device
     if device.type != "cuda":
         start = time.perf_counter()
         for _ in range(calls):
-            _forward_backward(inputs, causal)
+            _forward_backward(inputs, case)
         return (time.perf_counter() - start) / calls * 1e3
     torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         for _ in range(calls):
-            _forward_backward(inputs, causal)
+            _forward_backward(inputs, case)
         torch.cuda.synchronize(device)
     events = [event for event in profile.events() if _KERNEL_FUNCTIONS[kernel] in event.name]
     return gpu_busy_us(events) / calls / 1e3
@@ -119,9 +126,10 @@ def _disagreement(results, expected) -> float:
 def sweep(case: SweepCase, device: torch.device, dtype: torch.dtype, calls: int, progress=iter) -> list[dict]:
     """One row per (kernel, configuration): the default first, then the case's candidates."""
     generator = torch.Generator(device=device).manual_seed(0)
-    inputs = make_attention(device, dtype, generator, case.segments, case.heads, case.kv_heads, case.head_dim, False)
+    inputs = make_attention(device, dtype, generator, case.segments, case.heads, case.kv_heads, case.head_dim,
+                            case.rotary_mode is not None)
     forward_flops, _ = attention_flops(inputs, causal=case.causal)
-    expected = _forward_backward(inputs, case.causal)
+    expected = _forward_backward(inputs, case)
     padded = 1 << (case.head_dim - 1).bit_length()
     jobs = [(kernel, config) for kernel in KERNELS
             for config in (attention_blocks(kernel, case.head_dim, dtype, device), *case.candidates[kernel])]
@@ -132,8 +140,8 @@ def sweep(case: SweepCase, device: torch.device, dtype: torch.dtype, calls: int,
                "default": index == 0 or jobs[index - 1][0] != kernel}
         with blocks_override(f"{kernel}@{padded}={','.join(map(str, config))}"):
             try:
-                row["disagreement"] = _disagreement(_forward_backward(inputs, case.causal), expected)
-                row["ms"] = _kernel_ms(kernel, inputs, case.causal, calls)
+                row["disagreement"] = _disagreement(_forward_backward(inputs, case), expected)
+                row["ms"] = _kernel_ms(kernel, inputs, case, calls)
             except Exception as error:  # a configuration the compiler or the GPU cannot run (shared memory)
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if "ms" in row and device.type == "cuda":
@@ -144,22 +152,21 @@ def sweep(case: SweepCase, device: torch.device, dtype: torch.dtype, calls: int,
     return rows
 
 
-def fastest(rows: list[dict]) -> dict[tuple[str, int], dict]:
-    """{(kernel, head dim): the fastest row that agreed with the defaults}."""
+def fastest(rows: list[dict]) -> dict[str, dict]:
+    """{kernel: the fastest of ``rows`` (one case's) that agreed with the defaults}."""
     best = {}
     for row in rows:
         if "ms" not in row or row["disagreement"] > AGREEMENT:
             continue
-        key = (row["kernel"], row["head_dim"])
-        if key not in best or row["ms"] < best[key]["ms"]:
-            best[key] = row
+        if row["kernel"] not in best or row["ms"] < best[row["kernel"]]["ms"]:
+            best[row["kernel"]] = row
     return best
 
 
-def override_value(best: dict[tuple[str, int], dict]) -> str:
-    """The INTERNVL3_ENGINE_ATTENTION_BLOCKS value selecting the fastest configurations."""
-    return ";".join(f"{kernel}@{1 << (head_dim - 1).bit_length()}={','.join(map(str, row['config']))}"
-                    for (kernel, head_dim), row in sorted(best.items()))
+def override_value(rows: list[dict]) -> str:
+    """The INTERNVL3_ENGINE_ATTENTION_BLOCKS value selecting the fastest configurations of one case's rows."""
+    return ";".join(f"{kernel}@{1 << (row['head_dim'] - 1).bit_length()}={','.join(map(str, row['config']))}"
+                    for kernel, row in sorted(fastest(rows).items()))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -186,14 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.attention_blocks: no CUDA device; the sweep times GPU kernels (its tests run it on the CPU)")
         return 2
     device = torch.device("cuda")
-    rows = []
+    rows, values = [], {}
     for case in CASES:
-        rows += sweep(case, device, torch.bfloat16, args.calls, lambda jobs: tqdm(jobs, desc=case.name))
+        case_rows = sweep(case, device, torch.bfloat16, args.calls, lambda jobs: tqdm(jobs, desc=case.name))
+        rows += case_rows
+        values[case.name] = override_value(case_rows)
     print(markdown(rows))
-    print(f"\n{BLOCKS_ENV_VAR}={override_value(fastest(rows))}")
+    # One value per case: the LLM's cases share a head dim, so a value serves the rotary mode it was timed in.
+    for name, value in values.items():
+        print(f"{name}: {BLOCKS_ENV_VAR}={value}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        record = {"device": torch.cuda.get_device_name(device), "versions": ie.info(), "rows": rows}
+        record = {"device": torch.cuda.get_device_name(device), "versions": ie.info(), "rows": rows, "values": values}
         (args.out / "attention_blocks.json").write_text(json.dumps(record, indent=1, default=str))
     return 0
 
