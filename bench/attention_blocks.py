@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,12 @@ import torch
 from tqdm import tqdm
 
 import internvl3_engine as ie
-from internvl3_engine.ops.attention.blocks import BLOCKS_ENV_VAR, KERNELS, attention_blocks, check_blocks
+from internvl3_engine.ops.attention.blocks import (
+    BLOCKS_ENV_VAR, KERNELS, attention_blocks, check_blocks, padded_head_dim,
+)
 
 from .attention import Segments, attention_flops, make_attention
-from .harness import gpu_busy_us
+from .harness import Timer, device_ms
 
 Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, warps, stages
 # Agreement with the defaults' results: block sizes change only the order of the float32 accumulations,
@@ -77,6 +78,11 @@ _KERNEL_FUNCTIONS = {"forward": "_forward_kernel", "dkdv": "_dkdv_kernel", "dq":
 WORK = {"forward": 1.0, "dkdv": 2.0, "dq": 1.5}  # FLOPs per kernel as multiples of the forward's
 
 
+def override_entry(kernel: str, head_dim: int, config: Config) -> str:
+    """One INTERNVL3_ENGINE_ATTENTION_BLOCKS entry: ``config`` for ``kernel`` at ``head_dim``."""
+    return f"{kernel}@{padded_head_dim(head_dim)}={','.join(map(str, config))}"
+
+
 @contextmanager
 def blocks_override(value: str) -> Iterator[None]:
     previous = os.environ.get(BLOCKS_ENV_VAR)
@@ -103,18 +109,10 @@ def _forward_backward(inputs, case: SweepCase):
 def _kernel_ms(kernel: str, inputs, case: SweepCase, calls: int) -> float:
     """Milliseconds per forward+backward of ``kernel`` alone (GPU, profiler), or of the whole call (CPU)."""
     device = inputs[0].device
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(calls):
-            _forward_backward(inputs, case)
-        return (time.perf_counter() - start) / calls * 1e3
-    torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        for _ in range(calls):
-            _forward_backward(inputs, case)
-        torch.cuda.synchronize(device)
-    events = [event for event in profile.events() if _KERNEL_FUNCTIONS[kernel] in event.name]
-    return gpu_busy_us(events) / calls / 1e3
+    call = lambda: _forward_backward(inputs, case)  # noqa: E731
+    if device.type == "cuda":
+        return device_ms(device, call, calls, kernel=_KERNEL_FUNCTIONS[kernel])
+    return Timer(device, quick=True).median_ms(call)
 
 
 def _disagreement(results, expected) -> float:
@@ -130,7 +128,6 @@ def sweep(case: SweepCase, device: torch.device, dtype: torch.dtype, calls: int,
                             case.rotary_mode is not None)
     forward_flops, _ = attention_flops(inputs, causal=case.causal)
     expected = _forward_backward(inputs, case)
-    padded = 1 << (case.head_dim - 1).bit_length()
     jobs = [(kernel, config) for kernel in KERNELS
             for config in (attention_blocks(kernel, case.head_dim, dtype, device), *case.candidates[kernel])]
     rows = []
@@ -138,7 +135,7 @@ def sweep(case: SweepCase, device: torch.device, dtype: torch.dtype, calls: int,
         check_blocks(kernel, *config)
         row = {"case": case.name, "head_dim": case.head_dim, "kernel": kernel, "config": list(config),
                "default": index == 0 or jobs[index - 1][0] != kernel}
-        with blocks_override(f"{kernel}@{padded}={','.join(map(str, config))}"):
+        with blocks_override(override_entry(kernel, case.head_dim, config)):
             try:
                 row["disagreement"] = _disagreement(_forward_backward(inputs, case), expected)
                 row["ms"] = _kernel_ms(kernel, inputs, case, calls)
@@ -165,8 +162,8 @@ def fastest(rows: list[dict]) -> dict[str, dict]:
 
 def override_value(rows: list[dict]) -> str:
     """The INTERNVL3_ENGINE_ATTENTION_BLOCKS value selecting the fastest configurations of one case's rows."""
-    return ";".join(f"{kernel}@{1 << (row['head_dim'] - 1).bit_length()}={','.join(map(str, row['config']))}"
-                    for kernel, row in sorted(fastest(rows).items()))
+    best = sorted(fastest(rows).items())
+    return ";".join(override_entry(kernel, row["head_dim"], row["config"]) for kernel, row in best)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -95,16 +95,20 @@ class Timer:
 DEVICE_TIME_CALLS = 10
 
 
-def gpu_busy_us(events) -> float:
-    """Summed durations (us) of the GPU activities (kernels, copies, memsets) among torch.profiler events."""
-    return sum(event.time_range.elapsed_us() for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+def gpu_busy_us(events, kernel: str | None = None) -> float:
+    """Summed durations (us) of the GPU activities (kernels, copies, memsets) among torch.profiler events;
+    ``kernel``: only those whose name contains it."""
+    return sum(event.time_range.elapsed_us() for event in events
+               if event.device_type == torch.autograd.DeviceType.CUDA and (kernel is None or kernel in event.name))
 
 
-def device_ms(device: torch.device, fn: Callable[[], object], calls: int = DEVICE_TIME_CALLS) -> float | None:
+def device_ms(device: torch.device, fn: Callable[[], object], calls: int = DEVICE_TIME_CALLS,
+              kernel: str | None = None) -> float | None:
     """CUDA: the GPU's own time per call of ``fn`` in milliseconds, the summed durations of the kernels, copies
     and memsets it runs (torch.profiler over ``calls`` calls after one untimed call), without the host's time
     between them (Python, dispatch, launches). The wall time (Timer) includes that time whenever the host
-    cannot run ahead of the GPU, as with short kernels; the difference is the host overhead. None elsewhere."""
+    cannot run ahead of the GPU, as with short kernels; the difference is the host overhead. ``kernel``: only
+    the activities whose name contains it. None elsewhere."""
     if device.type != "cuda":
         return None
     fn()
@@ -114,7 +118,7 @@ def device_ms(device: torch.device, fn: Callable[[], object], calls: int = DEVIC
         for _ in range(calls):
             fn()
         torch.cuda.synchronize(device)
-    return gpu_busy_us(profile.events()) / calls / 1e3
+    return gpu_busy_us(profile.events(), kernel) / calls / 1e3
 
 
 def l2_bytes(device: torch.device) -> int:

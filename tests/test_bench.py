@@ -274,12 +274,13 @@ def test_quick_timer_times_one_call():
 def test_device_time_sums_only_the_gpu_activities():
     from torch.autograd.profiler_util import FunctionEvent
 
-    def event(start, end, device_type):
-        return FunctionEvent(id=0, name="e", thread=0, start_us=start, end_us=end, device_type=device_type)
+    def event(start, end, device_type, name="e"):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=device_type)
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    events = [event(0, 100, cpu), event(10, 35, cuda), event(40, 47, cuda), event(50, 90, cpu)]
+    events = [event(0, 100, cpu), event(10, 35, cuda, "_dq_kernel"), event(40, 47, cuda), event(50, 90, cpu, "_dq_kernel")]
     assert gpu_busy_us(events) == 32
+    assert gpu_busy_us(events, kernel="_dq_kernel") == 25  # one kernel's own time (the attention block sweep)
     # Elsewhere than on CUDA there is no device time, and the callable is not run.
     assert device_ms(CPU, lambda: pytest.fail("ran")) is None
 

@@ -32,8 +32,9 @@ _GPU_BLOCKS = {
 }
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim as the kernels pad it (the next power of two): the HEAD_DIM of an override entry."""
+    return 1 << max(head_dim - 1, 0).bit_length()
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -91,7 +92,7 @@ def attention_blocks(kernel: str, head_dim: int, dtype: torch.dtype, device: tor
     pipelines on sm_90+; float32 tiles take twice the memory, so their blocks are halved."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}")
-    padded = _next_power_of_2(head_dim)
+    padded = padded_head_dim(head_dim)
     overrides = parse_overrides(os.environ.get(BLOCKS_ENV_VAR, ""))
     override = overrides.get((kernel, padded)) or overrides.get((kernel, None))
     if override is not None:
