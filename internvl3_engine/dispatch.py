@@ -136,7 +136,7 @@ class KernelSet:
     triton: Callable | None = None
     cuda: Callable | None = None
     # Compiled kernels first: on an H100 (bench/results/20261122T180330Z_*) they beat the Triton kernels of
-    # every memory-bound op forward+backward (1.3-1.6x: rotary, both unshuffles, scatter_visual) and
+    # every memory-bound op forward+backward (1.2-1.8x: rotary, both unshuffles, scatter_visual) and
     # loss_weights 15x, where short kernels make the host's time per call count (a C++ op launches
     # with less of it than Triton's Python launcher). Ops whose kernels are only Triton say so.
     gpu_order: tuple[str, ...] = ("cuda", "triton", "torch")
