@@ -8,6 +8,8 @@
 #   bash scripts/gpu_check.sh bench             # python -m bench --suite all --sizes real, tarred
 #                                               # (BENCH_ARGS replaces those arguments: a suite or ops at a time)
 #   bash scripts/gpu_check.sh profile           # ncu (--clock-control none) of the attention kernels
+#                                               # (PROFILE_OPS / PROFILE_KERNELS: other ops, e.g.
+#                                               # pixel_unshuffle_layernorm / regex:layernorm)
 #   bash scripts/gpu_check.sh blocks            # sweep the attention kernels' block sizes (bench.attention_blocks)
 #
 # Stages run in the order given; the build persists on a warm machine between calls. A failing stage is
@@ -53,12 +55,13 @@ stage_bench() {
 }
 
 stage_profile() {
-  # A small ncu pass over the attention kernels at the benchmark's 16k-token pack: launch stats and the
-  # speed-of-light sections, with the card's clocks as found (never locked).
-  ncu --clock-control none --kernel-name regex:attention --launch-count 6 --section SpeedOfLight \
-    --section LaunchStats --section Occupancy -o "$OUT/attention_profile" \
-    python -m bench --suite kernels --sizes real --ops v2pe_attention --quick --out /tmp/bench_profile 2>&1 | tail -30 || return 1
-  ncu --import "$OUT/attention_profile.ncu-rep" --page details 2>&1 | tail -80
+  # A small ncu pass over one op's kernels at the benchmark's real sizes (default: attention at the 16k-token
+  # pack): launch stats, occupancy and the speed-of-light sections, with the card's clocks as found (never locked).
+  local ops="${PROFILE_OPS:-v2pe_attention}" kernels="${PROFILE_KERNELS:-regex:attention}"
+  ncu --clock-control none --kernel-name "$kernels" --launch-count 6 --section SpeedOfLight \
+    --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis -o "$OUT/profile" \
+    python -m bench --suite kernels --sizes real --ops "$ops" --quick --out /tmp/bench_profile 2>&1 | tail -30 || return 1
+  ncu --import "$OUT/profile.ncu-rep" --page details 2>&1 | tail -120
 }
 
 stage_blocks() {

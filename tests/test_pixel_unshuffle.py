@@ -133,6 +133,18 @@ def test_layernorm_float32_params_low_precision_activations(device):
 
 
 @pytest.mark.parametrize("device", devices(), ids=str)
+def test_layernorm_unaligned_float32_params(device):
+    """weight and bias as views at odd offsets of one float32 buffer: the compiled kernels read them as
+    vectors, which an unaligned view must not be read as."""
+    for kind in backends_for(device):
+        for dtype in dtypes_for(device, kind):
+            x = torch.randn(2, 8, 8, 24, device=device, dtype=dtype)
+            buffer = (1 + 0.5 * torch.randn(2 * 96 + 3, device=device)).requires_grad_()
+            weight, bias = buffer[1:97], buffer[98:194]
+            _check_layernorm(kind, x, weight, bias, 2, f"{kind} {dtype} x, unaligned float32 params")
+
+
+@pytest.mark.parametrize("device", devices(), ids=str)
 def test_layernorm_matches_torch_layer_norm(device):
     """The reference equals torch's LayerNorm applied to the unshuffled rows (the projector's first layer)."""
     x = torch.randn(2, 8, 8, 6, device=device, dtype=torch.float64)
@@ -230,11 +242,13 @@ def test_bad_input(kwargs, error, match):
 
 
 @pytest.mark.gpu
-def test_gpu_bfloat16_real_size():
-    """8 tiles of InternViT-300M features (32x32x1024) in bfloat16, float32 LayerNorm parameters."""
+@pytest.mark.parametrize("channels", [1024, 3200], ids=["InternViT-300M", "InternViT-6B"])
+def test_gpu_bfloat16_real_size(channels):
+    """8 tiles of InternViT features (32x32 patches) in bfloat16, float32 LayerNorm parameters: rows of 4096
+    and 12800 elements (the compiled kernels launch each with a different block shape)."""
     device = torch.device("cuda")
-    x = torch.randn(8, 32, 32, 1024, device=device, dtype=torch.bfloat16)
-    weight, bias = _params(4096, torch.float32, device)
+    x = torch.randn(8, 32, 32, channels, device=device, dtype=torch.bfloat16)
+    weight, bias = _params(4 * channels, torch.float32, device)
     reference_rows = pixel_unshuffle_reference(x, 2)
     grad_rows = torch.randn_like(reference_rows)
     for kind in ("triton", "cuda"):
@@ -244,4 +258,4 @@ def test_gpu_bfloat16_real_size():
             (dx,) = torch.autograd.grad(out, xg, grad_rows)
         assert torch.equal(out, reference_rows), kind
         assert torch.equal(dx, pixel_unshuffle_backward_reference(grad_rows, 2)), kind
-        _check_layernorm(kind, x, weight, bias, 2, f"{kind} bfloat16 8x32x32x1024")
+        _check_layernorm(kind, x, weight, bias, 2, f"{kind} bfloat16 8x32x32x{channels}")

@@ -4,12 +4,22 @@
 
 #include <tuple>
 
+#include "pixel_unshuffle/pixel_unshuffle_math.h"
+
 namespace ie {
 namespace pixel_unshuffle {
 
-// Shared argument checks of the CPU and CUDA entry points.
+// Shared argument checks and set-up of the CPU and CUDA entry points.
 void check_factor(int64_t factor);
-void check_layernorm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t factor);
+// pixel_unshuffle_layernorm's forward, its arguments checked: the geometry, the number of output rows, the
+// statistics dtype and the outputs, allocated on x's device (out [N, h*w/r^2, r*r*C]; mean, rstd [rows]).
+struct LayerNormForward {
+  Geometry g;
+  int64_t num_rows;
+  at::ScalarType acc_type;
+  at::Tensor out, mean, rstd;
+};
+LayerNormForward prepare_layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t factor);
 void check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& mean, const at::Tensor& rstd, int64_t factor);
 // The statistics dtype: double for double x, else float.

@@ -74,7 +74,7 @@ void gather_row(const scalar_t* x, int64_t row, const Geometry& g, acc_t* values
 
 at::ScalarType stats_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_layernorm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t factor) {
+LayerNormForward prepare_layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t factor) {
   const Geometry g = input_geometry(x, factor);
   IE_CHECK_DIM(weight, 1);
   IE_CHECK_DIM(bias, 1);
@@ -83,6 +83,11 @@ void check_layernorm_args(const at::Tensor& x, const at::Tensor& weight, const a
   TORCH_CHECK(weight.size(0) == g.row_width() && bias.size(0) == g.row_width(),
               "weight and bias must have factor^2 * C = ", g.row_width(), " entries");
   TORCH_CHECK(weight.scalar_type() == bias.scalar_type(), "weight and bias must share one dtype");
+  const int64_t num_rows = x.size(0) * g.out_h() * g.out_w();
+  const at::ScalarType acc_type = stats_type(x);
+  const at::TensorOptions stats = x.options().dtype(acc_type);
+  return {g, num_rows, acc_type, at::empty({x.size(0), g.out_h() * g.out_w(), g.row_width()}, x.options()),
+          at::empty({num_rows}, stats), at::empty({num_rows}, stats)};
 }
 
 void check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
@@ -120,15 +125,12 @@ at::Tensor pixel_unshuffle_backward_cpu(const at::Tensor& grad, int64_t factor) 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                              const at::Tensor& bias, double eps, int64_t factor) {
-  check_layernorm_args(x, weight, bias, factor);
-  const Geometry g{x.size(1), x.size(2), x.size(3), factor};
-  const int64_t width = g.row_width(), num_rows = x.size(0) * g.out_h() * g.out_w();
-  const at::ScalarType acc_type = stats_type(x);
-  at::Tensor out = at::empty({x.size(0), g.out_h() * g.out_w(), width}, x.options());
-  at::Tensor mean = at::empty({num_rows}, x.options().dtype(acc_type));
-  at::Tensor rstd = at::empty({num_rows}, x.options().dtype(acc_type));
+  const LayerNormForward forward = prepare_layernorm(x, weight, bias, factor);
+  const Geometry g = forward.g;
+  const int64_t width = g.row_width(), num_rows = forward.num_rows;
+  const at::Tensor out = forward.out, mean = forward.mean, rstd = forward.rstd;
   if (num_rows == 0 || width == 0) return {out, mean, rstd};
-  const at::Tensor w_acc = weight.to(acc_type).contiguous(), b_acc = bias.to(acc_type).contiguous();
+  const at::Tensor w_acc = weight.to(forward.acc_type).contiguous(), b_acc = bias.to(forward.acc_type).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_unshuffle_layernorm_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = x.data_ptr<scalar_t>();

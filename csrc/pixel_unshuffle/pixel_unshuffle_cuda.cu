@@ -80,7 +80,17 @@ __device__ T block_sum(T value, T* shared) {
   return total;
 }
 
-// Thread t owns vector slots t + item * blockDim.x of every row; slot s holds row elements [s*VEC, s*VEC + VEC).
+// Element index of the first of the VEC elements in vector slot `item` of this thread: thread t owns slots
+// t + item * blockDim.x of a row, so each of a warp's vector accesses covers 32 consecutive vectors.
+template <int VEC>
+__device__ __forceinline__ int64_t slot_start(int item) {
+  return (threadIdx.x + static_cast<int64_t>(item) * blockDim.x) * VEC;
+}
+
+// One block per output row. All ITEMS vector loads of x are issued before the first use: a memory-bound
+// kernel is paced by the bytes each SM keeps in flight, and the launch gives every thread several vectors.
+// The row stays in registers as raw packs (16-bit inputs take half the registers of their float values),
+// and weight and bias are read as vectors of acc_t (L1 hits after the first rows).
 template <typename scalar_t, typename acc_t, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kMaxThreads)
     layernorm_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
@@ -90,41 +100,44 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t row = blockIdx.x;
   if (row >= num_rows) return;
   const int64_t width = g.row_width(), base = row_source_base(row, g);
-  acc_t values[ITEMS][VEC];
-  acc_t sum = 0;
-#pragma unroll
+  Pack<scalar_t, VEC> packs[ITEMS];
+  IE_UNROLL
   for (int item = 0; item < ITEMS; ++item) {
-    const int64_t k = (threadIdx.x + static_cast<int64_t>(item) * blockDim.x) * VEC;
-    if (k < width) {
-      const Pack<scalar_t, VEC> pack = *reinterpret_cast<const Pack<scalar_t, VEC>*>(x + base + source_offset_in_row(k, g));
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) values[item][e] = static_cast<acc_t>(pack.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) values[item][e] = 0;
+    const int64_t k = slot_start<VEC>(item);
+    if (k < width) packs[item] = load_pack<scalar_t, VEC>(x + base + source_offset_in_row(k, g));
+  }
+  acc_t sum = 0;
+  IE_UNROLL
+  for (int item = 0; item < ITEMS; ++item) {
+    if (slot_start<VEC>(item) < width) {
+      IE_UNROLL
+      for (int e = 0; e < VEC; ++e) sum += static_cast<acc_t>(packs[item].v[e]);
     }
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) sum += values[item][e];
   }
   const acc_t mean = block_sum(sum, shared) / static_cast<acc_t>(width);
   acc_t squares = 0;
-#pragma unroll
+  IE_UNROLL
   for (int item = 0; item < ITEMS; ++item) {
-    const int64_t k = (threadIdx.x + static_cast<int64_t>(item) * blockDim.x) * VEC;
-    if (k < width) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) squares += (values[item][e] - mean) * (values[item][e] - mean);
+    if (slot_start<VEC>(item) < width) {
+      IE_UNROLL
+      for (int e = 0; e < VEC; ++e) {
+        const acc_t centered = static_cast<acc_t>(packs[item].v[e]) - mean;
+        squares += centered * centered;
+      }
     }
   }
   const acc_t rstd = acc_t(1) / sqrt(block_sum(squares, shared) / static_cast<acc_t>(width) + eps);
-#pragma unroll
+  IE_UNROLL
   for (int item = 0; item < ITEMS; ++item) {
-    const int64_t k = (threadIdx.x + static_cast<int64_t>(item) * blockDim.x) * VEC;
+    const int64_t k = slot_start<VEC>(item);
     if (k < width) {
-      Pack<scalar_t, VEC> pack;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) pack.v[e] = static_cast<scalar_t>((values[item][e] - mean) * rstd * weight[k + e] + bias[k + e]);
-      *reinterpret_cast<Pack<scalar_t, VEC>*>(out + row * width + k) = pack;
+      const Pack<acc_t, VEC> w = load_pack<acc_t, VEC>(weight + k), b = load_pack<acc_t, VEC>(bias + k);
+      Pack<scalar_t, VEC> result;
+      IE_UNROLL
+      for (int e = 0; e < VEC; ++e) {
+        result.v[e] = static_cast<scalar_t>((static_cast<acc_t>(packs[item].v[e]) - mean) * rstd * w.v[e] + b.v[e]);
+      }
+      store_pack<scalar_t, VEC>(out + row * width + k, result);
     }
   }
   if (threadIdx.x == 0) {
@@ -144,93 +157,95 @@ __global__ void __launch_bounds__(kMaxThreads)
                               acc_t* __restrict__ partial_db, Geometry g, int64_t num_rows) {
   __shared__ acc_t shared[kMaxThreads / 32];
   using pack_t = Pack<scalar_t, VEC>;
+  using acc_pack_t = Pack<acc_t, VEC>;
   const int64_t width = g.row_width();
-  acc_t dw[ITEMS][VEC] = {}, db[ITEMS][VEC] = {}, xhat[ITEMS][VEC];
+  acc_pack_t dw[ITEMS] = {}, db[ITEMS] = {}, xhat[ITEMS];
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const int64_t base = row_source_base(row, g);
     const acc_t mean = mean_in[row], rstd = rstd_in[row];
     acc_t sum_gw = 0, sum_gw_xhat = 0;
-#pragma unroll
+    IE_UNROLL
     for (int item = 0; item < ITEMS; ++item) {
-      const int64_t k = (threadIdx.x + static_cast<int64_t>(item) * blockDim.x) * VEC;
+      const int64_t k = slot_start<VEC>(item);
       if (k < width) {
-        const pack_t x_pack = *reinterpret_cast<const pack_t*>(x + base + source_offset_in_row(k, g));
-        const pack_t g_pack = *reinterpret_cast<const pack_t*>(grad + row * width + k);
-#pragma unroll
+        const pack_t x_pack = load_pack<scalar_t, VEC>(x + base + source_offset_in_row(k, g));
+        const pack_t g_pack = load_pack<scalar_t, VEC>(grad + row * width + k);
+        const acc_pack_t w = load_pack<acc_t, VEC>(weight + k);
+        IE_UNROLL
         for (int e = 0; e < VEC; ++e) {
           const acc_t gk = static_cast<acc_t>(g_pack.v[e]);
-          xhat[item][e] = (static_cast<acc_t>(x_pack.v[e]) - mean) * rstd;
-          const acc_t gw = gk * weight[k + e];
+          xhat[item].v[e] = (static_cast<acc_t>(x_pack.v[e]) - mean) * rstd;
+          const acc_t gw = gk * w.v[e];
           sum_gw += gw;
-          sum_gw_xhat += gw * xhat[item][e];
-          dw[item][e] += gk * xhat[item][e];
-          db[item][e] += gk;
+          sum_gw_xhat += gw * xhat[item].v[e];
+          dw[item].v[e] += gk * xhat[item].v[e];
+          db[item].v[e] += gk;
         }
       }
     }
     const acc_t mean_gw = block_sum(sum_gw, shared) / static_cast<acc_t>(width);
     const acc_t mean_gw_xhat = block_sum(sum_gw_xhat, shared) / static_cast<acc_t>(width);
-#pragma unroll
+    IE_UNROLL
     for (int item = 0; item < ITEMS; ++item) {
-      const int64_t k = (threadIdx.x + static_cast<int64_t>(item) * blockDim.x) * VEC;
+      const int64_t k = slot_start<VEC>(item);
       if (k < width) {
-        const pack_t g_pack = *reinterpret_cast<const pack_t*>(grad + row * width + k);
+        const pack_t g_pack = load_pack<scalar_t, VEC>(grad + row * width + k);
+        const acc_pack_t w = load_pack<acc_t, VEC>(weight + k);
         pack_t dx_pack;
-#pragma unroll
+        IE_UNROLL
         for (int e = 0; e < VEC; ++e) {
-          const acc_t gw = static_cast<acc_t>(g_pack.v[e]) * weight[k + e];
-          dx_pack.v[e] = static_cast<scalar_t>(rstd * (gw - mean_gw - xhat[item][e] * mean_gw_xhat));
+          const acc_t gw = static_cast<acc_t>(g_pack.v[e]) * w.v[e];
+          dx_pack.v[e] = static_cast<scalar_t>(rstd * (gw - mean_gw - xhat[item].v[e] * mean_gw_xhat));
         }
-        *reinterpret_cast<pack_t*>(dx + base + source_offset_in_row(k, g)) = dx_pack;
+        store_pack<scalar_t, VEC>(dx + base + source_offset_in_row(k, g), dx_pack);
       }
     }
   }
-#pragma unroll
+  IE_UNROLL
   for (int item = 0; item < ITEMS; ++item) {
-    const int64_t k = (threadIdx.x + static_cast<int64_t>(item) * blockDim.x) * VEC;
+    const int64_t k = slot_start<VEC>(item);
     if (k < width) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        partial_dw[blockIdx.x * width + k + e] = dw[item][e];
-        partial_db[blockIdx.x * width + k + e] = db[item][e];
-      }
+      store_pack<acc_t, VEC>(partial_dw + blockIdx.x * width + k, dw[item]);
+      store_pack<acc_t, VEC>(partial_db + blockIdx.x * width + k, db[item]);
     }
   }
 }
 
-// Launch shape of the layernorm kernels: vectors per thread (a power of two) and threads (a multiple of 32).
+// Vectors each forward thread loads before its first reduction (64 bytes in flight per thread), and the
+// fewest the backward takes (its registers also hold a float xhat, dweight and dbias per element).
+constexpr int kForwardItems = 4;
+constexpr int kBackwardItems = 1;
+
+// Launch shape of the layernorm kernels: vectors per thread (a power of two, at least `min_items`) and threads
+// (a multiple of 32, at most kMaxThreads).
 struct RowLaunch {
   int items, threads;
 };
 
-RowLaunch row_launch(int64_t width, int vec) {
+RowLaunch row_launch(int64_t width, int vec, int min_items) {
   const int64_t vectors = ceil_div(width, vec);
-  int items = 1;
+  int items = min_items;
   while (items < kMaxItems && ceil_div(vectors, items) > kMaxThreads) items *= 2;
   TORCH_CHECK(ceil_div(vectors, items) <= kMaxThreads, "pixel_unshuffle_layernorm: rows of ", width,
               " elements are too wide for one block (at most ", int64_t{kMaxThreads} * kMaxItems * vec, ")");
   return {items, static_cast<int>(ceil_div(ceil_div(vectors, items), 32) * 32)};
 }
 
-// Calls body(std::integral_constant<int, ITEMS>) for the runtime `items`.
-template <typename Body>
+// Calls body(std::integral_constant<int, ITEMS>) for the runtime `items` (a power of two >= MIN_ITEMS):
+// only the counts a launch can ask for are compiled.
+template <int MIN_ITEMS, typename Body>
 void dispatch_items(int items, const Body& body) {
-  switch (items) {
-    case 1: return body(std::integral_constant<int, 1>{});
-    case 2: return body(std::integral_constant<int, 2>{});
-    case 4: return body(std::integral_constant<int, 4>{});
-    case 8: return body(std::integral_constant<int, 8>{});
-    default: return body(std::integral_constant<int, 16>{});
+  if constexpr (MIN_ITEMS < kMaxItems) {
+    if (items > MIN_ITEMS) return dispatch_items<2 * MIN_ITEMS>(items, body);
   }
+  return body(std::integral_constant<int, MIN_ITEMS>{});
 }
 
-bool can_vectorise(const Geometry& g, std::initializer_list<const at::Tensor*> tensors) {
-  const int64_t vec = 16 / (*tensors.begin())->element_size();
-  if (g.channels % vec != 0) return false;
-  for (const at::Tensor* t : tensors) {
-    if (!aligned_to(t->data_ptr(), 16)) return false;
-  }
-  return true;
+// weight or bias in the accumulation type, aligned for the kernels' acc_t vectors of VEC elements (a
+// parameter that is already acc_t may be a view at any offset; a fresh copy is aligned).
+at::Tensor acc_param(const at::Tensor& param, at::ScalarType acc_type, int64_t vector_bytes) {
+  at::Tensor converted = param.to(acc_type).contiguous();
+  return aligned_to(converted.data_ptr(), vector_bytes) ? converted : converted.clone();
 }
 
 }  // namespace
@@ -259,25 +274,31 @@ at::Tensor pixel_unshuffle_backward_cuda(const at::Tensor& grad, int64_t factor)
   return dx;
 }
 
+// The byte alignment the kernels' acc_t vectors of weight and bias need (VEC of them, VEC elements of x per
+// 16 bytes), or one element's when x moves element by element.
+int64_t param_vector_bytes(bool vectorised, const at::Tensor& x, at::ScalarType acc_type) {
+  const int64_t acc_bytes = static_cast<int64_t>(c10::elementSize(acc_type));
+  return vectorised ? acc_bytes * (16 / x.element_size()) : acc_bytes;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                               const at::Tensor& bias, double eps, int64_t factor) {
-  check_layernorm_args(x, weight, bias, factor);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Geometry g{x.size(1), x.size(2), x.size(3), factor};
-  const int64_t width = g.row_width(), num_rows = x.size(0) * g.out_h() * g.out_w();
-  const at::ScalarType acc_type = stats_type(x);
-  at::Tensor out = at::empty({x.size(0), g.out_h() * g.out_w(), width}, x.options());
-  at::Tensor mean = at::empty({num_rows}, x.options().dtype(acc_type));
-  at::Tensor rstd = at::empty({num_rows}, x.options().dtype(acc_type));
+  const LayerNormForward forward = prepare_layernorm(x, weight, bias, factor);
+  const Geometry g = forward.g;
+  const int64_t width = g.row_width(), num_rows = forward.num_rows;
+  const at::Tensor out = forward.out, mean = forward.mean, rstd = forward.rstd;
   if (num_rows == 0 || width == 0) return {out, mean, rstd};
   TORCH_CHECK(num_rows <= INT32_MAX, "too many output rows for one launch");
-  const at::Tensor w_acc = weight.to(acc_type).contiguous(), b_acc = bias.to(acc_type).contiguous();
-  const bool vectorised = can_vectorise(g, {&x, &out});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool vectorised = vectors_fit(x.element_size(), {g.channels}, {x.data_ptr(), out.data_ptr()});
+  const int64_t param_bytes = param_vector_bytes(vectorised, x, forward.acc_type);
+  const at::Tensor w_acc = acc_param(weight, forward.acc_type, param_bytes);
+  const at::Tensor b_acc = acc_param(bias, forward.acc_type, param_bytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_unshuffle_layernorm_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     dispatch_vec<scalar_t>(vectorised, [&](auto vec) {
-      const RowLaunch launch = row_launch(width, decltype(vec)::value);
-      dispatch_items(launch.items, [&](auto items) {
+      const RowLaunch launch = row_launch(width, decltype(vec)::value, kForwardItems);
+      dispatch_items<kForwardItems>(launch.items, [&](auto items) {
         layernorm_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(items)::value>
             <<<static_cast<unsigned>(num_rows), launch.threads, 0, at::cuda::getCurrentCUDAStream()>>>(
                 x.data_ptr<scalar_t>(), w_acc.data_ptr<acc_t>(), b_acc.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
@@ -302,20 +323,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cuda(const at:
     const at::Tensor zeros = at::zeros({width}, weight.options());
     return {dx, zeros, zeros.clone()};
   }
-  const at::Tensor w_acc = weight.to(acc_type).contiguous();
-  const bool vectorised = can_vectorise(g, {&x, &grad, &dx});
+  const bool vectorised = vectors_fit(x.element_size(), {g.channels}, {x.data_ptr(), grad.data_ptr(), dx.data_ptr()});
+  const at::Tensor w_acc = acc_param(weight, acc_type, param_vector_bytes(vectorised, x, acc_type));
   at::Tensor partial_dw, partial_db;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_unshuffle_layernorm_backward_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     dispatch_vec<scalar_t>(vectorised, [&](auto vec) {
-      const RowLaunch launch = row_launch(width, decltype(vec)::value);
-      dispatch_items(launch.items, [&](auto items) {
+      const RowLaunch launch = row_launch(width, decltype(vec)::value, kBackwardItems);
+      dispatch_items<kBackwardItems>(launch.items, [&](auto items) {
         auto* kernel = layernorm_backward_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(items)::value>;
         // As many blocks as fit on the GPU at once (each strides over rows): few partial rows to sum.
         int blocks_per_sm = 0;
         C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, launch.threads, 0));
         const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
         const int64_t blocks = std::min<int64_t>(num_rows, sms * std::max(1, blocks_per_sm));
+        // at::empty is aligned for the kernel's acc_t vectors, and every row of width elements (a multiple of
+        // VEC) keeps the next row aligned.
         partial_dw = at::empty({blocks, width}, x.options().dtype(acc_type));
         partial_db = at::empty({blocks, width}, x.options().dtype(acc_type));
         kernel<<<static_cast<unsigned>(blocks), launch.threads, 0, at::cuda::getCurrentCUDAStream()>>>(

@@ -28,8 +28,7 @@ IE_HOST_DEVICE void rotate(acc_t x1, acc_t x2, acc_t cos_a, acc_t sin_a, bool in
 // Whether the kernels may move VEC = 16 / element_size elements at a time: both halves of every head start
 // on a 16-byte boundary (head_dim and rotary_dim/2 multiples of VEC, both tensors 16-byte aligned).
 inline bool can_vectorise(int64_t head_dim, int64_t half, int64_t element_size, const void* src, const void* dst) {
-  const int64_t vec = 16 / element_size;
-  return half % vec == 0 && head_dim % vec == 0 && aligned_to(src, 16) && aligned_to(dst, 16);
+  return vectors_fit(element_size, {head_dim, half}, {src, dst});
 }
 
 // Rotates the VEC pairs (i0 + e, i0 + e + half), e < VEC, of the head starting at `head_offset`, with the
