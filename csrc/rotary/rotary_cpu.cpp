@@ -53,7 +53,8 @@ at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& positions, const at
           for (int64_t h = 0; h < heads; ++h) {
             const int64_t head_offset = offset(t, h, 0, heads, head_dim);
             for (int64_t i0 = 0; i0 < half; i0 += VEC) {
-              rotate_pairs<scalar_t, acc_t, VEC>(src, dst, head_offset, i0, half, cos_a.data(), sin_a.data(), inverse);
+              rotate_store_pairs<scalar_t, acc_t, VEC>(load_pairs<scalar_t, VEC>(src, head_offset, i0, half), dst, head_offset,
+                                                       i0, half, cos_a.data(), sin_a.data(), inverse);
             }
             for (int64_t d = 2 * half; d < head_dim; ++d) dst[head_offset + d] = src[head_offset + d];
           }

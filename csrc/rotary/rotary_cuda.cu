@@ -14,7 +14,9 @@ namespace {
 
 // One block per token: its cosines and sines are computed once into shared memory (as the CPU kernel keeps
 // them per token), then the threads stride over the (head, vector of pairs) of the token and the
-// pass-through dims beyond rotary_dim.
+// pass-through dims beyond rotary_dim. Each thread loads its first pairs before it reads the position and
+// builds the table, so the two memory latencies overlap instead of following each other (the launch gives
+// most threads one vector of pairs: all of a token's data is in flight at once).
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void rotary_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, const float* __restrict__ positions,
                               const float* __restrict__ inv_freq, int64_t tokens, int heads, int64_t head_dim, int half,
@@ -24,6 +26,10 @@ __global__ void rotary_kernel(const scalar_t* __restrict__ src, scalar_t* __rest
   acc_t* sin_a = cos_a + half;
   const int64_t t = blockIdx.x;
   if (t >= tokens) return;  // the whole block returns: no thread misses the barrier below
+  const int vectors = half / VEC, work = heads * vectors;
+  const int first = threadIdx.x;
+  PairVectors<scalar_t, VEC> pairs;
+  if (first < work) pairs = load_pairs<scalar_t, VEC>(src, offset(t, first / vectors, 0, heads, head_dim), (first % vectors) * VEC, half);
   const float position = positions[t];
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     float sin_f, cos_f;
@@ -32,10 +38,11 @@ __global__ void rotary_kernel(const scalar_t* __restrict__ src, scalar_t* __rest
     sin_a[i] = static_cast<acc_t>(sin_f);
   }
   __syncthreads();
-  const int vectors = half / VEC;
-  for (int k = threadIdx.x; k < heads * vectors; k += blockDim.x) {
-    rotate_pairs<scalar_t, acc_t, VEC>(src, dst, offset(t, k / vectors, 0, heads, head_dim), (k % vectors) * VEC, half, cos_a,
-                                       sin_a, inverse);
+  for (int k = first; k < work; k += blockDim.x) {
+    const int64_t head_offset = offset(t, k / vectors, 0, heads, head_dim);
+    const int i0 = (k % vectors) * VEC;
+    if (k != first) pairs = load_pairs<scalar_t, VEC>(src, head_offset, i0, half);
+    rotate_store_pairs<scalar_t, acc_t, VEC>(pairs, dst, head_offset, i0, half, cos_a, sin_a, inverse);
   }
   const int64_t rest = head_dim - 2 * half;
   for (int64_t k = threadIdx.x; k < heads * rest; k += blockDim.x) {

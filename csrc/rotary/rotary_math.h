@@ -31,18 +31,29 @@ inline bool can_vectorise(int64_t head_dim, int64_t half, int64_t element_size, 
   return vectors_fit(element_size, {head_dim, half}, {src, dst});
 }
 
-// Rotates the VEC pairs (i0 + e, i0 + e + half), e < VEC, of the head starting at `head_offset`, with the
-// token's per-pair cosines and sines (cos_a[i], sin_a[i] for i < half): one vector load and store per half.
+// The VEC pairs (i0 + e, i0 + e + half), e < VEC, of the head starting at `head_offset`: one vector from
+// each half of the head.
+template <typename scalar_t, int VEC>
+struct PairVectors {
+  Pack<scalar_t, VEC> first, second;
+};
+
+template <typename scalar_t, int VEC>
+IE_HOST_DEVICE PairVectors<scalar_t, VEC> load_pairs(const scalar_t* src, int64_t head_offset, int64_t i0, int64_t half) {
+  return {load_pack<scalar_t, VEC>(src + head_offset + i0), load_pack<scalar_t, VEC>(src + head_offset + i0 + half)};
+}
+
+// Rotates loaded pairs with the token's per-pair cosines and sines (cos_a[i], sin_a[i] for i < half) and
+// stores them where they were loaded from (in dst).
 template <typename scalar_t, typename acc_t, int VEC>
-IE_HOST_DEVICE void rotate_pairs(const scalar_t* src, scalar_t* dst, int64_t head_offset, int64_t i0, int64_t half,
-                                 const acc_t* cos_a, const acc_t* sin_a, bool inverse) {
-  const Pack<scalar_t, VEC> x1 = load_pack<scalar_t, VEC>(src + head_offset + i0);
-  const Pack<scalar_t, VEC> x2 = load_pack<scalar_t, VEC>(src + head_offset + i0 + half);
+IE_HOST_DEVICE void rotate_store_pairs(const PairVectors<scalar_t, VEC>& x, scalar_t* dst, int64_t head_offset, int64_t i0,
+                                       int64_t half, const acc_t* cos_a, const acc_t* sin_a, bool inverse) {
   Pack<scalar_t, VEC> y1, y2;
   IE_UNROLL
   for (int e = 0; e < VEC; ++e) {
     acc_t a, b;
-    rotate<acc_t>(static_cast<acc_t>(x1.v[e]), static_cast<acc_t>(x2.v[e]), cos_a[i0 + e], sin_a[i0 + e], inverse, a, b);
+    rotate<acc_t>(static_cast<acc_t>(x.first.v[e]), static_cast<acc_t>(x.second.v[e]), cos_a[i0 + e], sin_a[i0 + e], inverse,
+                  a, b);
     y1.v[e] = static_cast<scalar_t>(a);
     y2.v[e] = static_cast<scalar_t>(b);
   }
