@@ -8,9 +8,11 @@ is its kernel's own: on a GPU the summed device time of that kernel (torch.profi
 on a CPU the wall time of the whole forward+backward (the interpreter: a smoke test, not a result). Each
 candidate's outputs and gradients are compared with the defaults' (a candidate that disagrees is marked).
 Prints a table per case and kernel and, per case, the variable's value selecting the fastest, and writes
-the rows as JSON.
+the rows as JSON after each case (every new configuration is a Triton compile, 10-30 s each: the three
+cases together may outlast one call on a lent GPU, so ``--cases`` runs some of them and a later call, on the
+same machine with Triton's cache warm, the rest).
 
-    python -m bench.attention_blocks [--calls 5] [--out FOLDER]
+    python -m bench.attention_blocks [--cases 'LLM 7B,ViT'] [--calls 5] [--out FOLDER]
 """
 
 from __future__ import annotations
@@ -181,28 +183,39 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _case_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = [case.name for case in CASES]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown or text!r}: choose among {known}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.attention_blocks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=_case_names, default=[case.name for case in CASES],
+                        help="comma-separated cases to sweep (default: all: " + ", ".join(case.name for case in CASES) + ")")
     parser.add_argument("--calls", type=int, default=5, help="forward+backward calls timed per candidate")
-    parser.add_argument("--out", type=Path, default=None, help="folder for attention_blocks.json (default: none)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for attention_blocks_<case>.json, one per case, each written as its case ends")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.attention_blocks: no CUDA device; the sweep times GPU kernels (its tests run it on the CPU)")
         return 2
     device = torch.device("cuda")
-    rows, values = [], {}
-    for case in CASES:
-        case_rows = sweep(case, device, torch.bfloat16, args.calls, lambda jobs: tqdm(jobs, desc=case.name))
-        rows += case_rows
-        values[case.name] = override_value(case_rows)
-    print(markdown(rows))
-    # One value per case: the LLM's cases share a head dim, so a value serves the rotary mode it was timed in.
-    for name, value in values.items():
-        print(f"{name}: {BLOCKS_ENV_VAR}={value}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        record = {"device": torch.cuda.get_device_name(device), "versions": ie.info(), "rows": rows, "values": values}
-        (args.out / "attention_blocks.json").write_text(json.dumps(record, indent=1, default=str))
+    for case in (case for case in CASES if case.name in args.cases):
+        rows = sweep(case, device, torch.bfloat16, args.calls, lambda jobs: tqdm(jobs, desc=case.name))
+        value = override_value(rows)
+        print(markdown(rows))
+        # One value per case: the LLM's cases share a head dim, so a value serves the rotary mode it was timed in.
+        print(f"{case.name}: {BLOCKS_ENV_VAR}={value}", flush=True)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            record = {"device": torch.cuda.get_device_name(device), "versions": ie.info(), "case": case.name,
+                      "rows": rows, "value": value}
+            slug = case.name.lower().replace(" ", "_")
+            (args.out / f"attention_blocks_{slug}.json").write_text(json.dumps(record, indent=1, default=str))
     return 0
 
 

@@ -10,7 +10,9 @@
 #   bash scripts/gpu_check.sh profile           # ncu (--clock-control none) of the attention kernels
 #                                               # (PROFILE_OPS / PROFILE_KERNELS: other ops, e.g.
 #                                               # pixel_unshuffle_layernorm / regex:layernorm)
-#   bash scripts/gpu_check.sh blocks            # sweep the attention kernels' block sizes (bench.attention_blocks)
+#   bash scripts/gpu_check.sh blocks            # sweep the attention kernels' block sizes (bench.attention_blocks;
+#                                               # BLOCKS_CASES='LLM 7B' sweeps one case: all three may not fit
+#                                               # in one 10-minute call)
 #
 # Stages run in the order given; the build persists on a warm machine between calls. A failing stage is
 # reported and the next ones still run; the exit status is non-zero if any failed.
@@ -66,7 +68,7 @@ stage_profile() {
 
 stage_blocks() {
   # Each candidate launch configuration of each attention kernel, timed by its own device time.
-  python -m bench.attention_blocks --out "$OUT" 2>&1 | tail -70
+  python -m bench.attention_blocks ${BLOCKS_CASES:+--cases "$BLOCKS_CASES"} --out "$OUT" 2>&1 | tail -70
 }
 
 for stage in "$@"; do

@@ -3,6 +3,7 @@ the FLOP formulas, and the baselines' agreement with the engine's reference. No 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -304,3 +305,10 @@ def test_attention_blocks_sweep_on_the_interpreter():
     value = attention_blocks.override_value(rows)
     assert set(parse_overrides(value)) == {("forward", 16), ("dkdv", 16), ("dq", 16)}
     assert "| tiny | dkdv | 16, 32, 1, 1 |" in attention_blocks.markdown(rows)
+
+
+def test_attention_blocks_case_selection():
+    assert attention_blocks._case_names(" LLM 7B,ViT ") == ["LLM 7B", "ViT"]
+    for bad in ("LLM 8B", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="choose among"):
+            attention_blocks._case_names(bad)
