@@ -55,14 +55,16 @@ class SweepCase:
 
 
 # Hopper-oriented candidates around the defaults: wider tiles with 8 warps, deeper pipelines, and the
-# shapes FlashAttention-2's Triton implementations use for D = 64 and 128.
+# shapes FlashAttention-2's Triton implementations use for D = 64 and 128. Pruned by what ptxas reports for
+# sm_90a under triton 3.6 (bench/results/README.md, "Attention block sizes"): at D = 128 the dK/dV kernel
+# holds dK and dV, 64 x 256 float32 per warpgroup, in registers, and most of its shapes spill (the default,
+# 32 x 64 with 4 warps, 244 bytes per thread); the spill-free ones, two warpgroups over 16-query blocks, or
+# one pipeline stage, are here beside the least-spilling others.
 _LLM_CANDIDATES = {
-    "forward": ((128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
-                (128, 64, 8, 4), (64, 32, 4, 4)),
-    "dkdv": ((32, 128, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2),
-             (16, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3)),
-    "dq": ((128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3),
-           (128, 64, 8, 3), (64, 16, 4, 2)),
+    "forward": ((128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4)),
+    "dkdv": ((16, 64, 8, 2), (16, 128, 8, 2), (32, 64, 8, 1), (32, 32, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2),
+             (16, 64, 4, 2), (64, 64, 8, 2)),
+    "dq": ((128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 16, 4, 2)),
 }
 # The LLM also with positions in 'prerotate_k' mode, whose kernels rotate q in the forward's prologue and
 # dq, dk in the backward's epilogues (more registers: their best blocks may differ from the plain ones').
@@ -71,7 +73,7 @@ CASES = (
     SweepCase("LLM 7B prerotate_k", Segments(16384, 256, 4096), 28, 4, 128, True, _LLM_CANDIDATES, "prerotate_k"),
     SweepCase("ViT", Segments(16 * 1025, 1025, 1025), 16, 16, 64, False, {
         "forward": ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)),
-        "dkdv": ((64, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)),
+        "dkdv": ((32, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2)),
         "dq": ((128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 128, 8, 2)),
     }),
 )

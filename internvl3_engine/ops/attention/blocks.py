@@ -2,7 +2,7 @@
 and head dim, and their override by the environment variable INTERNVL3_ENGINE_ATTENTION_BLOCKS.
 
 The override lets a user tune the kernels on their GPU without editing the package (and
-``scripts/attention_blocks.py`` sweep candidates on a GPU through it). Its value is a ``;``-separated list
+``python -m bench.attention_blocks`` sweeps candidates on a GPU through it). Its value is a ``;``-separated list
 of ``KERNEL[@HEAD_DIM]=BLOCK_M,BLOCK_N,WARPS,STAGES``: KERNEL is forward, dkdv or dq; HEAD_DIM (the head dim
 padded to a power of two) limits the entry to one head dim, else it applies to all. For example
 ``forward@128=128,64,8,3;dkdv@128=64,64,8,2``. Entries are checked when read (ValueError naming the
