@@ -147,8 +147,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Each block strides over rows, keeps its threads' dweight/dbias sums in registers and writes them to its
-// row of the [gridDim.x, width] partial buffers. grad is read twice per row (the second read hits cache)
-// to keep register use low.
+// row of the [gridDim.x, width] partial buffers. The row of x stays packed in registers between the two
+// passes (xhat is recomputed from it: 16-bit inputs take half the registers of a float xhat, which keeps
+// the 4-vector launch of 12800-wide rows from spilling), and grad is read twice per row (the second read
+// hits cache) to keep register use low.
 template <typename scalar_t, typename acc_t, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kMaxThreads)
     layernorm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
@@ -159,7 +161,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   using pack_t = Pack<scalar_t, VEC>;
   using acc_pack_t = Pack<acc_t, VEC>;
   const int64_t width = g.row_width();
-  acc_pack_t dw[ITEMS] = {}, db[ITEMS] = {}, xhat[ITEMS];
+  acc_pack_t dw[ITEMS] = {}, db[ITEMS] = {};
+  pack_t x_packs[ITEMS];
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const int64_t base = row_source_base(row, g);
     const acc_t mean = mean_in[row], rstd = rstd_in[row];
@@ -168,17 +171,17 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int item = 0; item < ITEMS; ++item) {
       const int64_t k = slot_start<VEC>(item);
       if (k < width) {
-        const pack_t x_pack = load_pack<scalar_t, VEC>(x + base + source_offset_in_row(k, g));
+        x_packs[item] = load_pack<scalar_t, VEC>(x + base + source_offset_in_row(k, g));
         const pack_t g_pack = load_pack<scalar_t, VEC>(grad + row * width + k);
         const acc_pack_t w = load_pack<acc_t, VEC>(weight + k);
         IE_UNROLL
         for (int e = 0; e < VEC; ++e) {
           const acc_t gk = static_cast<acc_t>(g_pack.v[e]);
-          xhat[item].v[e] = (static_cast<acc_t>(x_pack.v[e]) - mean) * rstd;
+          const acc_t xhat = (static_cast<acc_t>(x_packs[item].v[e]) - mean) * rstd;
           const acc_t gw = gk * w.v[e];
           sum_gw += gw;
-          sum_gw_xhat += gw * xhat[item].v[e];
-          dw[item].v[e] += gk * xhat[item].v[e];
+          sum_gw_xhat += gw * xhat;
+          dw[item].v[e] += gk * xhat;
           db[item].v[e] += gk;
         }
       }
@@ -194,8 +197,9 @@ __global__ void __launch_bounds__(kMaxThreads)
         pack_t dx_pack;
         IE_UNROLL
         for (int e = 0; e < VEC; ++e) {
+          const acc_t xhat = (static_cast<acc_t>(x_packs[item].v[e]) - mean) * rstd;
           const acc_t gw = static_cast<acc_t>(g_pack.v[e]) * w.v[e];
-          dx_pack.v[e] = static_cast<scalar_t>(rstd * (gw - mean_gw - xhat[item].v[e] * mean_gw_xhat));
+          dx_pack.v[e] = static_cast<scalar_t>(rstd * (gw - mean_gw - xhat * mean_gw_xhat));
         }
         store_pack<scalar_t, VEC>(dx + base + source_offset_in_row(k, g), dx_pack);
       }
