@@ -64,4 +64,28 @@ void dispatch_vec(bool vectorised, const Body& body) {
   return body(std::integral_constant<int, 1>{});
 }
 
+// The widest power-of-two word, at most 16 bytes, that divides `run_bytes` and every pointer's address: the
+// word in which a dtype-blind copy of runs of `run_bytes` between those pointers can move its data.
+inline int64_t widest_word(int64_t run_bytes, std::initializer_list<const void*> pointers) {
+  uint64_t bits = static_cast<uint64_t>(run_bytes);
+  for (const void* pointer : pointers) bits |= reinterpret_cast<uintptr_t>(pointer);
+  int64_t word = 16;
+  while (word > 1 && bits % static_cast<uint64_t>(word) != 0) word /= 2;
+  return word;
+}
+
+#if defined(__CUDACC__)
+// Calls body(word_t{}) with the unsigned type of `bytes` (16, 8, 4, 2 or 1) bytes.
+template <typename Body>
+void with_word_type(int64_t bytes, const Body& body) {
+  switch (bytes) {
+    case 16: return body(uint4{});
+    case 8: return body(uint2{});
+    case 4: return body(uint32_t{});
+    case 2: return body(uint16_t{});
+    default: return body(uint8_t{});
+  }
+}
+#endif
+
 }  // namespace ie

@@ -49,22 +49,13 @@ void launch_permute(const at::Tensor& x, const at::Tensor& rows, Geometry g, int
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The widest word (16, 8, 4, 2 or 1 bytes) that divides a C-long run of elements and both base pointers.
+// Moves the data in the widest word that divides a C-long run of elements and both base pointers.
 void permute_cuda(const at::Tensor& x, const at::Tensor& rows, const Geometry& g, bool to_x) {
   if (rows.numel() == 0) return;
-  const int64_t element = x.element_size(), run = g.channels * element;
-  auto fits = [&](int64_t bytes) { return run % bytes == 0 && aligned_to(x.data_ptr(), bytes) && aligned_to(rows.data_ptr(), bytes); };
-  if (fits(16)) {
-    launch_permute<uint4>(x, rows, g, element, to_x);
-  } else if (fits(8)) {
-    launch_permute<uint2>(x, rows, g, element, to_x);
-  } else if (fits(4)) {
-    launch_permute<uint32_t>(x, rows, g, element, to_x);
-  } else if (fits(2)) {
-    launch_permute<uint16_t>(x, rows, g, element, to_x);
-  } else {
-    launch_permute<uint8_t>(x, rows, g, element, to_x);
-  }
+  const int64_t element = x.element_size();
+  with_word_type(widest_word(g.channels * element, {x.data_ptr(), rows.data_ptr()}), [&](auto tag) {
+    launch_permute<decltype(tag)>(x, rows, g, element, to_x);
+  });
 }
 
 // Sum over the block, the same value in every thread and the same order in every run (deterministic).

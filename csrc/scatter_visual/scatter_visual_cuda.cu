@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/checks.h"
+#include "common/vector.h"
 #include "scatter_visual/scatter_visual.h"
 #include "scatter_visual/scatter_visual_math.h"
 
@@ -50,27 +51,6 @@ __global__ void scatter_visual_backward_kernel(const chunk_t* __restrict__ grad,
   }
 }
 
-// Widest power-of-two chunk (at most 16 bytes) dividing the row's byte size and every base address.
-int64_t chunk_bytes(int64_t row_bytes, std::initializer_list<const void*> pointers) {
-  uint64_t bits = static_cast<uint64_t>(row_bytes);
-  for (const void* p : pointers) bits |= reinterpret_cast<uintptr_t>(p);
-  int64_t chunk = 16;
-  while (chunk > 1 && (bits % static_cast<uint64_t>(chunk)) != 0) chunk /= 2;
-  return chunk;
-}
-
-// Calls body(chunk_t{}) with the unsigned type of `bytes` bytes.
-template <typename Body>
-void with_chunk_type(int64_t bytes, Body body) {
-  switch (bytes) {
-    case 16: body(uint4{}); break;
-    case 8: body(uint2{}); break;
-    case 4: body(uint32_t{}); break;
-    case 2: body(uint16_t{}); break;
-    default: body(uint8_t{}); break;
-  }
-}
-
 int threads_for(int64_t row_chunks) {
   return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(row_chunks, 32) * 32)));
 }
@@ -86,9 +66,9 @@ at::Tensor scatter_visual_cuda(const at::Tensor& text, const at::Tensor& visual,
   const int64_t row_bytes = text.size(1) * static_cast<int64_t>(text.element_size());
   if (tokens == 0 || row_bytes == 0) return out;
   TORCH_CHECK(tokens <= INT32_MAX, "too many tokens for one launch");
-  const int64_t chunk = chunk_bytes(row_bytes, {text.data_ptr(), visual.data_ptr(), out.data_ptr()});
+  const int64_t chunk = widest_word(row_bytes, {text.data_ptr(), visual.data_ptr(), out.data_ptr()});
   const int64_t row_chunks = row_bytes / chunk;
-  with_chunk_type(chunk, [&](auto tag) {
+  with_word_type(chunk, [&](auto tag) {
     using chunk_t = decltype(tag);
     scatter_visual_kernel<chunk_t><<<static_cast<unsigned>(tokens), threads_for(row_chunks), 0,
                                      at::cuda::getCurrentCUDAStream()>>>(
@@ -111,9 +91,9 @@ std::tuple<at::Tensor, at::Tensor> scatter_visual_backward_cuda(const at::Tensor
   const int64_t row_bytes = grad.size(1) * static_cast<int64_t>(grad.element_size());
   if (tokens == 0 || row_bytes == 0) return {grad_text, grad_visual};
   TORCH_CHECK(tokens <= INT32_MAX, "too many tokens for one launch");
-  const int64_t chunk = chunk_bytes(row_bytes, {grad.data_ptr(), grad_text.data_ptr(), grad_visual.data_ptr()});
+  const int64_t chunk = widest_word(row_bytes, {grad.data_ptr(), grad_text.data_ptr(), grad_visual.data_ptr()});
   const int64_t row_chunks = row_bytes / chunk;
-  with_chunk_type(chunk, [&](auto tag) {
+  with_word_type(chunk, [&](auto tag) {
     using chunk_t = decltype(tag);
     scatter_visual_backward_kernel<chunk_t><<<static_cast<unsigned>(tokens), threads_for(row_chunks), 0,
                                               at::cuda::getCurrentCUDAStream()>>>(
