@@ -8,18 +8,21 @@ is its kernel's own: on a GPU the summed device time of that kernel (torch.profi
 on a CPU the wall time of the whole forward+backward (the interpreter: a smoke test, not a result). Each
 candidate's outputs and gradients are compared with the defaults' (a candidate that disagrees is marked).
 Prints a table per case and kernel and, per case, the variable's value selecting the fastest, and writes
-the rows as JSON after each case (every new configuration is a Triton compile, 10-30 s each: the three
-cases together may outlast one call on a lent GPU, so ``--cases`` runs some of them and a later call, on the
-same machine with Triton's cache warm, the rest).
+the rows as JSON after each case. Every configuration is a Triton compile (10-30 s each, one at a time in
+one process): on a GPU, worker processes first run one forward+backward per configuration at once
+(``--compile-workers``), which fills Triton's on-disk cache for the timed runs. ``--cases`` runs some of
+the cases (a later call on the same machine finds the cache warm).
 
-    python -m bench.attention_blocks [--cases 'LLM 7B,ViT'] [--calls 5] [--out FOLDER]
+    python -m bench.attention_blocks [--cases 'LLM 7B,ViT'] [--calls 5] [--compile-workers 16] [--out FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,15 +128,49 @@ def _disagreement(results, expected) -> float:
                for got, want in zip(results, expected))
 
 
+def _inputs(case: SweepCase, device: torch.device, dtype: torch.dtype):
+    """The case's random inputs, the same in every process (so that every process compiles the same
+    specialisations of the kernels)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return make_attention(device, dtype, generator, case.segments, case.heads, case.kv_heads, case.head_dim,
+                          case.rotary_mode is not None)
+
+
+def _jobs(case: SweepCase, device: torch.device, dtype: torch.dtype) -> list[tuple[str, Config]]:
+    """(kernel, configuration) in sweep order: per kernel its default, then the case's candidates."""
+    return [(kernel, config) for kernel in KERNELS
+            for config in (attention_blocks(kernel, case.head_dim, dtype, device), *case.candidates[kernel])]
+
+
+def compile_one(case: SweepCase, kernel: str, config: Config, device: str, dtype: torch.dtype) -> bool:
+    """One forward+backward of ``case`` with ``kernel`` at ``config``, which compiles that configuration into
+    Triton's cache. False if it failed: a configuration the compiler or the GPU cannot run, which the timed
+    run meets again and records in its row."""
+    with blocks_override(override_entry(kernel, case.head_dim, config)):
+        try:
+            _forward_backward(_inputs(case, torch.device(device), dtype), case)
+        except Exception:  # recorded by the timed run
+            return False
+    return True
+
+
+def precompile(case: SweepCase, device: torch.device, dtype: torch.dtype, workers: int) -> list[bool]:
+    """Compiles every configuration of ``case`` in ``workers`` processes at once (spawned: each makes its own
+    CUDA context), so that the sweep's runs load them from Triton's on-disk cache. Returns compile_one's
+    result per configuration, in sweep order."""
+    jobs = _jobs(case, device, dtype)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(compile_one, case, kernel, config, str(device), dtype) for kernel, config in jobs]
+        return [future.result() for future in tqdm(futures, desc=f"{case.name}: compiling")]
+
+
 def sweep(case: SweepCase, device: torch.device, dtype: torch.dtype, calls: int, progress=iter) -> list[dict]:
     """One row per (kernel, configuration): the default first, then the case's candidates."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    inputs = make_attention(device, dtype, generator, case.segments, case.heads, case.kv_heads, case.head_dim,
-                            case.rotary_mode is not None)
+    inputs = _inputs(case, device, dtype)
     forward_flops, _ = attention_flops(inputs, causal=case.causal)
     expected = _forward_backward(inputs, case)
-    jobs = [(kernel, config) for kernel in KERNELS
-            for config in (attention_blocks(kernel, case.head_dim, dtype, device), *case.candidates[kernel])]
+    jobs = _jobs(case, device, dtype)
     rows = []
     for index, (kernel, config) in enumerate(progress(jobs)):
         check_blocks(kernel, *config)
@@ -199,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=_case_names, default=[case.name for case in CASES],
                         help="comma-separated cases to sweep (default: all: " + ", ".join(case.name for case in CASES) + ")")
     parser.add_argument("--calls", type=int, default=5, help="forward+backward calls timed per candidate")
+    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes compiling the configurations before the timed runs (default: the CPUs, at "
+                        "most 16; 1: compile as the sweep reaches each)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for attention_blocks_<case>.json, one per case, each written as its case ends")
     args = parser.parse_args(argv)
@@ -207,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda")
     for case in (case for case in CASES if case.name in args.cases):
+        if args.compile_workers > 1:
+            precompile(case, device, torch.bfloat16, args.compile_workers)
         rows = sweep(case, device, torch.bfloat16, args.calls, lambda jobs: tqdm(jobs, desc=case.name))
         value = override_value(rows)
         print(markdown(rows))

@@ -10,9 +10,9 @@
 #   bash scripts/gpu_check.sh profile           # ncu (--clock-control none) of the attention kernels
 #                                               # (PROFILE_OPS / PROFILE_KERNELS: other ops, e.g.
 #                                               # pixel_unshuffle_layernorm / regex:layernorm)
-#   bash scripts/gpu_check.sh blocks            # sweep the attention kernels' block sizes (bench.attention_blocks;
-#                                               # BLOCKS_CASES='LLM 7B' sweeps one case: all three may not fit
-#                                               # in one 10-minute call)
+#   bash scripts/gpu_check.sh blocks            # sweep the attention kernels' block sizes (bench.attention_blocks,
+#                                               # compiling in 16 processes first; BLOCKS_CASES='LLM 7B' sweeps
+#                                               # one case where all three do not fit in one call)
 #
 # Stages run in the order given; the build persists on a warm machine between calls. A failing stage is
 # reported and the next ones still run; the exit status is non-zero if any failed.

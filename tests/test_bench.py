@@ -307,6 +307,17 @@ def test_attention_blocks_sweep_on_the_interpreter():
     assert "| tiny | dkdv | 16, 32, 1, 1 |" in attention_blocks.markdown(rows)
 
 
+def test_attention_blocks_precompile_in_worker_processes():
+    # The GPU sweep's compile stage, on the interpreter: every configuration runs in a spawned worker, and
+    # one the kernels reject (a block larger than the kernels allow) comes back False instead of raising.
+    if why_unusable("triton", torch.device("cpu")) is not None:
+        pytest.skip(why_unusable("triton", torch.device("cpu")))
+    case = attention_blocks.SweepCase("tiny", Segments(24, 5, 12), 2, 1, 16, False, {
+        "forward": ((32, 16, 1, 1),), "dkdv": ((16, 512, 1, 1),), "dq": (),
+    })
+    assert attention_blocks.precompile(case, torch.device("cpu"), torch.float32, workers=2) == [True, True, True, False, True]
+
+
 def test_attention_blocks_case_selection():
     assert attention_blocks._case_names(" LLM 7B,ViT ") == ["LLM 7B", "ViT"]
     for bad in ("LLM 8B", ","):
