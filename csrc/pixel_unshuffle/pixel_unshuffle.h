@@ -10,7 +10,10 @@ namespace ie {
 namespace pixel_unshuffle {
 
 // Shared argument checks and set-up of the CPU and CUDA entry points.
-void check_factor(int64_t factor);
+// The geometry of pixel_unshuffle's input x [N, h, w, C], or of its output's gradient grad [N, h/r, w/r, r*r*C],
+// after checking the tensor (4-D, contiguous, divisible by factor r >= 1).
+Geometry input_geometry(const at::Tensor& x, int64_t factor);
+Geometry grad_geometry(const at::Tensor& grad, int64_t factor);
 // pixel_unshuffle_layernorm's forward, its arguments checked: the geometry, the number of output rows, the
 // statistics dtype and the outputs, allocated on x's device (out [N, h*w/r^2, r*r*C]; mean, rstd [rows]).
 struct LayerNormForward {
@@ -20,8 +23,9 @@ struct LayerNormForward {
   at::Tensor out, mean, rstd;
 };
 LayerNormForward prepare_layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t factor);
-void check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                   const at::Tensor& mean, const at::Tensor& rstd, int64_t factor);
+// Checks pixel_unshuffle_layernorm's backward arguments; returns x's geometry.
+Geometry check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& mean, const at::Tensor& rstd, int64_t factor);
 // The statistics dtype: double for double x, else float.
 at::ScalarType stats_type(const at::Tensor& x);
 

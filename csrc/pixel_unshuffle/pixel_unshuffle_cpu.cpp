@@ -14,9 +14,11 @@
 namespace ie {
 namespace pixel_unshuffle {
 
+namespace {
+
 void check_factor(int64_t factor) { TORCH_CHECK(factor >= 1, "factor must be >= 1, got ", factor); }
 
-namespace {
+}  // namespace
 
 Geometry input_geometry(const at::Tensor& x, int64_t factor) {
   check_factor(factor);
@@ -34,6 +36,8 @@ Geometry grad_geometry(const at::Tensor& grad, int64_t factor) {
   TORCH_CHECK(grad.size(3) % (factor * factor) == 0, "grad's last dim must be divisible by factor^2, got ", grad.sizes());
   return Geometry{grad.size(1) * factor, grad.size(2) * factor, grad.size(3) / (factor * factor), factor};
 }
+
+namespace {
 
 // Copies between output rows and their r chunks in x: x -> rows (forward) or rows -> x (backward).
 void permute_cpu(const at::Tensor& x, const at::Tensor& rows, const Geometry& g, bool to_x) {
@@ -90,8 +94,8 @@ LayerNormForward prepare_layernorm(const at::Tensor& x, const at::Tensor& weight
           at::empty({num_rows}, stats), at::empty({num_rows}, stats)};
 }
 
-void check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                   const at::Tensor& mean, const at::Tensor& rstd, int64_t factor) {
+Geometry check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& mean, const at::Tensor& rstd, int64_t factor) {
   const Geometry g = input_geometry(x, factor);
   IE_CHECK_CONTIGUOUS(grad);
   IE_CHECK_SAME_DEVICE(x, grad);
@@ -107,6 +111,7 @@ void check_layernorm_backward_args(const at::Tensor& grad, const at::Tensor& x, 
   TORCH_CHECK(mean.numel() == num_rows && rstd.numel() == num_rows, "mean and rstd must have one entry per output row");
   IE_CHECK_CONTIGUOUS(mean);
   IE_CHECK_CONTIGUOUS(rstd);
+  return g;
 }
 
 at::Tensor pixel_unshuffle_cpu(const at::Tensor& x, int64_t factor) {
@@ -162,8 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cpu(const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                       const at::Tensor& weight, const at::Tensor& mean,
                                                                       const at::Tensor& rstd, int64_t factor) {
-  check_layernorm_backward_args(grad, x, weight, mean, rstd, factor);
-  const Geometry g{x.size(1), x.size(2), x.size(3), factor};
+  const Geometry g = check_layernorm_backward_args(grad, x, weight, mean, rstd, factor);
   const int64_t width = g.row_width(), num_rows = x.size(0) * g.out_h() * g.out_w();
   const at::ScalarType acc_type = stats_type(x);
   at::Tensor dx = at::empty_like(x);

@@ -43,7 +43,7 @@ void launch_permute(const at::Tensor& x, const at::Tensor& rows, Geometry g, int
   g.channels = g.channels * element_bytes / static_cast<int64_t>(sizeof(unit_t));
   const int64_t num_rows = rows.numel() / (rows.size(3));
   TORCH_CHECK(num_rows <= INT32_MAX, "too many output rows for one launch");
-  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(g.chunk_width(), 32) * 32)));
+  const int threads = warp_threads(g.chunk_width(), 256);
   permute_kernel<unit_t><<<static_cast<unsigned>(num_rows), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       static_cast<unit_t*>(x.data_ptr()), static_cast<unit_t*>(rows.data_ptr()), g, num_rows, to_x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Vectors each forward thread loads before its first reduction (64 bytes in flight per thread), and the
-// fewest the backward takes (its registers also hold a float xhat, dweight and dbias per element).
+// fewest the backward takes (its registers also hold a float dweight and dbias per element).
 constexpr int kForwardItems = 4;
 constexpr int kBackwardItems = 1;
 
@@ -223,7 +223,7 @@ RowLaunch row_launch(int64_t width, int vec, int min_items) {
   while (items < kMaxItems && ceil_div(vectors, items) > kMaxThreads) items *= 2;
   TORCH_CHECK(ceil_div(vectors, items) <= kMaxThreads, "pixel_unshuffle_layernorm: rows of ", width,
               " elements are too wide for one block (at most ", int64_t{kMaxThreads} * kMaxItems * vec, ")");
-  return {items, static_cast<int>(ceil_div(ceil_div(vectors, items), 32) * 32)};
+  return {items, warp_threads(ceil_div(vectors, items), kMaxThreads)};
 }
 
 // Calls body(std::integral_constant<int, ITEMS>) for the runtime `items` (a power of two >= MIN_ITEMS):
@@ -246,24 +246,16 @@ at::Tensor acc_param(const at::Tensor& param, at::ScalarType acc_type, int64_t v
 }  // namespace
 
 at::Tensor pixel_unshuffle_cuda(const at::Tensor& x, int64_t factor) {
-  check_factor(factor);
-  IE_CHECK_DIM(x, 4);
-  IE_CHECK_CONTIGUOUS(x);
-  TORCH_CHECK(x.size(1) % factor == 0 && x.size(2) % factor == 0, "x's h and w must be divisible by factor ", factor);
+  const Geometry g = input_geometry(x, factor);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Geometry g{x.size(1), x.size(2), x.size(3), factor};
   at::Tensor out = at::empty({x.size(0), g.out_h(), g.out_w(), g.row_width()}, x.options());
   permute_cuda(x, out, g, /*to_x=*/false);
   return out;
 }
 
 at::Tensor pixel_unshuffle_backward_cuda(const at::Tensor& grad, int64_t factor) {
-  check_factor(factor);
-  IE_CHECK_DIM(grad, 4);
-  IE_CHECK_CONTIGUOUS(grad);
-  TORCH_CHECK(grad.size(3) % (factor * factor) == 0, "grad's last dim must be divisible by factor^2");
+  const Geometry g = grad_geometry(grad, factor);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const Geometry g{grad.size(1) * factor, grad.size(2) * factor, grad.size(3) / (factor * factor), factor};
   at::Tensor dx = at::empty({grad.size(0), g.h, g.w, g.channels}, grad.options());
   permute_cuda(dx, grad, g, /*to_x=*/true);
   return dx;
@@ -308,9 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cuda(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                                        const at::Tensor& weight, const at::Tensor& mean,
                                                                        const at::Tensor& rstd, int64_t factor) {
-  check_layernorm_backward_args(grad, x, weight, mean, rstd, factor);
+  const Geometry g = check_layernorm_backward_args(grad, x, weight, mean, rstd, factor);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Geometry g{x.size(1), x.size(2), x.size(3), factor};
   const int64_t width = g.row_width(), num_rows = x.size(0) * g.out_h() * g.out_w();
   const at::ScalarType acc_type = stats_type(x);
   at::Tensor dx = at::empty_like(x);

@@ -69,7 +69,7 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& positions, const a
     dispatch_vec<scalar_t>(vectorised, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       const int64_t work = std::max<int64_t>(heads * (half / VEC), heads * (head_dim - 2 * half));
-      const int threads = static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(work, 32) * 32)));
+      const int threads = warp_threads(work, 512);
       rotary_kernel<scalar_t, acc_t, VEC><<<static_cast<unsigned>(tokens), threads, table_bytes, at::cuda::getCurrentCUDAStream()>>>(
           x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), positions.data_ptr<float>(), inv_freq.data_ptr<float>(), tokens,
           static_cast<int>(heads), head_dim, static_cast<int>(half), inverse);

@@ -51,10 +51,6 @@ __global__ void scatter_visual_backward_kernel(const chunk_t* __restrict__ grad,
   }
 }
 
-int threads_for(int64_t row_chunks) {
-  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(row_chunks, 32) * 32)));
-}
-
 }  // namespace
 
 at::Tensor scatter_visual_cuda(const at::Tensor& text, const at::Tensor& visual, const at::Tensor& is_visual,
@@ -70,7 +66,7 @@ at::Tensor scatter_visual_cuda(const at::Tensor& text, const at::Tensor& visual,
   const int64_t row_chunks = row_bytes / chunk;
   with_word_type(chunk, [&](auto tag) {
     using chunk_t = decltype(tag);
-    scatter_visual_kernel<chunk_t><<<static_cast<unsigned>(tokens), threads_for(row_chunks), 0,
+    scatter_visual_kernel<chunk_t><<<static_cast<unsigned>(tokens), warp_threads(row_chunks, 256), 0,
                                      at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const chunk_t*>(text.data_ptr()), static_cast<const chunk_t*>(visual.data_ptr()),
         static_cast<chunk_t*>(out.data_ptr()), is_visual.data_ptr<bool>(), visual_before.data_ptr<int64_t>(),
@@ -95,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_visual_backward_cuda(const at::Tensor
   const int64_t row_chunks = row_bytes / chunk;
   with_word_type(chunk, [&](auto tag) {
     using chunk_t = decltype(tag);
-    scatter_visual_backward_kernel<chunk_t><<<static_cast<unsigned>(tokens), threads_for(row_chunks), 0,
+    scatter_visual_backward_kernel<chunk_t><<<static_cast<unsigned>(tokens), warp_threads(row_chunks, 256), 0,
                                               at::cuda::getCurrentCUDAStream()>>>(
         static_cast<const chunk_t*>(grad.data_ptr()), static_cast<chunk_t*>(grad_text.data_ptr()),
         static_cast<chunk_t*>(grad_visual.data_ptr()), is_visual.data_ptr<bool>(), visual_before.data_ptr<int64_t>(),
