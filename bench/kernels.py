@@ -152,7 +152,8 @@ def _v2pe_bytes(args):
 
 def _linear_cross_entropy_flops(args, **options):
     # The head's matmuls: logits = hidden @ weight.T forward (2 T H V); d hidden and d weight backward (4 T H V).
-    # A chunked kernel that recomputes the logits in its backward does more work than it is credited with.
+    # The engine computes the gradients of a scalar loss inside its forward (its forward+backward row is
+    # these 6 T H V); with precompute_grads=False it would recompute the logits (8 T H V, credited as 6).
     hidden, weight, _ = args
     forward = 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0]
     return forward, 2 * forward
@@ -203,6 +204,8 @@ def _linear_cross_entropy_implementations(case: Case) -> list[Implementation]:
         # The engine's reference materialises float32 logits (and as much again in its backward).
         engine(name, "torch", unavailable=_logits_too_big(4)),
         engine(name, "triton"),
+        # The gradients from logits recomputed in the backward instead of computed in the forward.
+        engine(name, "triton", label="triton-recompute", precompute_grads=False),
         Implementation("torch-linear+cross_entropy", _torch_linear_cross_entropy, unavailable=_logits_too_big(4)),
         # Liger computes the gradients inside its forward: its forward row includes the backward's work.
         Implementation("liger", _liger_linear_cross_entropy, prepare=_liger_loss, unavailable=_liger_unavailable),

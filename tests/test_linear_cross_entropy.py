@@ -69,12 +69,14 @@ def _assert_loss_close(loss, gold, baseline, what):
     assert error <= allowed, f"{what}: error {error:.3g} > allowed {allowed:.3g}"
 
 
-def _check_against_float64(kind, dtype, hidden, weight, bias, labels, what, **kwargs):
-    upstream = None
-    if kwargs.get("reduction") == "none":
-        upstream = torch.randn(labels.shape[0], device=labels.device)
+def _check_against_float64(kind, dtype, hidden, weight, bias, labels, what, upstream=None, **kwargs):
+    # A random upstream gradient by default (a scalar one for 'sum' and 'mean'): gradients computed in the
+    # forward are scaled by it in the backward.
+    if upstream is None:
+        shape = (labels.shape[0],) if kwargs.get("reduction") == "none" else ()
+        upstream = torch.randn(shape, device=labels.device)
     loss, grads = _loss_and_grads(kind, hidden, weight, bias, labels, upstream, **kwargs)
-    gold_loss, gold_grads = _loss_and_grads("torch", *_double((hidden, weight, bias)), labels, None if upstream is None else upstream.double(), **kwargs)
+    gold_loss, gold_grads = _loss_and_grads("torch", *_double((hidden, weight, bias)), labels, upstream.double(), **kwargs)
     base_loss, base_grads = _loss_and_grads("torch", hidden, weight, bias, labels, upstream, **kwargs)
     assert loss.dtype == torch.float32
     _assert_loss_close(loss, gold_loss, base_loss, what=f"{what} loss")
@@ -86,8 +88,10 @@ def _check_against_float64(kind, dtype, hidden, weight, bias, labels, what, **kw
 
 @pytest.mark.parametrize("device", devices(), ids=str)
 @pytest.mark.parametrize("tokens,hidden_size,vocab,scale", CASES)
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_against_float64(device, tokens, hidden_size, vocab, scale, reduction, small_blocks):
+@pytest.mark.parametrize(
+    "reduction,precompute_grads", [("none", True), ("sum", True), ("mean", True), ("sum", False), ("mean", False)]
+)
+def test_against_float64(device, tokens, hidden_size, vocab, scale, reduction, precompute_grads, small_blocks):
     for kind in backends_for(device):
         for dtype in dtypes_for(device, kind):
             # With a bias and square loss weights, and without either.
@@ -96,7 +100,7 @@ def test_against_float64(device, tokens, hidden_size, vocab, scale, reduction, s
                 loss_weights = _square_weights(labels) if bias else None
                 _check_against_float64(
                     kind, dtype, hidden, weight, bias_, labels, f"{kind} {dtype} bias={bias}",
-                    reduction=reduction, loss_weights=loss_weights, chunk_size=7,
+                    reduction=reduction, loss_weights=loss_weights, chunk_size=7, precompute_grads=precompute_grads,
                 )
 
 
@@ -107,9 +111,11 @@ def test_chunk_sizes_agree(device, small_blocks):
         for dtype in dtypes_for(device, kind):
             hidden, weight, bias, labels = _inputs(tokens, 32, 333, 3.0, dtype, device)
             results = {}
+            upstream = torch.randn((), device=device)
             for chunk_size in (1, 7, tokens + 5):
                 results[chunk_size] = _check_against_float64(
-                    kind, dtype, hidden, weight, bias, labels, f"{kind} {dtype} chunk {chunk_size}", chunk_size=chunk_size
+                    kind, dtype, hidden, weight, bias, labels, f"{kind} {dtype} chunk {chunk_size}", upstream,
+                    chunk_size=chunk_size,
                 )
             if dtype == torch.float32:
                 loss, grads = results[1]
@@ -233,17 +239,23 @@ def test_opcheck():
     hidden, weight, bias, labels = _inputs(6, 8, 20, 2.0, torch.float32, torch.device("cpu"))
     forward = torch.ops.internvl3_engine.linear_cross_entropy.default
     backward = torch.ops.internvl3_engine.linear_cross_entropy_backward.default
+    with_grads = torch.ops.internvl3_engine.linear_cross_entropy_with_grads.default
     torch.library.opcheck(forward, (hidden, weight, bias, labels, -100, 4))
     torch.library.opcheck(forward, (hidden, weight, None, labels, -100, 4))
     _, lse = forward(hidden, weight, bias, labels, -100, 4)
     grad_ce = torch.randn(6)
-    torch.library.opcheck(backward, (grad_ce, hidden, weight, bias, labels, lse, -100, 4))
-    torch.library.opcheck(backward, (grad_ce, hidden, weight, None, labels, lse, -100, 4))
+    for bias_ in (bias, None):
+        for wanted in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(backward, (grad_ce, hidden, weight, bias_, labels, lse, -100, 4, *wanted))
+            torch.library.opcheck(with_grads, (hidden, weight, bias_, labels, grad_ce, -100, 4, *wanted))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("precompute_grads", [True, False])
+def test_torch_compile_fullgraph(precompute_grads):
     def loss_fn(hidden, weight, labels, loss_weights, normalizer):
-        return ie.linear_cross_entropy(hidden * 2, weight, labels, loss_weights=loss_weights, normalizer=normalizer)
+        return ie.linear_cross_entropy(
+            hidden * 2, weight, labels, loss_weights=loss_weights, normalizer=normalizer, precompute_grads=precompute_grads
+        )
 
     hidden, weight, _, labels = _inputs(12, 16, 40, 2.0, torch.float32, torch.device("cpu"))
     loss_weights = _square_weights(labels)
@@ -255,6 +267,80 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(actual, expected)
     for grad, expected_grad in zip(torch.autograd.grad(actual, leaves), torch.autograd.grad(expected, leaves)):
         torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.fixture
+def logits_passes(monkeypatch):
+    """Counts the chunks whose logits the Triton backend computes."""
+    from internvl3_engine.ops.linear_cross_entropy import triton_kernel
+
+    count = [0]
+    chunks = triton_kernel._logits_chunks
+
+    def counted(*args):
+        for chunk in chunks(*args):
+            count[0] += 1
+            yield chunk
+
+    monkeypatch.setattr(triton_kernel, "_logits_chunks", counted)
+    return count
+
+
+@pytest.mark.parametrize("device", devices(), ids=str)
+def test_precomputed_gradients_take_one_pass(device, logits_passes):
+    """With precompute_grads the logits of each chunk are computed once for loss and gradients, twice
+    without; without autograd (no_grad, or no input requiring grad) only the loss is computed."""
+    if "triton" not in backends_for(device):
+        pytest.skip("the Triton backend cannot run here")
+    hidden, weight, _, labels = _inputs(20, 16, 90, 2.0, torch.float32, device)
+    chunks = 3  # 20 tokens in chunks of 7
+    expected = {}
+    for precompute_grads, passes in ((True, chunks), (False, 2 * chunks)):
+        logits_passes[0] = 0
+        loss, grads = _loss_and_grads("triton", hidden, weight, None, labels, chunk_size=7, precompute_grads=precompute_grads)
+        assert logits_passes[0] == passes, precompute_grads
+        expected[precompute_grads] = (loss, grads)
+    torch.testing.assert_close(expected[True], expected[False], rtol=1e-5, atol=1e-6)
+    for context in (torch.no_grad(), torch.enable_grad()):
+        logits_passes[0] = 0
+        with context, ie.backend("triton"):
+            torch.testing.assert_close(ie.linear_cross_entropy(hidden, weight, labels, chunk_size=7), expected[True][0])
+        assert logits_passes[0] == chunks
+
+
+@pytest.mark.parametrize("device", devices(), ids=str)
+@pytest.mark.parametrize("precompute_grads", [True, False])
+def test_frozen_inputs_get_no_gradient(device, precompute_grads):
+    """A frozen head (the LLM frozen while the projector trains) or frozen hidden states: only the
+    gradients autograd asks for are returned, and they equal those of the unfrozen call."""
+    hidden, weight, bias, labels = _inputs(15, 16, 70, 2.0, torch.float32, device)
+    for kind in backends_for(device):
+        with ie.backend(kind):
+            leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+            loss = ie.linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], chunk_size=4, precompute_grads=precompute_grads)
+            all_grads = torch.autograd.grad(loss, leaves)
+            for trained in ((0,), (1, 2), (1,)):
+                inputs = [t.detach().requires_grad_(i in trained) for i, t in enumerate((hidden, weight, bias))]
+                loss = ie.linear_cross_entropy(*inputs[:2], labels, bias=inputs[2], chunk_size=4, precompute_grads=precompute_grads)
+                loss.backward()
+                for i, t in enumerate(inputs):
+                    if i in trained:
+                        torch.testing.assert_close(t.grad, all_grads[i])
+                    else:
+                        assert t.grad is None, (kind, trained, i)
+
+
+def test_gradient_ops_skip_unwanted_gradients():
+    hidden, weight, bias, labels = _inputs(9, 8, 30, 2.0, torch.float32, torch.device("cpu"))
+    grad_ce = torch.randn(9)
+    ops = torch.ops.internvl3_engine
+    _, lse = ops.linear_cross_entropy(hidden, weight, bias, labels, -100, 4)
+    for kind in backends_for(torch.device("cpu")):
+        with ie.backend(kind):
+            recomputed = ops.linear_cross_entropy_backward(grad_ce, hidden, weight, bias, labels, lse, -100, 4, False, True)
+            _, *precomputed = ops.linear_cross_entropy_with_grads(hidden, weight, bias, labels, grad_ce, -100, 4, True, False)
+        assert recomputed[0].numel() == 0 and recomputed[1].shape == weight.shape and recomputed[2].shape == bias.shape
+        assert precomputed[0].shape == hidden.shape and precomputed[1].numel() == 0 and precomputed[2].numel() == 0
 
 
 @pytest.mark.parametrize(
@@ -285,6 +371,7 @@ def test_torch_compile_fullgraph():
         (dict(normalizer=2.0, reduction="sum"), ValueError, "normalizer is only used with reduction='mean'"),
         (dict(chunk_size=0), ValueError, "chunk_size must be positive"),
         (dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
+        (dict(precompute_grads=1), TypeError, "precompute_grads must be a bool"),
     ],
 )
 def test_bad_input(kwargs, error, match):

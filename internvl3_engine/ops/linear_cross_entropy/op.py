@@ -9,7 +9,12 @@ from ...autocast import autocast_inputs, kernels_at_input_dtype
 from ...dispatch import KernelSet, lazy
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
 from ..library import operator
-from .reference import accumulate_dtype, linear_cross_entropy_backward_reference, linear_cross_entropy_reference
+from .reference import (
+    accumulate_dtype,
+    linear_cross_entropy_backward_reference,
+    linear_cross_entropy_reference,
+    linear_cross_entropy_with_grads_reference,
+)
 
 _TRITON = f"{__package__}.triton_kernel"
 # No compiled kernel: the work is two cuBLAS matmuls per chunk plus a row reduction, which the Triton
@@ -24,6 +29,12 @@ LINEAR_CROSS_ENTROPY_BACKWARD = KernelSet(
     "linear_cross_entropy_backward",
     torch=linear_cross_entropy_backward_reference,
     triton=lazy(_TRITON, "linear_cross_entropy_backward_triton"),
+    gpu_order=("triton", "torch"),
+)
+LINEAR_CROSS_ENTROPY_WITH_GRADS = KernelSet(
+    "linear_cross_entropy_with_grads",
+    torch=linear_cross_entropy_with_grads_reference,
+    triton=lazy(_TRITON, "linear_cross_entropy_with_grads_triton"),
     gpu_order=("triton", "torch"),
 )
 
@@ -58,9 +69,25 @@ def _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, chunk
     return ce, torch.empty_like(ce)
 
 
-def _linear_cross_entropy_backward_fake(grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
-    grad_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+def _gradients_fake(hidden, weight, bias, hidden_grad, parameter_grads):
+    return (
+        torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0),
+        torch.empty_like(weight) if parameter_grads else hidden.new_empty(0),
+        torch.empty_like(bias) if parameter_grads and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _linear_cross_entropy_backward_fake(
+    grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size, hidden_grad, parameter_grads
+):
+    return _gradients_fake(hidden, weight, bias, hidden_grad, parameter_grads)
+
+
+def _linear_cross_entropy_with_grads_fake(
+    hidden, weight, bias, labels, grad_ce, ignore_index, chunk_size, hidden_grad, parameter_grads
+):
+    ce, _ = _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, chunk_size)
+    return (ce, *_gradients_fake(hidden, weight, bias, hidden_grad, parameter_grads))
 
 
 @operator("linear_cross_entropy", fake=_linear_cross_entropy_fake)
@@ -87,31 +114,88 @@ def linear_cross_entropy_backward_op(
     lse: torch.Tensor,
     ignore_index: int,
     chunk_size: int,
+    hidden_grad: bool,
+    parameter_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight, grad_bias); grad_bias is an empty tensor when bias is None (a schema
-    cannot return an optional tensor)."""
+    """(grad_hidden, grad_weight, grad_bias) of sum_t grad_ce_t * ce_t, recomputing the logits. A gradient
+    not asked for (``hidden_grad``; ``parameter_grads``: weight and bias) or of an absent bias is an empty
+    tensor (a schema cannot return an optional tensor)."""
     return LINEAR_CROSS_ENTROPY_BACKWARD.select(hidden.device)(
-        grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size
+        grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size, hidden_grad, parameter_grads
     )
 
 
+@operator("linear_cross_entropy_with_grads", fake=_linear_cross_entropy_with_grads_fake)
+def linear_cross_entropy_with_grads_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    grad_ce: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    hidden_grad: bool,
+    parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce, grad_hidden, grad_weight, grad_bias): the per-token CE and the gradients of sum_t grad_ce_t *
+    ce_t in one pass over the logits (the gradients as linear_cross_entropy_backward returns them)."""
+    _check_label_values(labels, weight.shape[0], ignore_index)
+    return LINEAR_CROSS_ENTROPY_WITH_GRADS.select(hidden.device)(
+        hidden, weight, bias, labels, grad_ce, ignore_index, chunk_size, hidden_grad, parameter_grads
+    )
+
+
+def _only_wanted(grads, wanted) -> list[torch.Tensor | None]:
+    """The gradients autograd asked for, None for the others (computed empty, or not to be returned)."""
+    return [grad if wants else None for grad, wants in zip(grads, wanted)]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """The per-token cross-entropy; the logits' log-sum-exp is kept for the backward."""
+    """The per-token cross-entropy; the logits' log-sum-exp is kept for the backward, which recomputes the
+    logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_size: int) -> torch.Tensor:
         ce, lse = linear_cross_entropy_op(hidden, weight, bias, labels, ignore_index, chunk_size)
-        ctx.ignore_index, ctx.chunk_size, ctx.has_bias = ignore_index, chunk_size, bias is not None
+        ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         return ce
 
     @staticmethod
     def backward(ctx, grad_ce: torch.Tensor):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
-            grad_ce.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
+        wanted = ctx.needs_input_grad[:3]
+        grads = linear_cross_entropy_backward_op(
+            grad_ce.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size,
+            wanted[0], wanted[1] or wanted[2],
         )
-        return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
+        return (*_only_wanted(grads, wanted), None, None, None)
+
+
+class _WeightedCrossEntropy(torch.autograd.Function):
+    """The scalar loss sum_t w_t * CE_t (divided by ``divisor`` unless it is None), its gradients computed
+    in the forward: the per-token gradient the sum sends to CE_t, w_t / divisor, is known before the
+    backward up to the scalar upstream gradient, so each chunk's logits serve the loss and the gradients
+    at once. The backward scales the kept gradients by the upstream gradient."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, labels, token_weights, divisor, ignore_index: int, chunk_size: int,
+        hidden_grad: bool, parameter_grads: bool,
+    ) -> torch.Tensor:
+        # What autograd would send to CE_t through total / divisor: w_t * (1 / divisor).
+        grad_ce = token_weights if divisor is None else token_weights * (1 / divisor)
+        ce, *grads = linear_cross_entropy_with_grads_op(
+            hidden, weight, bias, labels, grad_ce, ignore_index, chunk_size, hidden_grad, parameter_grads
+        )
+        ctx.save_for_backward(*grads)
+        total = (token_weights * ce).sum()
+        return total if divisor is None else total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        scaled = [grad * grad_loss for grad in ctx.saved_tensors]
+        return (*_only_wanted(scaled, ctx.needs_input_grad[:3]), None, None, None, None, None, None, None)
 
 
 def _check_same(name: str, value: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -143,6 +227,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    precompute_grads: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of the LLM head without materialising the [T, V] logits.
 
@@ -164,11 +249,19 @@ def linear_cross_entropy(
 
     Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first (as nn.Linear's are).
 
-    Differentiable in hidden, weight and bias (not twice). The Triton backend works on chunks of
-    ``chunk_size`` tokens (default: a chunk's logits take ~256 MiB in float32 on GPU, 16 MiB on CPU),
-    recomputing each chunk's logits in the backward; the weight and bias gradients are accumulated across
-    chunks in float32 and returned in the parameters' dtype. The 'torch' backend (the reference, also
-    'auto' on CPU) materialises the whole logits.
+    Differentiable in hidden, weight and bias (not twice; a tensor ``normalizer`` takes no gradient). The
+    Triton backend works on chunks of ``chunk_size`` tokens (default: a chunk's logits take ~256 MiB in
+    float32 on GPU, 16 MiB on CPU); the weight and bias gradients are accumulated across chunks in float32
+    and returned in the parameters' dtype. The 'torch' backend (the reference, also 'auto' on CPU)
+    materialises the whole logits.
+
+    ``precompute_grads`` (default True): for 'sum' and 'mean' under autograd, the gradients are computed in
+    the forward, from the same logits as the loss (three matmuls over the head instead of four), kept
+    until the backward and scaled there by the upstream gradient (one more rounding when that is not 1).
+    Their memory (weight's size and hidden's) is held from the loss to its backward, normally the next
+    thing that runs; the float32 weight accumulator lives only inside the call, as the recomputing
+    backward's does. False, or reduction 'none' (whose per-token upstream gradient comes only in the
+    backward), recomputes each chunk's logits in the backward instead.
     """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2)
@@ -203,25 +296,40 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(vocab, hidden.device)
     elif check_int("chunk_size", chunk_size) <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if not isinstance(precompute_grads, bool):
+        raise TypeError(f"precompute_grads must be a bool, got {type(precompute_grads).__name__}")
 
     labels = labels.to(torch.int64).contiguous()
-    with kernels_at_input_dtype(hidden.device):
-        ce = _LinearCrossEntropy.apply(
-            hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index, chunk_size
-        )
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    hidden_grad = hidden.requires_grad
+    parameter_grads = weight.requires_grad or (bias is not None and bias.requires_grad)
+    precompute = precompute_grads and reduction != "none" and torch.is_grad_enabled() and (hidden_grad or parameter_grads)
     if reduction == "none" and loss_weights is None:
-        return ce
+        with kernels_at_input_dtype(hidden.device):
+            return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, chunk_size)
     supervised = labels != ignore_index
+    accumulate = accumulate_dtype(hidden.dtype)
     if loss_weights is None:
-        weights = supervised.to(ce.dtype)
+        weights = supervised.to(accumulate)
     else:
-        weights = torch.where(supervised, loss_weights.to(ce.dtype), 0)
+        weights = torch.where(supervised, loss_weights.to(accumulate), 0)
+    divisor = None
+    if reduction == "mean":
+        if normalizer is None:
+            divisor = weights.sum()
+        else:  # a constant, as the gradients computed in the forward must take it
+            divisor = torch.as_tensor(normalizer, dtype=accumulate, device=hidden.device).detach()
+        # A zero divisor means no weighted token: the total is 0, and dividing by 1 keeps loss and gradients 0.
+        divisor = torch.where(divisor != 0, divisor, 1)
+    with kernels_at_input_dtype(hidden.device):
+        if precompute:
+            return _WeightedCrossEntropy.apply(
+                hidden, weight, bias, labels, weights, divisor, ignore_index, chunk_size, hidden_grad, parameter_grads
+            )
+        ce = _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, chunk_size)
     weighted = weights * ce
     if reduction == "none":
         return weighted
     total = weighted.sum()
-    if reduction == "sum":
-        return total
-    divisor = weights.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=ce.dtype, device=ce.device)
-    # A zero divisor means no weighted token: total is 0, and dividing by 1 keeps loss and gradients 0.
-    return total / torch.where(divisor != 0, divisor, 1)
+    return total if divisor is None else total / divisor

@@ -49,10 +49,13 @@ def linear_cross_entropy_backward_reference(
     lse: torch.Tensor,
     ignore_index: int,
     chunk_size: int,
+    hidden_grad: bool = True,
+    parameter_grads: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (hidden, weight, bias) of sum_t grad_ce_t * ce_t. dlogits = (softmax - onehot(label)) *
-    grad_ce, zero on ignored rows, rounded to the input dtype; the bias gradient is an empty tensor when
-    there is no bias."""
+    grad_ce, zero on ignored rows, rounded to the input dtype. An empty tensor stands for the bias gradient
+    when there is no bias, for the hidden gradient when ``hidden_grad`` is false, and for the weight and
+    bias gradients when ``parameter_grads`` is false."""
     logits = _logits(hidden, weight, bias)
     supervised = labels != ignore_index
     dlogits = torch.exp(logits - lse[:, None])
@@ -60,10 +63,31 @@ def linear_cross_entropy_backward_reference(
     dlogits[rows, torch.where(supervised, labels, 0)] -= 1
     dlogits *= torch.where(supervised, grad_ce.to(dlogits.dtype), 0)[:, None]
     dlogits = dlogits.to(hidden.dtype)
-    grad_hidden = dlogits @ weight
-    grad_weight = dlogits.t() @ hidden
-    if bias is None:
+    # Fresh empty tensors: an operator's outputs must not alias one another.
+    grad_hidden = dlogits @ weight if hidden_grad else hidden.new_empty(0)
+    grad_weight = dlogits.t() @ hidden if parameter_grads else hidden.new_empty(0)
+    if bias is None or not parameter_grads:
         grad_bias = hidden.new_empty(0)
     else:
         grad_bias = dlogits.sum(0, dtype=accumulate_dtype(hidden.dtype)).to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def linear_cross_entropy_with_grads_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    grad_ce: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    hidden_grad: bool,
+    parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce, grad_hidden, grad_weight, grad_bias): the per-token CE and, in the same call, the gradients of
+    sum_t grad_ce_t * ce_t, as the forward and backward references compute them."""
+    ce, lse = linear_cross_entropy_reference(hidden, weight, bias, labels, ignore_index, chunk_size)
+    grads = linear_cross_entropy_backward_reference(
+        grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size, hidden_grad, parameter_grads
+    )
+    return (ce, *grads)

@@ -2,14 +2,16 @@
 
 For each chunk of C tokens the logits [C, V] are computed by torch (cuBLAS on GPU) in the input dtype
 into one reused buffer; a Triton kernel (one program per row) then reduces each row in float32: an online
-max/sum over V in blocks gives lse, and the label's logit gives the CE. The backward recomputes the same
-logits chunk and a second row kernel overwrites it in place with dlogits = (softmax - onehot(label)) *
-grad_ce (rows of ignored tokens 0), which feeds the two gradient matmuls. Only one [C, V] buffer exists at
-a time, never the whole [T, V] logits.
+max/sum over V in blocks gives lse, and the label's logit gives the CE. A second row kernel overwrites the
+chunk in place with dlogits = (softmax - onehot(label)) * grad_ce (rows of ignored tokens 0), which feeds
+the two gradient matmuls. Only one [C, V] buffer exists at a time, never the whole [T, V] logits.
 
-The backward recomputes the logits matmul rather than storing gradients during the forward (Liger's
-approach for scalar losses, which must know grad_ce in the forward): recomputing serves every reduction,
-per-token CE included, with one code path, for one extra matmul of the three.
+Two ways to get the gradients, both here:
+- ``linear_cross_entropy_with_grads_triton``: forward and gradients in one pass over the chunks, for a
+  scalar loss, whose per-token grad_ce is known in the forward up to the scalar upstream gradient (Liger's
+  approach): three matmuls per chunk.
+- ``linear_cross_entropy_triton`` then ``linear_cross_entropy_backward_triton``: the backward recomputes
+  each chunk's logits (four matmuls per chunk), for any grad_ce, per-token losses included.
 """
 
 from __future__ import annotations
@@ -80,39 +82,47 @@ def _softmax_grad_kernel(
         tl.store(row_ptr + index, dlogits.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_options(logits: torch.Tensor, vocab: int) -> dict:
+def _launch_options(dtype: torch.dtype, vocab: int) -> dict:
     return dict(
-        COMPUTE=tl.float64 if logits.dtype == torch.float64 else tl.float32,
+        COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
         BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)),
     )
 
 
-def _logits_chunk(buffer: torch.Tensor, hidden_chunk, weight, bias) -> torch.Tensor:
-    """hidden_chunk @ weight.T (+ bias) into the first rows of ``buffer``, as F.linear computes it."""
-    logits = buffer[: hidden_chunk.shape[0]]
-    if bias is None:
-        torch.mm(hidden_chunk, weight.t(), out=logits)
-    else:
-        torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
-    return logits
-
-
-def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index, chunk_size):
-    """The 'triton' backend of the linear_cross_entropy operator: its arguments, per-token (ce, lse)."""
-    tokens, vocab = hidden.shape[0], weight.shape[0]
-    ce = hidden.new_empty(tokens, dtype=accumulate_dtype(hidden.dtype))
-    lse = torch.empty_like(ce)
+def _logits_chunks(hidden, weight, bias, chunk_size):
+    """(rows, hidden[rows], logits of those rows) per chunk of ``chunk_size`` tokens, the logits computed as
+    F.linear computes them into one reused [chunk_size, V] buffer: each chunk's overwrites the last's."""
+    tokens = hidden.shape[0]
     if tokens == 0:
-        return ce, lse
-    buffer = hidden.new_empty(min(chunk_size, tokens), vocab)
-    options = _launch_options(buffer, vocab)
+        return
+    buffer = hidden.new_empty(min(chunk_size, tokens), weight.shape[0])
     for start in range(0, tokens, chunk_size):
-        end = min(start + chunk_size, tokens)
-        logits = _logits_chunk(buffer, hidden[start:end], weight, bias)
-        _lse_ce_kernel[(end - start,)](
-            logits, labels[start:end], ce[start:end], lse[start:end], vocab, ignore_index, **options
-        )
-    return ce, lse
+        rows = slice(start, min(start + chunk_size, tokens))
+        hidden_rows = hidden[rows]
+        logits = buffer[: hidden_rows.shape[0]]
+        if bias is None:
+            torch.mm(hidden_rows, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, hidden_rows, weight.t(), out=logits)
+        yield rows, hidden_rows, logits
+
+
+def _per_token(hidden):
+    """Empty per-token (ce, lse) in the accumulate dtype."""
+    ce = hidden.new_empty(hidden.shape[0], dtype=accumulate_dtype(hidden.dtype))
+    return ce, torch.empty_like(ce)
+
+
+def _lse_ce(logits, rows, labels, ce, lse, ignore_index, options):
+    _lse_ce_kernel[(logits.shape[0],)](
+        logits, labels[rows], ce[rows], lse[rows], logits.shape[1], ignore_index, **options
+    )
+
+
+def _softmax_grad(logits, rows, labels, lse, grad_ce, ignore_index, options):
+    _softmax_grad_kernel[(logits.shape[0],)](
+        logits, labels[rows], lse[rows], grad_ce[rows], logits.shape[1], ignore_index, **options
+    )
 
 
 def _accumulate_grad_weight(accumulator: torch.Tensor, dlogits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
@@ -128,27 +138,65 @@ def _accumulate_grad_weight(accumulator: torch.Tensor, dlogits: torch.Tensor, hi
         accumulator.addmm_(dlogits.t().to(accumulator.dtype), hidden_chunk.to(accumulator.dtype))
 
 
-def linear_cross_entropy_backward_triton(grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size):
+class _Gradients:
+    """The gradients of hidden, weight and bias built chunk by chunk from each chunk's dlogits. Those not
+    wanted (``hidden_grad``, ``parameter_grads`` false; no bias) are never computed and come back empty.
+    The weight and bias gradients are accumulated across chunks in float32 (float64 for float64 inputs)."""
+
+    def __init__(self, hidden, weight, bias, hidden_grad: bool, parameter_grads: bool):
+        accumulate = accumulate_dtype(hidden.dtype)
+        self._hidden_like = hidden
+        self.hidden = torch.empty_like(hidden) if hidden_grad else None
+        self.weight = torch.zeros_like(weight, dtype=accumulate) if parameter_grads else None
+        self.bias = torch.zeros_like(bias, dtype=accumulate) if parameter_grads and bias is not None else None
+
+    def add(self, rows: slice, hidden_rows, dlogits, weight) -> None:
+        if self.hidden is not None:
+            torch.mm(dlogits, weight, out=self.hidden[rows])
+        if self.weight is not None:
+            _accumulate_grad_weight(self.weight, dlogits, hidden_rows)
+        if self.bias is not None:
+            self.bias += dlogits.sum(0, dtype=self.bias.dtype)
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(grad_hidden, grad_weight, grad_bias) in the inputs' dtype (all alike); a fresh empty tensor for
+        each one not computed (an operator's outputs must not alias one another)."""
+        like = self._hidden_like
+        return tuple(like.new_empty(0) if grad is None else grad.to(like.dtype) for grad in (self.hidden, self.weight, self.bias))
+
+
+def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index, chunk_size):
+    """The 'triton' backend of the linear_cross_entropy operator: its arguments, per-token (ce, lse)."""
+    ce, lse = _per_token(hidden)
+    options = _launch_options(hidden.dtype, weight.shape[0])
+    for rows, _, logits in _logits_chunks(hidden, weight, bias, chunk_size):
+        _lse_ce(logits, rows, labels, ce, lse, ignore_index, options)
+    return ce, lse
+
+
+def linear_cross_entropy_backward_triton(
+    grad_ce, hidden, weight, bias, labels, lse, ignore_index, chunk_size, hidden_grad, parameter_grads
+):
     """The 'triton' backend of the linear_cross_entropy_backward operator: its arguments, (grad_hidden,
-    grad_weight, grad_bias)."""
-    tokens, vocab = hidden.shape[0], weight.shape[0]
-    accumulate = accumulate_dtype(hidden.dtype)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros_like(weight, dtype=accumulate)
-    grad_bias = hidden.new_empty(0) if bias is None else torch.zeros_like(bias, dtype=accumulate)
-    if tokens > 0:
-        buffer = hidden.new_empty(min(chunk_size, tokens), vocab)
-        options = _launch_options(buffer, vocab)
-        for start in range(0, tokens, chunk_size):
-            end = min(start + chunk_size, tokens)
-            hidden_chunk = hidden[start:end]
-            dlogits = _logits_chunk(buffer, hidden_chunk, weight, bias)
-            _softmax_grad_kernel[(end - start,)](
-                dlogits, labels[start:end], lse[start:end], grad_ce[start:end], vocab, ignore_index, **options
-            )
-            torch.mm(dlogits, weight, out=grad_hidden[start:end])
-            _accumulate_grad_weight(grad_weight, dlogits, hidden_chunk)
-            if bias is not None:
-                grad_bias += dlogits.sum(0, dtype=accumulate)
-    grad_bias = grad_bias if bias is None else grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias
+    grad_weight, grad_bias), recomputing each chunk's logits."""
+    grads = _Gradients(hidden, weight, bias, hidden_grad, parameter_grads)
+    options = _launch_options(hidden.dtype, weight.shape[0])
+    for rows, hidden_rows, logits in _logits_chunks(hidden, weight, bias, chunk_size):
+        _softmax_grad(logits, rows, labels, lse, grad_ce, ignore_index, options)
+        grads.add(rows, hidden_rows, logits, weight)
+    return grads.results()
+
+
+def linear_cross_entropy_with_grads_triton(
+    hidden, weight, bias, labels, grad_ce, ignore_index, chunk_size, hidden_grad, parameter_grads
+):
+    """The 'triton' backend of the linear_cross_entropy_with_grads operator: its arguments, (ce,
+    grad_hidden, grad_weight, grad_bias), each chunk's logits computed once."""
+    ce, lse = _per_token(hidden)
+    grads = _Gradients(hidden, weight, bias, hidden_grad, parameter_grads)
+    options = _launch_options(hidden.dtype, weight.shape[0])
+    for rows, hidden_rows, logits in _logits_chunks(hidden, weight, bias, chunk_size):
+        _lse_ce(logits, rows, labels, ce, lse, ignore_index, options)
+        _softmax_grad(logits, rows, labels, lse, grad_ce, ignore_index, options)
+        grads.add(rows, hidden_rows, logits, weight)
+    return (ce, *grads.results())
