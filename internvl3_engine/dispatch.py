@@ -101,6 +101,25 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_error() -> str | None:
+    """Why Triton's interpreter cannot run the engine's kernels here (None when it can). Before triton 3.7
+    the interpreter turns a loaded scalar (a 1-element array) into a Python int for loop bounds, which
+    numpy 2.4 refuses: every kernel looping over a segment read from cu_seqlens fails."""
+    import numpy
+    import triton
+
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of triton {triton.__version__} fails with numpy {numpy.__version__} (fixed in triton "
+                "3.7): install numpy<2.4 to run Triton kernels on CPU tensors")
+    return None
+
+
 def why_unusable(kind: str, device: torch.device) -> str | None:
     """Why backend ``kind`` cannot run on ``device`` (None when it can)."""
     if kind == "torch":
@@ -109,8 +128,10 @@ def why_unusable(kind: str, device: torch.device) -> str | None:
         error = triton_import_error()
         if error is not None:
             return f"triton is not importable ({error})"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+        if device.type == "cuda":
             return None
+        if device.type == "cpu" and triton_interpret():
+            return triton_interpreter_error()
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type} tensors"
     if kind == "cuda":
         if not extension_available():

@@ -93,6 +93,33 @@ def test_why_unusable_reports_triton_without_interpreter(monkeypatch):
     assert "TRITON_INTERPRET=1" in reason or "not importable" in reason
 
 
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,usable",
+    [("3.6.0", "2.4.6", False), ("3.6.0", "2.3.5", True), ("3.7.0", "2.4.0", True), ("3.8.1+git", "2.5.0", True),
+     ("3.6.0", "3.0.0rc1", False)],
+)
+def test_triton_interpreter_refused_where_numpy_breaks_it(monkeypatch, triton_version, numpy_version, usable):
+    """triton < 3.7's interpreter fails every segment loop under numpy >= 2.4: the 'triton' backend on CPU
+    tensors is then unusable, with the reason, instead of failing inside a kernel."""
+    import numpy
+    import triton
+
+    if dispatch.triton_import_error() is not None:
+        pytest.skip("triton is not importable here")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    dispatch.triton_interpreter_error.cache_clear()
+    try:
+        reason = dispatch.why_unusable("triton", torch.device("cpu"))
+    finally:
+        dispatch.triton_interpreter_error.cache_clear()
+    if usable:
+        assert reason is None
+    else:
+        assert f"triton {triton_version} fails with numpy {numpy_version}" in reason and "numpy<2.4" in reason
+
+
 def test_info_keys():
     result = ie.info()
     for key in ("version", "torch", "triton", "extension_cpu", "extension_cuda", "cuda_archs", "gpu"):
