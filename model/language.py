@@ -131,6 +131,7 @@ class LanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         loss_normalizer: float | torch.Tensor | None = None,
+        loss_reduction: str = "mean",
         return_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(hidden states [T, H], loss or None, logits [T, V] or None) of a pack; see InternVL3.forward."""
@@ -141,7 +142,8 @@ class LanguageModel(nn.Module):
         loss = None
         if labels is not None:
             loss = engine.linear_cross_entropy(
-                hidden, self.lm_head.weight, labels, loss_weights=loss_weights, normalizer=loss_normalizer
+                hidden, self.lm_head.weight, labels, loss_weights=loss_weights, normalizer=loss_normalizer,
+                reduction=loss_reduction,
             )
         logits = self.lm_head(hidden) if return_logits else None
         return hidden, loss, logits

@@ -20,8 +20,9 @@ from .vision import InternViT
 @dataclass
 class InternVL3Output:
     """``logits`` float [T, V] (None unless asked for, or when no labels were given); ``loss`` the weighted
-    cross-entropy sum(w * CE) / sum(w) (None without labels); ``hidden_states`` the final normed hidden
-    states [T, H] the head reads; ``positions`` the float32 V2PE positions [T] the decoder used."""
+    cross-entropy sum(w * CE) / sum(w), or as ``loss_reduction`` asked (None without labels);
+    ``hidden_states`` the final normed hidden states [T, H] the head reads; ``positions`` the float32 V2PE
+    positions [T] the decoder used."""
 
     logits: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
@@ -123,6 +124,7 @@ class InternVL3(nn.Module):
         image_flags: Optional[torch.Tensor] = None,
         return_logits: Optional[bool] = None,
         loss_normalizer: Union[float, torch.Tensor, None] = None,
+        loss_reduction: str = "mean",
     ) -> InternVL3Output:
         """One pack of T tokens.
 
@@ -137,7 +139,10 @@ class InternVL3(nn.Module):
         model does not shift. loss_weights float32 [T] (e.g. ``internvl3_engine.loss_weights``; None: 1 per
         supervised token, the token mean). loss = sum(w * CE) / sum(w) through the engine's fused linear
         cross-entropy (the [T, V] logits are never materialised for it); ``loss_normalizer`` replaces
-        sum(w) (e.g. sum(w) all-reduced over data-parallel ranks).
+        sum(w) (e.g. sum(w) all-reduced over data-parallel ranks). ``loss_reduction``: 'mean' (that loss),
+        'sum' (sum(w * CE)) or 'none' (float32 [T] w * CE per token; with loss_weights None the CE itself, 0
+        at ignored tokens: the negated log-probabilities of the labels, which MPO sums per response,
+        without the [T, V] logits).
 
         return_logits: compute ``logits`` [T, V]; None means only when no labels are given.
         """
@@ -166,6 +171,7 @@ class InternVL3(nn.Module):
             labels=labels,
             loss_weights=loss_weights,
             loss_normalizer=loss_normalizer,
+            loss_reduction=loss_reduction,
             return_logits=bool(return_logits or (return_logits is None and labels is None)),
         )
         return InternVL3Output(logits=logits, loss=loss, hidden_states=hidden, positions=positions)

@@ -30,14 +30,6 @@ MPO_BETA = 0.1
 REFERENCE_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """float32 [T]: log-probability of each position's target under ``logits`` [T, V]; 0 where the label is
-    ignored (labels are already the next-token targets, see model.data.packing)."""
-    supervised = labels != IGNORE_INDEX
-    logps = -F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
-    return torch.where(supervised, logps, torch.zeros_like(logps))
-
-
 def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """[B]: the sum of ``values`` [T] over each sample of the pack."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -55,16 +47,18 @@ class PairLogps:
     chosen_tokens: torch.Tensor
 
 
-def pair_logps(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, roles: Sequence[str]) -> PairLogps:
-    """Split a pack of MPO pairs (samples in order chosen, rejected, chosen, ...; ``roles`` says which)."""
-    sums = segment_sums(token_logps(logits, labels), cu_seqlens)
+def pair_logps(token_logps: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, roles: Sequence[str]) -> PairLogps:
+    """Split a pack of MPO pairs (samples in order chosen, rejected, chosen, ...; ``roles`` says which).
+    ``token_logps`` float32 [T]: each position's log-probability of its label, 0 where the label is
+    ignored (the negated per-token CE of the model's ``loss_reduction='none'``)."""
+    sums = segment_sums(token_logps, cu_seqlens)
     counts = segment_sums((labels != IGNORE_INDEX).to(torch.float32), cu_seqlens)
     chosen = [index for index, role in enumerate(roles) if role == "chosen"]
     rejected = [index for index, role in enumerate(roles) if role == "rejected"]
     if len(chosen) != len(rejected) or len(chosen) + len(rejected) != len(roles):
         raise ValueError(f"an MPO pack holds chosen/rejected pairs only, got roles {list(roles)}")
-    chosen_index = torch.tensor(chosen, device=logits.device)
-    rejected_index = torch.tensor(rejected, device=logits.device)
+    chosen_index = torch.tensor(chosen, device=token_logps.device)
+    rejected_index = torch.tensor(rejected, device=token_logps.device)
     return PairLogps(sums[chosen_index], sums[rejected_index], counts[chosen_index])
 
 

@@ -170,8 +170,9 @@ class TrainConfig:
 
 # The demo: a tiny InternVL3 (the "tiny" preset widened, 112-pixel tiles of 16 tokens) on the generated
 # shapes data mixed 1:3 with the embedded corpus, sized to learn in about seven minutes on 2 CPU cores
-# (single-threaded: 800 steps learnt colour only; 1100 on shapes of 27-43 pixels also count; shape stays
-# near chance: a wider or deeper ViT, a higher vision lr or 168-pixel tiles did not help).
+# (single-threaded: 800 steps learnt colour only; 1100 on shapes of 27-43 pixels learn colour, and count
+# in some runs only (3 seeds of 2026-11-23: none); shape stays near chance: a wider or deeper ViT, a higher
+# vision lr or 168-pixel tiles did not help).
 DEMO = {
     "model": {
         "preset": "tiny",
@@ -522,12 +523,17 @@ class Trainer:
             total += term.detach()
         return total, {}
 
+    def _pair_logps(self, model, batch):
+        """The pack's summed response log-probabilities under ``model``, from its per-token CE (the engine's
+        linear cross-entropy: no [T, V] logits)."""
+        output = self._forward(model, batch, labels=batch.labels, loss_reduction="none")
+        return pair_logps(-output.loss, batch.labels, batch.cu_seqlens, batch.roles)
+
     def _reference_logps(self, batch):
         if self.precomputed is not None:
             return self.precomputed.lookup(batch.sources, batch.roles, self.device)
         with torch.no_grad():
-            output = self._forward(self.reference, batch, return_logits=True)
-            logps = pair_logps(output.logits, batch.labels, batch.cu_seqlens, batch.roles)
+            logps = self._pair_logps(self.reference, batch)
         return logps.chosen, logps.rejected
 
     def _mpo_step(self, batches) -> tuple[torch.Tensor, dict]:
@@ -542,8 +548,7 @@ class Trainer:
         parts = {"preference": 0.0, "quality": 0.0, "nll": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0}
         for batch in batches:
             reference_chosen, reference_rejected = self._reference_logps(batch)
-            output = self._forward(self.model, batch, return_logits=True)
-            policy = pair_logps(output.logits, batch.labels, batch.cu_seqlens, batch.roles)
+            policy = self._pair_logps(self.model, batch)
             # The BCO shift takes in this pack's mean reward (over all ranks) before it is used.
             mean_reward = _all_reduce(batch_reward_mean(policy.chosen, policy.rejected, reference_chosen, reference_rejected, beta)) / self.world
             shift = self.reward_shift.update(mean_reward.item())
@@ -719,7 +724,7 @@ def evaluate_choices(model, eval_file: str, encoder: ConversationEncoder, tiler:
     every candidate answer is scored by its summed log-probability (answer tokens and <|im_end|>) after the
     question, and the best one is the model's answer. Returns accuracy and chance (1 / candidates), overall
     and per kind."""
-    from .mpo import segment_sums, token_logps
+    from .mpo import segment_sums
 
     with open(eval_file, encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
@@ -747,9 +752,10 @@ def evaluate_choices(model, eval_file: str, encoder: ConversationEncoder, tiler:
         for begin in range(0, len(samples), pack_size):
             batch = collate(samples[begin : begin + pack_size], config).to(device)
             with autocast():
-                output = model(batch.input_ids, batch.pixel_values, batch.cu_seqlens, batch.positions, None, None,
-                               batch.max_seqlen, image_flags=batch.image_flags, return_logits=True)
-            scores += segment_sums(token_logps(output.logits, batch.labels), batch.cu_seqlens).tolist()
+                # Per-token CE from the engine's linear cross-entropy: the labels' negated log-probabilities.
+                output = model(batch.input_ids, batch.pixel_values, batch.cu_seqlens, batch.positions, batch.labels,
+                               None, batch.max_seqlen, image_flags=batch.image_flags, loss_reduction="none")
+            scores += segment_sums(-output.loss, batch.cu_seqlens).tolist()
     model.train(was_training)
     best: dict[int, tuple[str, float]] = {}
     for (index, candidate), score in zip(owners, scores):

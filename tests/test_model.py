@@ -236,6 +236,28 @@ def test_loss_is_the_weighted_cross_entropy():
     assert abs(given.loss.item() - halved) <= 1e-5 * halved
 
 
+def test_per_token_loss_is_the_labels_negated_log_probabilities():
+    """loss_reduction='none' without loss weights: the per-token CE, i.e. -log softmax(logits)[label], 0 at
+    ignored tokens (what MPO sums per response, without the [T, V] logits); 'sum' is its weighted sum."""
+    model = tiny_model()
+    ids = torch.cat([text_ids(3), image_ids(1), text_ids(6)])
+    labels = torch.randint(0, TINY.text.vocab_size, ids.shape)
+    labels[torch.rand(ids.shape) < 0.3] = -100
+    labels[ids == IMG] = -100
+    pixels = tiles(1)
+    with torch.no_grad():
+        out = model(ids, pixel_values=pixels, labels=labels, loss_reduction="none", return_logits=True)
+        weights = torch.rand(ids.shape)
+        total = model(ids, pixel_values=pixels, labels=labels, loss_weights=weights, loss_reduction="sum").loss
+    supervised = labels != -100
+    log_probs = torch.log_softmax(out.logits.double(), dim=-1).gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+    expected = torch.where(supervised, -log_probs, 0)
+    assert out.loss.shape == ids.shape and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (out.loss[~supervised] == 0).all()
+    torch.testing.assert_close(total.double(), (weights.double() * expected).sum(), rtol=1e-5, atol=1e-5)
+
+
 def test_backward_reaches_every_parameter():
     model = tiny_model().train()
     ids = torch.cat([text_ids(3), image_ids(2), text_ids(6)])

@@ -17,7 +17,6 @@ from model.mpo import (
     mpo_terms,
     pair_logps,
     segment_sums,
-    token_logps,
 )
 
 
@@ -88,31 +87,29 @@ def test_reward_shift_is_the_running_mean_of_batch_reward_means():
     assert restored.mean == running.mean and restored.count == 2
 
 
-def test_pair_logps_match_float64_log_softmax_sums():
+def test_pair_logps_sum_each_response_and_split_the_pairs():
     generator = torch.Generator().manual_seed(1)
     lengths = [5, 4, 6, 3]  # chosen, rejected, chosen, rejected
     roles = ["chosen", "rejected", "chosen", "rejected"]
-    tokens, vocab = sum(lengths), 11
-    logits = torch.randn(tokens, vocab, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    tokens = sum(lengths)
+    labels = torch.randint(0, 11, (tokens,), generator=generator)
     labels[[0, 1, 5, 9, 10, 15, 17]] = -100
+    token_logps = torch.where(labels != -100, -torch.rand(tokens, generator=generator), 0)
     cu_seqlens = torch.tensor([0, 5, 9, 15, 18], dtype=torch.int32)
-    logps = pair_logps(logits, labels, cu_seqlens, roles)
-    log_probs = torch.log_softmax(logits, dim=-1)
+    logps = pair_logps(token_logps, labels, cu_seqlens, roles)
     sums, counts = [], []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        sums.append(sum(log_probs[t, labels[t]].item() for t in range(start, end) if labels[t] != -100))
+        sums.append(sum(token_logps[t].item() for t in range(start, end)))
         counts.append(sum(1 for t in range(start, end) if labels[t] != -100))
-    torch.testing.assert_close(logps.chosen, torch.tensor([sums[0], sums[2]], dtype=torch.float32), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(logps.rejected, torch.tensor([sums[1], sums[3]], dtype=torch.float32), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logps.chosen, torch.tensor([sums[0], sums[2]]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logps.rejected, torch.tensor([sums[1], sums[3]]), rtol=1e-6, atol=1e-6)
     assert logps.chosen_tokens.tolist() == [counts[0], counts[2]]
-    assert token_logps(logits, labels)[0].item() == 0.0
     assert segment_sums(torch.ones(tokens), cu_seqlens).tolist() == [float(length) for length in lengths]
 
 
 def test_pair_logps_rejects_unpaired_packs():
     with pytest.raises(ValueError, match="pairs"):
-        pair_logps(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64), torch.tensor([0, 3], dtype=torch.int32), ["sample"])
+        pair_logps(torch.zeros(3), torch.zeros(3, dtype=torch.int64), torch.tensor([0, 3], dtype=torch.int32), ["sample"])
 
 
 def test_precomputed_reference_lookup_by_source(tmp_path):
