@@ -145,6 +145,13 @@ def linear_cross_entropy_with_grads_op(
     )
 
 
+def _weighted_total(token_weights: torch.Tensor, ce: torch.Tensor, divisor: torch.Tensor | None) -> torch.Tensor:
+    """The scalar loss: sum(w * CE), divided by ``divisor`` unless it is None. Both autograd paths return it,
+    so that precompute_grads never changes the loss's value."""
+    total = (token_weights * ce).sum()
+    return total if divisor is None else total / divisor
+
+
 def _only_wanted(grads, wanted) -> list[torch.Tensor | None]:
     """The gradients autograd asked for, None for the others (computed empty, or not to be returned)."""
     return [grad if wants else None for grad, wants in zip(grads, wanted)]
@@ -189,8 +196,7 @@ class _WeightedCrossEntropy(torch.autograd.Function):
             hidden, weight, bias, labels, grad_ce, ignore_index, chunk_size, hidden_grad, parameter_grads
         )
         ctx.save_for_backward(*grads)
-        total = (token_weights * ce).sum()
-        return total if divisor is None else total / divisor
+        return _weighted_total(token_weights, ce, divisor)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -328,8 +334,6 @@ def linear_cross_entropy(
                 hidden, weight, bias, labels, weights, divisor, ignore_index, chunk_size, hidden_grad, parameter_grads
             )
         ce = _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, chunk_size)
-    weighted = weights * ce
     if reduction == "none":
-        return weighted
-    total = weighted.sum()
-    return total if divisor is None else total / divisor
+        return weights * ce
+    return _weighted_total(weights, ce, divisor)
