@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs internvl3_engine with its dependencies and builds the compiled extension.
 # Keeps an installed torch >= 2.11; otherwise installs torch 2.14.1 (a CUDA 13 build).
+# Every other package is installed at the exact version the tests passed with (scripts/constraints.txt,
+# written by scripts/pin_dependencies.py): a new release upstream cannot turn a fresh install red.
 # INTERNVL3_ENGINE_BUILD=auto|cuda|cpu|none chooses the extension's variant (see setup.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ PY
 then
   python -m pip install --quiet "torch==2.14.1"
 fi
-python -m pip install --quiet "triton>=3.6" ninja nvidia-ml-py numpy pillow tokenizers pyyaml safetensors transformers \
-  pytest pytest-benchmark hypothesis matplotlib tqdm
-python -m pip install --quiet --no-build-isolation -e .
+python -m pip install --quiet -c scripts/constraints.txt "triton>=3.6,<3.9" ninja nvidia-ml-py numpy pillow tokenizers \
+  pyyaml safetensors transformers tensorboard pytest pytest-benchmark hypothesis matplotlib tqdm
+python -m pip install --quiet -c scripts/constraints.txt --no-build-isolation -e .
 python -m internvl3_engine info

@@ -16,6 +16,19 @@ ctest --test-dir "$cmake_dir" --output-on-failure
 
 python -m pytest -q -p no:cacheprovider "$@"
 
+# The tests that use transformers again, against the oldest release pyproject's transformers extra allows
+# (installed beside the pinned one, with the pinned dependencies), so the range's lower bound stays true.
+oldest=$(python -c 'import re, tomllib; extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["transformers"][0]; print(re.search(r">=([0-9.]+)", extra).group(1))')
+oldest_dir=build/transformers-$oldest
+[ -d "$oldest_dir/transformers" ] || python -m pip install --quiet --no-deps --target "$oldest_dir" "transformers==$oldest"
+PYTHONPATH="$oldest_dir" python - "$oldest" <<'PY'
+import sys, transformers
+assert transformers.__version__ == sys.argv[1], f"expected transformers {sys.argv[1]}, imported {transformers.__version__}"
+PY
+PYTHONPATH="$oldest_dir" python -m pytest -q -p no:cacheprovider tests/test_integration_transformers.py \
+  tests/test_model_checkpoint.py tests/test_plan.py tests/test_generation.py::test_greedy_equals_transformers_generate \
+  tests/test_bench.py::test_transformers_baseline_computes_our_loss
+
 # The CPU benchmarks (bench/test_cpu.py), each case run once as a test, untimed (timing them:
 # bench/results/README.md).
 python -m pytest -q -p no:cacheprovider bench/test_cpu.py --benchmark-disable

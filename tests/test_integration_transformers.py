@@ -1,7 +1,8 @@
 """internvl3_engine.integrations.transformers: transformers' InternVL and Qwen2 patched in place give the
 unpatched models' outputs and gradients (float32, relative 1e-4) on padded batches, packed rows and images;
 float V2PE positions equal the reference model's; a plain training loop runs unchanged; generation with a KV
-cache still works; patching twice is harmless; transformers stays optional."""
+cache gives the same tokens; square-averaged loss weights; patching twice is harmless; transformers stays
+optional. CI runs this file on the newest and the oldest transformers release that pyproject's extra allows."""
 
 from __future__ import annotations
 
@@ -232,6 +233,77 @@ def test_qwen2_padded_batch_and_generation_with_a_cache():
     options = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         assert torch.equal(patched.generate(ids, **options), reference.generate(ids, **options))
+
+
+def _weighted_reference_loss(model, batch: dict, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * CE) / sum(w) from the unpatched model's logits, weights at the labels' positions."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:]
+    shifted = torch.nn.functional.pad(weights, (0, 1))[..., 1:]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
+    return (shifted.flatten() * ce).sum() / shifted.sum()
+
+
+def _square_weights_by_hand(labels: torch.Tensor, sample_of_token: torch.Tensor) -> torch.Tensor:
+    """InternVL3's square weights at the labels' positions: 1/sqrt(x), x the supervised targets of the sample
+    whose token predicts that label (label t is predicted by token t - 1)."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    supervised = (targets != -100).flatten()
+    owner = sample_of_token.flatten()
+    counts = torch.zeros(int(owner.max()) + 1).index_add_(0, owner, supervised.float())
+    weights = torch.where(supervised, counts[owner].clamp_min(1).rsqrt(), torch.zeros(()))
+    # back to the labels' positions: the weight of target t belongs to label t + 1
+    return torch.nn.functional.pad(weights.view_as(labels)[..., :-1], (1, 0))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_square_averaged_loss_weights(layout):
+    """loss_weights="square" (per sample: rows of a padded batch, position_ids restarts of a packed row) and a
+    weight tensor give sum(w * CE) / sum(w) of the unpatched model's logits, with its gradients."""
+    reference = internvl()
+    patched = apply_internvl3_engine_to_internvl(copy.deepcopy(reference))
+    if layout == "padded":
+        batch, _ = padded_batch_with_images()
+        sample_of_token = torch.arange(2)[:, None].expand(2, batch["input_ids"].shape[1])
+    else:
+        batch, samples = packed_row()
+        sample_of_token = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor([len(s) for s in samples]))[None]
+    weights = _square_weights_by_hand(batch["labels"], sample_of_token)
+    assert len(set(weights[weights > 0].tolist())) > 1  # samples of different lengths: not a token mean
+    uneven = torch.rand(weights.shape) * 4 * (weights > 0)  # a weight tensor far from any mean
+
+    for given, expected_weights in (("square", weights), (uneven, uneven)):
+        reference.zero_grad()
+        expected = _weighted_reference_loss(reference, batch, expected_weights)
+        expected.backward()
+        patched.zero_grad()
+        actual = patched(**batch, loss_weights=given).loss
+        actual.backward()
+        assert rel_err(actual, expected) <= 1e-4
+        for (name, p), q in zip(reference.named_parameters(), patched.parameters()):
+            if p.grad is not None and p.grad.abs().max() > 0:
+                assert rel_err(q.grad, p.grad) <= 1e-4, name
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        patched(**batch, loss_weights="square", num_items_in_batch=7)
+    with pytest.raises(ValueError, match="loss_weights must have the labels' shape"):
+        patched(**batch, loss_weights=weights[:, 1:])
+    with pytest.raises(ValueError, match="mode"):
+        patched(**batch, loss_weights="squared")
+
+
+def test_internvl_generation_with_an_image_and_a_cache():
+    """Greedy tokens of the patched InternVL equal the unpatched model's: the prefill with an image through the
+    engine, decoding over the KV cache; positional input_ids and tuple outputs pass through."""
+    reference = internvl()
+    patched = apply_internvl3_engine_to_internvl(copy.deepcopy(reference))
+    ids = torch.cat([text_ids(2), image_ids(2), text_ids(3)])[None]
+    pixels = torch.randn(2, 3, 56, 56)
+    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        expected = reference.generate(input_ids=ids, pixel_values=pixels, **options)
+        assert torch.equal(patched.generate(input_ids=ids, pixel_values=pixels, **options), expected)
+        as_tuple = patched(ids, pixel_values=pixels, return_dict=False)
+        assert rel_err(as_tuple[0], reference(ids, pixel_values=pixels).logits) <= 1e-4
 
 
 def test_bad_models_and_masks_raise():

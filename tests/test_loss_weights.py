@@ -6,6 +6,7 @@ import torch
 
 import internvl3_engine as ie
 from internvl3_engine.ops.loss_weights import MODES, loss_weights_reference
+from internvl3_engine.ops.loss_weights.reference import count_weights, sqrt_rn
 
 from helpers import backends_for, devices
 
@@ -62,6 +63,21 @@ def test_weights_are_correctly_rounded(device):
         for kind in backends_for(device):
             with ie.backend(kind):
                 assert torch.equal(ie.loss_weights(labels, cu_seqlens, mode), expected), f"{kind} {mode}"
+
+
+def test_reference_sqrt_is_correctly_rounded():
+    """The reference's float32 sqrt and weights equal numpy's correctly rounded float32 ones for every count
+    in [1, 2^24) and for random positive float32 values. torch.sqrt alone is not correctly rounded on CPU
+    (MKL VML; sqrt(19) is 1 ulp off), which made the reference's 'square' weights 1 ulp from the kernels'."""
+    for low in range(1, 1 << 24, 1 << 21):
+        x = np.arange(low, min(low + (1 << 21), 1 << 24), dtype=np.float32)
+        root = np.sqrt(x)
+        assert np.array_equal(sqrt_rn(torch.from_numpy(x)).numpy(), root), low
+        assert np.array_equal(count_weights(torch.from_numpy(x), "square").numpy(), np.float32(1.0) / root), low
+        assert np.array_equal(count_weights(torch.from_numpy(x), "sample").numpy(), np.float32(1.0) / x), low
+    bits = torch.randint(0, 0x7F800000, (1 << 20,), dtype=torch.int32)  # bits of finite float32s >= 0, subnormals included
+    x = bits.view(torch.float32)
+    assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))
 
 
 def test_documented_meaning():

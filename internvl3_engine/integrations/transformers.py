@@ -28,14 +28,24 @@ What changes (each part can be turned off):
 - ``cross_entropy``: given ``labels``, the causal-LM loss is ``linear_cross_entropy`` of the final hidden states
   and the head's weight (the [B, S, V] logits are never built for it), with transformers' conventions: labels
   shifted by one within each row (or ``shift_labels`` given), ``ignore_index`` -100, the mean over supervised
-  tokens or the sum divided by ``num_items_in_batch``. In training mode the output's ``logits`` are then None
-  (as Liger's fused loss does); in eval mode they are computed as well.
+  tokens or the sum divided by ``num_items_in_batch``. ``loss_weights`` makes it InternVL3's weighted loss
+  sum(w * CE) / sum(w): a mode of ``loss_weights`` ("square", InternVL3's square averaging; "sample";
+  "token") over the samples (rows, or the packed samples found as for the attention), or a float tensor of
+  the labels' shape given at the labels' positions. In training mode the output's ``logits`` are then None
+  (as Liger's fused loss does); in eval mode they are computed as well. The patched forward keeps the
+  class's signature and output class: arguments other than the head's pass to the inner model unchanged, and
+  the output takes the inner model's fields by name.
+
+Tested with transformers 5.20 (the oldest release the ``transformers`` extra allows) to 5.25; the KV cache
+argument is ``cache`` from 5.24 and ``past_key_values`` before, both accepted.
 
 transformers is an optional dependency (the ``transformers`` extra): it is imported by these functions only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import types
 from dataclasses import dataclass
@@ -53,6 +63,8 @@ ATTENTION_IMPLEMENTATION = "internvl3_engine"
 _PACKING = "internvl3_engine_packing"
 # The keyword argument through which a patched Qwen2 attention asks the attention function for rotary.
 _ROTARY_THETA = "internvl3_engine_rotary_theta"
+# transformers' names for the KV cache argument: "cache" from 5.24, "past_key_values" before (still accepted).
+_CACHE_NAMES = ("cache", "past_key_values")
 
 
 def _require_transformers():
@@ -113,10 +125,20 @@ def _packing(batch: int, seq: int, device, attention_mask=None, position_ids=Non
     return _Packing(None, boundaries, longest)
 
 
+def _cache_given(kwargs) -> bool:
+    return any(kwargs.get(name) is not None for name in _CACHE_NAMES)
+
+
+def _pop_cache(kwargs):
+    """The KV cache among the keyword arguments (removed from them), under either of transformers' names."""
+    caches = [kwargs.pop(name, None) for name in _CACHE_NAMES]
+    return next((cache for cache in caches if cache is not None), None)
+
+
 def _pack_before_decoder(module, args, kwargs):
     """Forward pre-hook of a patched decoder: computes the packing once for all its layers (host syncs happen
     here, not per layer). Skipped with a KV cache given (decoding), where the attention works it out."""
-    if kwargs.get("past_key_values") is not None or _PACKING in kwargs:
+    if _cache_given(kwargs) or _PACKING in kwargs:
         return None
     reference = kwargs.get("inputs_embeds")
     if reference is None:
@@ -226,12 +248,14 @@ def _rotated(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch
     return engine.apply_rotary(flat, positions, theta).view(batch, seq, heads, dim).transpose(1, 2)
 
 
-def _qwen2_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+def _qwen2_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
     """Qwen2Attention.forward with the engine's rotary at float position_ids: inside v2pe_attention when the
-    attention is the engine's and all keys are this call's, else apply_rotary; the KV cache gets rotated keys."""
+    attention is the engine's and all keys are this call's, else apply_rotary; the KV cache gets rotated keys
+    (through the cache's own ``update``)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.qwen2 import modeling_qwen2
 
+    cache = _pop_cache(kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -246,10 +270,10 @@ def _qwen2_attention_forward(self, hidden_states, position_embeddings=None, atte
         # Called outside a Qwen2Model (which always passes position_ids): transformers' cos/sin.
         cos, sin = position_embeddings
         query, key = modeling_qwen2.apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-    elif past_key_values is not None:
-        cached_key, value = past_key_values.update(_rotated(key, position_ids, theta), value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+    elif cache is not None:
+        cached_key, value = cache.update(_rotated(key, position_ids, theta), value, self.layer_idx)
         if engine_attention and cached_key.shape[2] == query.shape[2]:
             # Every key is this call's (prefill): the cache holds them rotated, the op rotates its own copy.
             extra[_ROTARY_THETA] = theta
@@ -299,17 +323,63 @@ def _projector_forward(self, image_features: torch.Tensor) -> torch.Tensor:
 # ---- loss
 
 
-def _fused_loss(hidden, head, labels, shift_labels, num_items_in_batch, ignore_index):
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    normalizer = num_items_in_batch
+_LOSS_KEYWORDS = ("num_items_in_batch", "shift_labels", "ignore_index", "loss_weights")
+
+
+def _shifted(x: torch.Tensor, fill) -> torch.Tensor:
+    """x [B, S] moved one step left within each row (position t takes t + 1's value; the last takes ``fill``):
+    the causal LM's targets from labels given at their tokens."""
+    return F.pad(x, (0, 1), value=fill)[..., 1:]
+
+
+def _token_weights(loss_weights, targets: torch.Tensor, ignore_index: int, boundaries) -> torch.Tensor:
+    """float32 [B*S] weights of the shifted targets [B, S]: a mode of ``engine.loss_weights`` ("token", "sample",
+    "square") over the samples that ``boundaries()`` (int32 cu_seqlens over the B*S tokens) delimits, or a
+    tensor of the labels' shape, given at the labels' (unshifted) positions and shifted with them."""
+    if isinstance(loss_weights, str):
+        return engine.loss_weights(targets.reshape(-1), boundaries(), loss_weights, ignore_index)
+    if not isinstance(loss_weights, torch.Tensor):
+        raise TypeError(f"loss_weights must be a mode name or a tensor, got {type(loss_weights).__name__}")
+    return loss_weights.to(device=targets.device, dtype=torch.float32).reshape(-1)
+
+
+def _fused_loss(self, hidden: torch.Tensor, named: dict, loss_keys: dict) -> Optional[torch.Tensor]:
+    """The causal-LM loss of the final hidden states [B, S, H] through linear_cross_entropy, or None without
+    labels. Token mean over the supervised targets (or the sum over ``num_items_in_batch``), as transformers'
+    loss; with ``loss_weights`` sum(w * CE) / sum(w)."""
+    labels, shift_labels = named.get("labels"), loss_keys.get("shift_labels")
+    if labels is None and shift_labels is None:
+        return None
+    ignore_index = loss_keys.get("ignore_index", -100)
+    targets = _shifted(labels, ignore_index) if shift_labels is None else shift_labels
+    targets = targets.to(hidden.device)
+    weights, normalizer = loss_keys.get("loss_weights"), loss_keys.get("num_items_in_batch")
+    if weights is not None:
+        if normalizer is not None:
+            raise ValueError(
+                "num_items_in_batch counts tokens, but a loss with loss_weights is normalised by the sum of its "
+                "weights: leave num_items_in_batch out (with transformers' Trainer, set model.accepts_loss_kwargs "
+                "= False)"
+            )
+        if isinstance(weights, torch.Tensor):
+            if weights.shape != targets.shape:
+                raise ValueError(f"loss_weights must have the labels' shape {tuple(targets.shape)}, got {tuple(weights.shape)}")
+            if shift_labels is None:
+                weights = _shifted(weights, 0.0)
+        batch, seq = targets.shape[:2]
+        weights = _token_weights(
+            weights, targets, ignore_index,
+            lambda: _packing(batch, seq, hidden.device, None, named.get("position_ids"), _cu_seqlens_kwarg(named),
+                             _max_seqlen_kwarg(named)).cu_seqlens,
+        )
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=hidden.device, dtype=torch.float32).reshape(())
     elif normalizer is not None:
         normalizer = float(normalizer)
+    head = self.get_output_embeddings()
     return engine.linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1).to(hidden.device),
-        bias=head.bias, ignore_index=ignore_index, normalizer=normalizer,
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), bias=head.bias,
+        loss_weights=weights, ignore_index=ignore_index, normalizer=normalizer,
     )
 
 
@@ -326,62 +396,24 @@ def _kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return hidden[:, logits_to_keep, :]
 
 
-def _head_outputs(self, hidden, labels, logits_to_keep, kwargs):
-    """(loss, logits) of a causal LM's final hidden states [B, S, H]; pops the loss keywords from kwargs."""
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
-    loss = None
-    if labels is not None or shift_labels is not None:
-        loss = _fused_loss(hidden, self.lm_head, labels, shift_labels, num_items_in_batch, ignore_index)
+def _causal_lm_forward(self, named: dict, output_class):
+    """The forward of a causal LM (InternVLForConditionalGeneration, Qwen2ForCausalLM) with the loss through
+    linear_cross_entropy, from its arguments by name: everything but the head's (labels, logits_to_keep, the
+    loss keywords) goes to the inner model unchanged, and the output is ``output_class`` filled from the inner
+    model's output fields of the same names, so that arguments and fields renamed by a transformers release
+    pass through."""
+    return_dict = named.pop("return_dict", None)
+    logits_to_keep = named.pop("logits_to_keep", 0)
+    loss_keys = {key: named.pop(key) for key in _LOSS_KEYWORDS if key in named}
+    labels = named.pop("labels", None)
+    outputs = self.model(**named, return_dict=True)
+    hidden = outputs.last_hidden_state
+    loss = _fused_loss(self, hidden, {**named, "labels": labels}, loss_keys)
     logits = None
     if loss is None or not self.training:
-        logits = self.lm_head(_kept_positions(hidden, logits_to_keep))
-    return loss, logits
-
-
-def _internvl_forward(
-    self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, past_key_values=None,
-    inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None, labels=None,
-    logits_to_keep=0, image_sizes=None, mm_encoder_outputs=None, **kwargs,
-):
-    """InternVLForConditionalGeneration.forward with the loss through linear_cross_entropy."""
-    from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
-
-    return_dict = kwargs.pop("return_dict", None)
-    loss_keys = {key: kwargs.pop(key) for key in ("num_items_in_batch", "shift_labels", "ignore_index") if key in kwargs}
-    outputs = self.model(
-        input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
-        mm_encoder_outputs=mm_encoder_outputs, return_dict=True, **kwargs,
-    )
-    loss, logits = _head_outputs(self, outputs.last_hidden_state, labels, logits_to_keep, loss_keys)
-    result = InternVLCausalLMOutputWithPast(
-        loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions, image_hidden_states=outputs.image_hidden_states,
-    )
-    return result.to_tuple() if return_dict is False else result
-
-
-def _qwen2_causal_lm_forward(
-    self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-    labels=None, use_cache=None, logits_to_keep=0, **kwargs,
-):
-    """Qwen2ForCausalLM.forward with the loss through linear_cross_entropy."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return_dict = kwargs.pop("return_dict", None)
-    loss_keys = {key: kwargs.pop(key) for key in ("num_items_in_batch", "shift_labels", "ignore_index") if key in kwargs}
-    outputs = self.model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-        inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
-    )
-    loss, logits = _head_outputs(self, outputs.last_hidden_state, labels, logits_to_keep, loss_keys)
-    result = CausalLMOutputWithPast(
-        loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-    )
+        logits = self.get_output_embeddings()(_kept_positions(hidden, logits_to_keep))
+    carried = {f.name for f in dataclasses.fields(output_class)} & {f.name for f in dataclasses.fields(outputs)}
+    result = output_class(loss=loss, logits=logits, **{name: getattr(outputs, name) for name in carried - {"loss", "logits"}})
     return result.to_tuple() if return_dict is False else result
 
 
@@ -390,6 +422,23 @@ def _qwen2_causal_lm_forward(
 
 def _patch_method(module, name: str, function) -> None:
     setattr(module, name, types.MethodType(function, module))
+
+
+def _patch_causal_lm_forward(model, output_class) -> None:
+    """Replace a causal LM's forward with _causal_lm_forward, taking the class's own forward signature
+    (positional arguments bind by it, and generate() checks its keyword arguments against it)."""
+    signature = inspect.signature(type(model).forward)
+    var_keyword = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+
+    def forward(self, *args, **kwargs):
+        named = signature.bind_partial(self, *args, **kwargs).arguments
+        del named[next(iter(signature.parameters))]  # self
+        if var_keyword:
+            named.update(named.pop(var_keyword[0], {}))
+        return _causal_lm_forward(self, named, output_class)
+
+    forward.__signature__ = signature
+    _patch_method(model, "forward", forward)
 
 
 def _patch_qwen2_decoders(model, attention: bool, rotary: bool) -> None:
@@ -431,7 +480,9 @@ def apply_internvl3_engine_to_qwen2(model, *, attention: bool = True, rotary: bo
         _register_attention()
     _patch_qwen2_decoders(model, attention, rotary)
     if cross_entropy and isinstance(model, modeling_qwen2.Qwen2ForCausalLM):
-        _patch_method(model, "forward", _qwen2_causal_lm_forward)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        _patch_causal_lm_forward(model, CausalLMOutputWithPast)
     return model
 
 
@@ -465,5 +516,5 @@ def apply_internvl3_engine_to_internvl(
         _patch_method(projector, "forward", _projector_forward)
         _patch_method(base, "pixel_shuffle", _unshuffled)
     if cross_entropy and isinstance(model, internvl.InternVLForConditionalGeneration):
-        _patch_method(model, "forward", _internvl_forward)
+        _patch_causal_lm_forward(model, internvl.InternVLCausalLMOutputWithPast)
     return model
