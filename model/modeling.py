@@ -48,8 +48,10 @@ class Projector(nn.Module):
         rows = engine.pixel_unshuffle_layernorm(
             features, self.norm.weight, self.norm.bias, self.norm.eps, scale_factor=self.downsample_ratio
         )
-        rows = self.linear_2(self.act(self.linear_1(rows)))
-        return rows.reshape(-1, rows.shape[-1])
+        # Flattened to [rows, width] before the linears, so that the result is linear_2's own output and
+        # not a view of it (FSDP2 warns of returned views: an in-place op on one would skip its all-gather).
+        rows = rows.flatten(0, 1)
+        return self.linear_2(self.act(self.linear_1(rows)))
 
 
 class InternVL3(nn.Module):

@@ -77,5 +77,14 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_ratio))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float, completed_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """WarmupCosine over the groups' peak lr. ``completed_steps`` > 0 (a resumed run) starts the schedule
+    after that many steps, under these settings: the learning rates are the ones a run with them has
+    there. The groups must then carry their peak as ``initial_lr`` (a scheduler sets it; a restored
+    optimizer state keeps it)."""
+    if completed_steps < 0:
+        raise ValueError(f"completed_steps must be >= 0, got {completed_steps}")
+    # LambdaLR takes the index of the last step taken: -1 for none, and it computes the lr of the next.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_ratio), last_epoch=completed_steps - 1)

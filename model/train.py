@@ -5,6 +5,7 @@
                                                              from runs/demo/final when it exists)
     python -m model.train --preset internvl3-1b --config run.yaml --data meta.json --mode sft
     torchrun --nproc_per_node 8 -m model.train --preset internvl3-8b --plan plan.yaml --data meta.json
+    tensorboard --logdir runs/demo/tensorboard               the demo's curves (it logs to TensorBoard)
 
 --config: a YAML or JSON mapping of TrainConfig fields (model/trainer.py), e.g.
     lr: 1.0e-5
@@ -13,7 +14,17 @@
     model: {text: {num_layers: 4}}
 --plan: a YAML or JSON ParallelPlan: {vision: {sharding: zero2, param_dtype: bfloat16, activation_checkpointing: true},
     projector: {sharding: replicate}, language: {sharding: zero3}, dp_replicate: 1, prefetch: 1}
-Flags given on the command line win over the config file, which wins over the preset.
+--log: metric backends beside <output-dir>/metrics.jsonl (always written): tensorboard (event files in
+    <output-dir>/tensorboard; needs the tensorboard package), wandb (a Weights & Biases run; needs wandb,
+    configured by its own environment: WANDB_PROJECT, WANDB_MODE=offline, ...), or both comma-separated:
+    --log tensorboard,wandb; "none": metrics.jsonl only (the default; the demo preset logs to tensorboard). In a config file: log: [tensorboard].
+    Logged: loss, lr, grad_norm, tokens_per_s, data_wait_s, mfu (CUDA), imbalance (under a plan), the other
+    numbers of each metrics line, and the final evaluation's accuracy.
+--resume with a larger --max-steps than the checkpoint's run: the learning-rate schedule is this run's (the
+    cosine runs to the new --max-steps, as in a run started with it).
+Flags given on the command line win over the config file, which wins over the preset. A bad setting, a
+missing input file (config, plan, meta file, annotation file, eval file) or a missing --log package ends the
+command with one line on stderr and exit status 2, before anything is built.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from .metrics import MissingPackageError
 from .trainer import MODES, TRAIN_PRESETS, Trainer, load_config_file, preset_config
 
 PLAN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -67,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
     parser.add_argument("--keep-last", type=int, help="keep the last K checkpoints")
     parser.add_argument("--log-every", type=int, help="write metrics every N steps")
+    parser.add_argument("--log", help="metric backends beside metrics.jsonl: tensorboard, wandb, tensorboard,wandb or none")
     parser.add_argument("--plan", help="ParallelPlan YAML/JSON: shard with internvl3_engine.parallel (torchrun)")
     parser.add_argument("--init", help="start from these weights (a save_pretrained folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,6 +94,7 @@ def config_from_args(args):
     flags = {
         "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps, "seed": args.seed,
         "save_every": args.save_every, "keep_last": args.keep_last, "log_every": args.log_every, "init": args.init,
+        "log": args.log,
     }
     config = config.updated({key: value for key, value in flags.items() if value is not None})
     if args.preset == "demo" and mode == "mpo" and config.init is None and "init" not in file_settings:
@@ -91,11 +105,24 @@ def config_from_args(args):
     return config
 
 
+def _fail(parser: argparse.ArgumentParser, error: Exception) -> int:
+    """One line on stderr for an error whose message says it all (the file, setting or package), status 2."""
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    plan = load_plan(args.plan) if args.plan else None
-    trainer = Trainer(config, plan=plan, resume=args.resume, show_progress=not args.no_progress)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        plan = load_plan(args.plan) if args.plan else None
+    except (FileNotFoundError, ValueError, TypeError) as error:  # a missing file or a bad setting
+        return _fail(parser, error)
+    try:
+        trainer = Trainer(config, plan=plan, resume=args.resume, show_progress=not args.no_progress)
+    except (FileNotFoundError, MissingPackageError) as error:  # checked first: missing data files, --log packages
+        return _fail(parser, error)
     trainer.train()
     return 0
 

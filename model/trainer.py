@@ -47,7 +47,7 @@ from .data import (
     load_meta,
     load_tokenizer,
 )
-from .metrics import MetricsLog, peak_flops, plot_loss_curve, progress_bar
+from .metrics import MetricsLog, build_sinks, log_backends, peak_flops, plot_loss_curve, progress_bar
 from .modeling import InternVL3
 from .mpo import MPO_BETA, MPO_WEIGHTS, PrecomputedReference, RunningMean, batch_reward_mean, mpo_terms, pair_logps
 from .optim import COMPONENTS, apply_freezing, build_optimizer, build_scheduler, parameter_groups
@@ -67,7 +67,10 @@ class TrainConfig:
     preset's). ``init``: a save_pretrained folder to start from instead (its config wins). ``data``: a meta
     JSON; None generates the demo data into ``<output_dir>/data``. ``tokenizer``: a Hugging Face tokenizer
     folder; None is the embedded byte tokenizer. ``system_message``: "internvl3" (InternVL3's), None
-    (no system turn) or the text itself.
+    (no system turn) or the text itself. ``log``: metric backends beside metrics.jsonl, "tensorboard"
+    and/or "wandb" (a list or a comma-separated string; model/metrics.py). The learning-rate schedule
+    (warmup_steps, max_steps, min_lr_ratio) is this config's also when resuming: a checkpoint's run with
+    another max_steps continues on the cosine of this one.
     """
 
     mode: str = "pretrain"
@@ -115,6 +118,7 @@ class TrainConfig:
     mpo_weights: tuple = MPO_WEIGHTS
     # reporting
     log_every: int = 10
+    log: tuple = ()  # metric backends beside metrics.jsonl: "tensorboard", "wandb"
     save_every: int = 500
     keep_last: int = 2
     eval_file: Optional[str] = None  # multiple-choice questions (the demo's eval.jsonl format)
@@ -128,6 +132,7 @@ class TrainConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         self.betas = tuple(self.betas)
         self.mpo_weights = tuple(self.mpo_weights)
+        self.log = log_backends(self.log)
         for name in ("max_steps", "grad_accum", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -193,6 +198,7 @@ DEMO = {
     "save_every": 200,
     "keep_last": 2,
     "cpu_threads": 1,
+    "log": ("tensorboard",),
 }
 DEMO_MODES = {
     "pretrain": {},
@@ -264,6 +270,21 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file {path}")
+
+
+def check_data_files(meta_path: str, eval_file: Optional[str]) -> None:
+    """FileNotFoundError naming the first missing input file: the meta file, an annotation file it lists,
+    the eval file (checked before the run builds anything)."""
+    _require_file(meta_path, "data (the meta file)")
+    for spec in load_meta(meta_path):
+        _require_file(spec.annotation, f"{meta_path}: dataset {spec.name!r}: annotation")
+    if eval_file is not None:
+        _require_file(eval_file, "eval_file")
 
 
 def seed_everything(seed: int) -> None:
@@ -343,6 +364,9 @@ class Trainer:
     def _build(self) -> None:
         config = self.config
         self.meta_path, self.eval_file = self._data_paths()
+        check_data_files(self.meta_path, self.eval_file)
+        # Built now so that a backend's missing package stops the run before anything is computed.
+        self.sinks = build_sinks(config.log, config.output_dir, dataclasses.asdict(config)) if self.is_main else []
         self.tokenizer = load_tokenizer(config.tokenizer)
 
         if config.init:
@@ -487,12 +511,23 @@ class Trainer:
 
     def _restore(self, path: str) -> int:
         state = checkpointing.load_checkpoint(path, self.model, self.optimizer, sharded=self.distributed)
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._resume_schedule(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         self.batches_read = int(state["batches_read"])
         self.reward_shift.load_state_dict(state["reward_shift"])
         checkpointing.set_rng_state(state["rng"])
         return int(state["step"])
+
+    def _resume_schedule(self, saved: dict) -> None:
+        """The learning-rate schedule from the checkpoint's step on under this run's settings, so that a
+        larger max_steps continues the cosine to its new end (the checkpoint's settings would hold the lr
+        at the floor past its old end). ``saved``: the checkpoint's scheduler state_dict."""
+        config = self.config
+        done = int(saved["last_epoch"])
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio, completed_steps=done)
+        before, now = saved["lr_lambdas"][0], vars(self.scheduler.lr_lambdas[0])
+        if before != now:
+            self._say(f"learning-rate schedule from step {done} on: {now} (the checkpoint's run had {before})")
 
     # ---- forward passes
 
@@ -581,13 +616,21 @@ class Trainer:
         elif self.resume == "auto":
             self._say(f"no checkpoint in {config.output_dir}: starting fresh")
         os.makedirs(config.output_dir, exist_ok=True)
-        metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
-        log = MetricsLog(metrics_path, enabled=self.is_main, resume_step=start if resume_path else None)
-        if self.is_main and not resume_path:
-            with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
-                json.dump({"train": dataclasses.asdict(config), "model": self.model_config.to_dict()}, handle, indent=2, default=str)
-        self._say(self._banner(self.parameter_counts))
+        log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), enabled=self.is_main,
+                         resume_step=start if resume_path else None, sinks=self.sinks)
+        try:
+            if self.is_main and not resume_path:
+                with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
+                    json.dump({"train": dataclasses.asdict(config), "model": self.model_config.to_dict()}, handle, indent=2, default=str)
+            self._say(self._banner(self.parameter_counts))
+            step, losses, skipped = self._run_steps(start, log)
+            return self._finish(step, losses, skipped, log)
+        finally:
+            log.close()
 
+    def _run_steps(self, start: int, log: MetricsLog) -> tuple[int, list, list]:
+        """Steps start + 1 .. max_steps: train, log, checkpoint. Returns (last step, losses, skipped steps)."""
+        config = self.config
         peak = peak_flops(self.device)
         losses, skipped = [], []
         bar = progress_bar(config.max_steps, start, self.show_progress and self.is_main)
@@ -597,6 +640,7 @@ class Trainer:
         for step in range(start + 1, config.max_steps + 1):
             began = time.perf_counter()
             batches, balance_report = self._step_batches()
+            data_wait = time.perf_counter() - began  # reading, packing and balancing this step's packs
             loss, parts = self._mpo_step(batches) if config.mode == "mpo" else self._lm_step(batches)
             loss = _all_reduce(loss) / self.world
             grad_norm = clip_grad_norm_(self.trainable, config.grad_clip)
@@ -627,7 +671,7 @@ class Trainer:
                     "step": step, "loss": losses[-1] if losses[-1] is not None else float("nan"), "lr": lr,
                     "grad_norm": float(grad_norm.item()), "tokens_per_s": window_tokens / max(window_time, 1e-9),
                     "tokens": int(tokens), "tiles": sum(b.num_tiles for b in batches), "samples": sum(b.num_samples for b in batches),
-                    "data_errors": self.errors.total, "step_time_s": elapsed,
+                    "data_errors": self.errors.total, "step_time_s": elapsed, "data_wait_s": data_wait,
                 }
                 entry.update(parts)
                 entry.update(balance_report or {})
@@ -647,7 +691,7 @@ class Trainer:
                 )
         if bar is not None:
             bar.close()
-        return self._finish(step, losses, skipped, log, metrics_path)
+        return step, losses, skipped
 
     def _chosen_mask(self, batch) -> torch.Tensor:
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
@@ -664,8 +708,8 @@ class Trainer:
             f"{config.max_steps} steps of {config.grad_accum} x {config.max_packed_tokens}-token packs; output {config.output_dir}"
         )
 
-    def _finish(self, step: int, losses: list, skipped: list, log: MetricsLog, metrics_path: str) -> TrainResult:
-        config = self.config
+    def _finish(self, step: int, losses: list, skipped: list, log: MetricsLog) -> TrainResult:
+        config, metrics_path = self.config, log.path
         result = TrainResult(losses=losses, final_step=step, skipped_steps=skipped, output_dir=config.output_dir, data_errors=self.errors)
         final_model = self._gather_final_model()
         summary = {"event": "summary", "step": step, "skipped_steps": skipped, "data_errors": self.errors.state_dict(),
@@ -674,7 +718,7 @@ class Trainer:
             final_dir = os.path.join(config.output_dir, "final")
             final_model.save_pretrained(final_dir)
             result.final_weights = final_dir
-            if self.eval_file and os.path.exists(self.eval_file):
+            if self.eval_file:
                 result.accuracy = evaluate_choices(final_model, self.eval_file, self.encoder, self.tiler, self.device,
                                                    self._autocast, config.eval_delta, config.eval_examples)
                 summary["accuracy"] = result.accuracy

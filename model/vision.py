@@ -129,6 +129,10 @@ class InternViT(nn.Module):
         x = tokens.reshape(tiles * per_tile, width)
         for layer in self.layers:
             x = layer(x, cu_seqlens, per_tile)
+        patches = x.view(tiles, per_tile, width)[:, 1:].unflatten(1, (rows, cols))  # CLS dropped: a view of x
+        # The result must be a tensor of its own, not a view (FSDP2 warns of returned views: an in-place op
+        # on one would skip its all-gather). The final norm writes one (and skips the CLS rows); without it,
+        # a contiguous copy, which the projector's pixel unshuffle would otherwise make of several tiles.
         if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x.view(tiles, per_tile, width)[:, 1:].reshape(tiles, rows, cols, width)
+            return self.final_norm(patches)
+        return patches.clone(memory_format=torch.contiguous_format)

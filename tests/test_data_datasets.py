@@ -1,4 +1,4 @@
-"""Meta JSON and JSONL datasets: record kinds, bad records reported with file and line, repeat_time."""
+"""Meta JSON and JSONL datasets: record kinds, bad records reported with file and line (each once), repeat_time."""
 
 import json
 
@@ -89,6 +89,32 @@ def test_bad_records_reported_with_file_and_line(data_dir):
     restored = DataErrors()
     restored.load_state_dict(json.loads(json.dumps(errors.state_dict())))
     assert restored.summary() == errors.summary()
+
+
+def test_a_bad_record_read_again_counts_once_and_the_counts_resume_exactly(data_dir):
+    datasets, errors = _datasets(data_dir)
+    conv = datasets["conv"]
+    for epoch in (0, 1):  # the dataset wraps around: its five bad records are read twice
+        list(conv.iterate(epoch))
+    assert (errors.total, errors.occurrences, len(errors), sum(errors.by_reason.values())) == (5, 10, 5, 5)
+    assert len(errors.examples) == 5
+    assert errors.summary().startswith("data errors: 5 records skipped (10 skips: some were read more than once)")
+    restored = DataErrors()
+    restored.load_state_dict(json.loads(json.dumps(errors.state_dict())))
+    assert restored.state_dict() == errors.state_dict()
+    conv.errors = restored
+    list(conv.iterate(2))
+    assert (restored.total, restored.occurrences) == (5, 15)
+
+
+def test_data_errors_load_a_state_saved_before_distinct_counting():
+    # Then "total" counted every skip and there were no "records": the counts stand, the examples are known.
+    errors = DataErrors()
+    errors.load_state_dict({"total": 3, "by_reason": {"malformed JSON": 3}, "examples": [["a.jsonl", 2, "malformed JSON: x"]] * 3})
+    assert (errors.total, errors.occurrences, errors.examples) == (3, 3, [("a.jsonl", 2, "malformed JSON: x")])
+    errors.record("a.jsonl", 2, "malformed JSON: x")
+    errors.record("a.jsonl", 5, "malformed JSON: y")
+    assert (errors.total, errors.occurrences) == (4, 5)
 
 
 def test_blue_square_single_tile(data_dir):

@@ -1,15 +1,19 @@
 """The reference InternVL3 model (model/): configs and presets, parameter counts on the meta device, and the
-forward pass on packs (packing, V2PE deltas, the weighted loss, backward, blank tiles, model.data batches).
+forward pass on packs (packing, V2PE deltas, the weighted loss, backward, blank tiles, model.data batches), and
+the vision tower and projector under FSDP2 returning no views.
 Parity with transformers and checkpoints: tests/test_model_checkpoint.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 import internvl3_engine as engine
 from model.__main__ import main as model_main
@@ -286,6 +290,41 @@ def test_blank_tiles_run_the_vision_tower_with_no_image_tokens():
         picked = model(mixed, pixel_values=pixels, image_flags=torch.tensor([0, 1])).logits
         direct = model(mixed, pixel_values=pixels[1:]).logits
     assert torch.allclose(picked, direct, rtol=1e-6, atol=1e-6)
+
+
+def _view_warnings(model: nn.Module, *inputs, backward: bool = True) -> list[str]:
+    """FSDP2's warnings that a sharded module returned a view, from one forward (and backward) of ``model``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output = model(*inputs)
+        if backward:
+            (output.loss if isinstance(output, InternVL3Output) else output).sum().backward()
+    return [str(warning.message) for warning in caught if "returned a view tensor" in str(warning.message)]
+
+
+def test_sharded_vision_tower_and_projector_return_tensors_of_their_own(tmp_path):
+    """FSDP2 warns when a sharded module returns a view (an in-place op on it would skip the all-gather).
+    Under parallelize (one gloo rank), with and without the ViT's final norm, for one tile and several,
+    neither component returns one; a module that does shows that the warning is looked for right."""
+    from torch.distributed.fsdp import fully_shard
+
+    from internvl3_engine.parallel import parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        control = nn.Sequential(nn.Linear(4, 4), nn.Flatten(0))  # Flatten returns a view of the linear's output
+        fully_shard(control)
+        assert len(_view_warnings(control, torch.randn(2, 4))) == 1
+        for final_norm in (False, True):
+            config = InternVL3Config.preset("tiny")
+            config.vision = dataclasses.replace(config.vision, final_norm=final_norm)
+            model = InternVL3(config)
+            parallelize(model)
+            for count in (1, 3):
+                ids = torch.cat([text_ids(3), image_ids(count), text_ids(4)])
+                assert _view_warnings(model, ids, tiles(count), None, None, torch.randint(0, 256, ids.shape)) == []
+    finally:
+        dist.destroy_process_group()
 
 
 def test_tiles_of_another_size_interpolate_the_position_embedding():

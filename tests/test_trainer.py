@@ -1,20 +1,25 @@
 """The trainer (model/train.py, trainer.py, optim.py, checkpointing.py, metrics.py, demo_data.py): demo data
-generation, the command line, a short run whose loss falls, exact resume, bad records, skipped non-finite
-steps, MPO, freezing, activation checkpointing, the final transformers-layout weights."""
+generation, the command line, a short run whose loss falls, exact resume, the learning-rate schedule of a
+resume with more steps, bad records, missing input files, skipped non-finite steps, MPO, freezing,
+activation checkpointing, TensorBoard and Weights & Biases logging, the final transformers-layout weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import math
 import os
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
 from model.checkpointing import list_checkpoints
 from model.demo_data import DemoDataConfig, generate
-from model.metrics import read_metrics
+from model.metrics import MetricsLog, read_metrics
 from model.modeling import InternVL3
 from model.optim import WarmupCosine, parameter_groups
 from model.train import build_parser, config_from_args, main
@@ -123,6 +128,23 @@ def test_cli_mode_defaults_and_presets():
         build_parser().parse_args(["--mode", "dpo"])
 
 
+def test_log_setting_from_the_config_file_and_the_flag(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("log: [tensorboard]\n")
+
+    def log_of(*flags):
+        return config_from_args(build_parser().parse_args(["--config", str(path), *flags])).log
+
+    assert TrainConfig().log == ()  # metrics.jsonl only
+    assert log_of() == ("tensorboard",)
+    assert log_of("--log", "wandb, tensorboard") == ("wandb", "tensorboard")
+    assert log_of("--log", "none") == ()
+    with pytest.raises(ValueError, match=r"log: unknown backends \['tensorbored'\]"):
+        TrainConfig(log="tensorboard,tensorbored")
+    with pytest.raises(TypeError, match="log: a comma-separated string or a list"):
+        TrainConfig(log=3)
+
+
 def test_warmup_cosine_schedule():
     schedule = WarmupCosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
     assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -171,6 +193,18 @@ def test_short_run_through_the_cli_loss_falls_and_writes_everything(data_dir, tm
         assert torch.equal(value, state[name]), name
 
 
+def test_the_demo_writes_tensorboard_events(data_dir, tmp_path):
+    """The demo preset (the main job) logs to TensorBoard beside metrics.jsonl: its event file, read back with
+    tensorboard's reader, holds the JSONL's values."""
+    output = tmp_path / "demo"
+    code = main(["--preset", "demo", "--data", str(data_dir / "meta.json"), "--output-dir", str(output), "--max-steps", "2",
+                 "--log-every", "1", "--no-progress"])
+    assert code == 0
+    expected = jsonl_scalars(output / "metrics.jsonl")
+    assert [step for step, _ in expected["train/loss"]] == [1, 2] and "train/data_wait_s" in expected
+    assert tensorboard_scalars(output / "tensorboard") == as_float32(expected)
+
+
 @pytest.mark.parametrize("mode", ["pretrain", "mpo"])
 def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(data_dir, tmp_path, mode):
     data = str(data_dir / ("meta_mpo.json" if mode == "mpo" else "meta.json"))
@@ -182,6 +216,23 @@ def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(data_dir, tmp_pa
     # "auto" finds the latest checkpoint of the output dir: nothing left to do after step 8.
     again = run(small_config(data_dir, tmp_path / "full", mode=mode, data=data, max_steps=8, save_every=4, grad_accum=2), resume="auto")
     assert again.losses == []
+
+
+def step_values(output_dir, name: str) -> dict:
+    """{step: the metrics.jsonl value of ``name``} over the step lines."""
+    return {entry["step"]: entry[name] for entry in read_metrics(str(output_dir / "metrics.jsonl")) if "event" not in entry}
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(data_dir, tmp_path):
+    """A 3-step run resumed to 6 steps takes the lr of a 6-step run at steps 4-6 (past the 2 warmup steps:
+    on the cosine to step 6), not the floor where the 3-step schedule ended."""
+    run(small_config(data_dir, tmp_path / "full", max_steps=6))
+    run(small_config(data_dir, tmp_path / "short", max_steps=3, save_every=3))
+    resumed = small_config(data_dir, tmp_path / "short", max_steps=6)
+    run(resumed, resume="auto")
+    expected, got = step_values(tmp_path / "full", "lr"), step_values(tmp_path / "short", "lr")
+    assert [got[step] for step in (4, 5, 6)] == [expected[step] for step in (4, 5, 6)]
+    assert got[4] > got[5] > got[6] > resumed.min_lr_ratio * resumed.lr
 
 
 def test_bad_records_are_skipped_reported_and_the_run_goes_on(data_dir, tmp_path):
@@ -201,13 +252,48 @@ def test_bad_records_are_skipped_reported_and_the_run_goes_on(data_dir, tmp_path
     config = small_config(data_dir, tmp_path / "out", data=str(tmp_path / "meta.json"), max_steps=4)
     result = Trainer(config, show_progress=False, echo=messages.append).train()
     assert len(result.losses) == 4 and all(math.isfinite(loss) for loss in result.losses)
-    assert result.data_errors.total >= 4
+    # Each bad record counts once, though the small file wraps around and is read several times.
+    assert result.data_errors.total == 4 < result.data_errors.occurrences
     lines_reported = {line for file, line, _ in result.data_errors.examples if file.endswith("mixed.jsonl")}
     assert {4, 5, 6, 7} <= lines_reported
     text = "\n".join(messages)
     assert "mixed.jsonl:4: malformed JSON" in text and "missing image" in text and "corrupt image" in text
     summary = [entry for entry in read_metrics(str(tmp_path / "out" / "metrics.jsonl")) if entry.get("event") == "summary"][0]
     assert summary["data_errors"]["total"] == result.data_errors.total
+
+
+def _meta_with_annotation(tmp_path, data_dir, annotation: str) -> str:
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps({"shapes": {"root": str(data_dir), "annotation": annotation}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("missing", ["meta", "annotation", "eval_file"])
+def test_a_missing_input_file_is_named_before_anything_is_built(data_dir, tmp_path, missing):
+    gone = str(tmp_path / "gone.jsonl")
+    meta = _meta_with_annotation(tmp_path, data_dir, "gone.jsonl")
+    overrides, message = {
+        "meta": ({"data": gone}, f"data (the meta file): no such file {gone}"),
+        "annotation": ({"data": meta}, f"{meta}: dataset 'shapes': annotation: no such file {gone}"),
+        "eval_file": ({"eval_file": gone}, f"eval_file: no such file {gone}"),
+    }[missing]
+    with pytest.raises(FileNotFoundError) as caught:
+        Trainer(small_config(data_dir, tmp_path / "out", **overrides), show_progress=False, echo=lambda message: None)
+    assert str(caught.value) == message
+
+
+def test_cli_ends_with_one_line_for_a_missing_file_a_bad_setting_or_a_missing_package(data_dir, tmp_path, capsys, monkeypatch):
+    base = ["--preset", "tiny", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    meta = _meta_with_annotation(tmp_path, data_dir, "gone.jsonl")
+    assert main(base + ["--data", meta]) == 2
+    error = capsys.readouterr().err
+    assert error == f"python -m model.train: error: {meta}: dataset 'shapes': annotation: no such file {tmp_path / 'gone.jsonl'}\n"
+    assert main(base + ["--data", meta, "--log", "tensorbored"]) == 2
+    assert capsys.readouterr().err == ("python -m model.train: error: log: unknown backends ['tensorbored']; "
+                                       "choose from ['tensorboard', 'wandb'] (metrics.jsonl is always written)\n")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without wandb imports
+    assert main(base + ["--data", str(data_dir / "meta.json"), "--log", "tensorboard,wandb"]) == 2
+    assert capsys.readouterr().err == "python -m model.train: error: --log wandb needs the wandb package: pip install wandb\n"
 
 
 # The scheduler warns that optimizer.step was replaced: that is this test's counting wrapper.
@@ -258,6 +344,111 @@ def test_mpo_mode_trains_on_preference_pairs(data_dir, tmp_path):
     assert steps[0]["preference"] == pytest.approx(math.log(2), abs=1e-5)
     with pytest.raises(ValueError, match="preference"):
         Trainer(small_config(data_dir, tmp_path / "x", mode="mpo"), show_progress=False, echo=lambda m: None)
+
+
+# ---- TensorBoard and Weights & Biases
+
+
+def jsonl_scalars(metrics_path) -> dict:
+    """{tag: [(step, value)]} that the backends should hold: every number of a step line but its step as
+    train/<name>, the eval event's accuracy as eval/accuracy and per kind as eval/<kind>/accuracy."""
+    expected: dict = {}
+    for entry in read_metrics(str(metrics_path)):
+        if "event" not in entry:
+            numbers = {f"train/{name}": value for name, value in entry.items() if name != "step" and isinstance(value, (int, float))}
+        elif entry["event"] == "eval":
+            numbers = {"eval/accuracy": entry["accuracy"]}
+            numbers.update({f"eval/{kind}/accuracy": values["accuracy"] for kind, values in entry["per_kind"].items()})
+        else:
+            continue
+        for tag, value in numbers.items():
+            expected.setdefault(tag, []).append((entry["step"], value))
+    return expected
+
+
+def tensorboard_scalars(folder) -> dict:
+    """{tag: [(step, value)]} as TensorBoard reads the event files of ``folder`` (after the purges of resumes)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def as_float32(scalars: dict) -> dict:
+    """TensorBoard stores float32 values."""
+    return {tag: [(step, float(np.float32(value))) for step, value in points] for tag, points in scalars.items()}
+
+
+def test_tensorboard_holds_the_jsonl_values_once_per_step_across_a_resume(data_dir, tmp_path):
+    """A 4-step run, then a resume from its step-2 checkpoint that logs steps 3 and 4 again (other step
+    times): TensorBoard shows each step once, with the values of metrics.jsonl (which the resume rewrote)."""
+    config = small_config(data_dir, tmp_path, max_steps=4, save_every=2, log=["tensorboard"])
+    run(config)
+    run(config, resume=str(tmp_path / "checkpoints" / "step_00000002"))
+    expected = jsonl_scalars(tmp_path / "metrics.jsonl")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/data_wait_s", "eval/accuracy"} <= set(expected)
+    assert [step for step, _ in expected["train/loss"]] == [1, 2, 3, 4] and expected["eval/accuracy"][0][0] == 4
+    assert tensorboard_scalars(tmp_path / "tensorboard") == as_float32(expected)
+
+
+def test_metrics_log_passes_every_number_of_a_step_line_and_the_accuracies(tmp_path):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def open(self, first_step):
+            self.calls.append(("open", first_step))
+
+        def write(self, step, scalars):
+            self.calls.append(("write", step, scalars))
+
+        def close(self):
+            self.calls.append(("close",))
+
+    sink = Recorder()
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"), resume_step=6, sinks=[sink])
+    log.write({"step": 7, "loss": 1.5, "mfu": 0.4, "imbalance": 1.02, "imbalance_naive": 1.3, "tokens": 9})
+    log.write({"event": "skipped_step", "step": 8, "loss": float("nan")})
+    log.write({"event": "eval", "step": 9, "accuracy": 0.5, "chance": 0.25, "questions": 4,
+               "per_kind": {"colour": {"accuracy": 1.0, "chance": 0.25, "questions": 2}}})
+    log.close()
+    assert sink.calls == [
+        ("open", 7),
+        ("write", 7, {"train/loss": 1.5, "train/mfu": 0.4, "train/imbalance": 1.02, "train/imbalance_naive": 1.3, "train/tokens": 9.0}),
+        ("write", 9, {"eval/accuracy": 0.5, "eval/colour/accuracy": 1.0}),
+        ("close",),
+    ]
+    assert len(read_metrics(str(tmp_path / "metrics.jsonl"))) == 3
+    silent = Recorder()
+    MetricsLog(str(tmp_path / "other.jsonl"), enabled=False, sinks=[silent]).write({"step": 1, "loss": 1.0})
+    assert silent.calls == []  # ranks other than 0 write nothing
+
+
+def test_wandb_gets_the_jsonl_values_when_asked_for(data_dir, tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**settings):
+        calls.append(("init", settings))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    config = small_config(data_dir, tmp_path, max_steps=2, log="wandb")
+    run(config)
+    (kind, settings), *logs, last = calls
+    assert (kind, settings, last) == ("init", {"dir": str(tmp_path), "config": dataclasses.asdict(config)}, ("finish",))
+    logged: dict = {}
+    for _, step, data in logs:
+        for tag, value in data.items():
+            logged.setdefault(tag, []).append((step, value))
+    assert logged == jsonl_scalars(tmp_path / "metrics.jsonl")
 
 
 def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):

@@ -10,8 +10,9 @@ Records (one JSON object a line):
 - preference (MPO): {"image": ..., "question" or "prompt": ..., "chosen": ..., "rejected": ...}
 
 A malformed record or a missing or corrupt image is skipped and counted in a DataErrors with its file
-and line; iteration goes on. repeat_time < 1 keeps a seeded subsample, > 1 repeats (the fractional part
-as a seeded subsample), and each epoch is shuffled from (seed, dataset name, epoch).
+and line (once, however often it is read); iteration goes on. repeat_time < 1 keeps a seeded subsample,
+> 1 repeats (the fractional part as a seeded subsample), and each epoch is shuffled from (seed, dataset
+name, epoch).
 """
 
 from __future__ import annotations
@@ -40,14 +41,23 @@ def seeded_rng(*parts) -> random.Random:
 
 @dataclass
 class DataErrors:
-    """Records skipped by the loader: a count per reason and the first ``keep`` (file, line, reason)."""
+    """Records skipped by the loader: ``total`` distinct records (a (file, line) counts once however often
+    the stream reads it, e.g. again after its dataset wraps around), ``occurrences`` every skip, distinct
+    records per reason, and the first ``keep`` distinct (file, line, reason)."""
 
     keep: int = 50
     total: int = 0
+    occurrences: int = 0
     by_reason: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
+    records: dict = field(default_factory=dict)  # file -> the set of its bad line numbers
 
     def record(self, file: str, line: int, reason: str) -> None:
+        self.occurrences += 1
+        lines = self.records.setdefault(file, set())
+        if line in lines:
+            return
+        lines.add(line)
         self.total += 1
         self.by_reason[reason.split(":", 1)[0]] += 1
         if len(self.examples) < self.keep:
@@ -59,7 +69,8 @@ class DataErrors:
     def summary(self) -> str:
         if not self.total:
             return "data errors: none"
-        lines = [f"data errors: {self.total} records skipped"]
+        again = f" ({self.occurrences} skips: some were read more than once)" if self.occurrences > self.total else ""
+        lines = [f"data errors: {self.total} records skipped{again}"]
         lines += [f"  {count} x {reason}" for reason, count in self.by_reason.most_common()]
         lines += [f"  {file}:{line}: {reason}" for file, line, reason in self.examples]
         if self.total > len(self.examples):
@@ -67,12 +78,25 @@ class DataErrors:
         return "\n".join(lines)
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "by_reason": dict(self.by_reason), "examples": [list(e) for e in self.examples]}
+        return {
+            "total": self.total,
+            "occurrences": self.occurrences,
+            "by_reason": dict(self.by_reason),
+            "examples": [list(e) for e in self.examples],
+            "records": {file: sorted(lines) for file, lines in self.records.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a state_dict exactly. An older state (no "records"; its total counted every skip) keeps
+        its counts, with occurrences equal to that total, and its examples become the known bad records."""
         self.total = int(state["total"])
+        self.occurrences = int(state.get("occurrences", self.total))
         self.by_reason = Counter(state["by_reason"])
-        self.examples = [tuple(e) for e in state["examples"]]
+        self.examples = list(dict.fromkeys(tuple(e) for e in state["examples"]))  # an older state repeats some
+        known = state["records"].items() if "records" in state else [(file, [line]) for file, line, _ in self.examples]
+        self.records = {}
+        for file, lines in known:
+            self.records.setdefault(file, set()).update(int(line) for line in lines)
 
 
 @dataclass(frozen=True)
