@@ -22,7 +22,7 @@ import internvl3_engine
 
 from .harness import Case, Implementation, OpSpec, engine, randn
 
-ROTARY_MODES = ("prerotate_k", "fused", "separate")
+ROTARY_MODES = ("prerotate_k", "separate")
 V2PE_DELTA = 1 / 16  # V2PE's position step for a visual token (a text token steps by 1)
 VISUAL_FRACTION = 0.5  # of the tokens, for the positions only (the kernels' speed does not depend on them)
 # The reference materialises every segment's float32 scores [Hq, L, L] (and more in its backward): it is

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -84,19 +83,6 @@ def triton_import_error() -> str | None:
     return None
 
 
-def lazy(module: str, name: str) -> Callable:
-    """A function calling ``module.name``, imported on its first call (and remembered): Triton kernel modules
-    import triton and read TRITON_INTERPRET when imported, which must wait until a Triton kernel is used."""
-
-    resolve = functools.cache(lambda: getattr(importlib.import_module(module), name))
-
-    def run(*args):
-        return resolve()(*args)
-
-    run.__name__ = run.__qualname__ = name
-    return run
-
-
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -149,7 +135,10 @@ class KernelSet:
     """The implementations of one op: a reference and, where they exist, Triton and compiled kernels.
 
     Each implementation takes the same arguments. ``gpu_order`` is the preference 'auto' follows on CUDA
-    tensors (measured per op; see bench/).
+    tensors (measured per op; see bench/). The compiled kernels are the functions of extension.py (each
+    looks its operator up when called). The Triton ones are functions of the op's op.py that import their
+    kernel module when called: a Triton module imports triton and reads TRITON_INTERPRET when imported,
+    which must wait until a Triton kernel is used (importing the package imports no Triton module).
     """
 
     name: str

@@ -162,3 +162,53 @@ def test_demo_runs_every_op_and_checks_it(capsys):
         printed = capsys.readouterr().out
         for op in ("v2pe_position_ids", "pixel_unshuffle_layernorm", "scatter_visual", "apply_rotary", "loss_weights"):
             assert op in printed
+
+
+def test_extension_has_a_function_per_compiled_operator():
+    """extension.py names every operator that internvl3_engine._C registers (and nothing else calls one)."""
+    from internvl3_engine import extension
+
+    if not extension.extension_available():
+        pytest.skip(extension.extension_load_error())
+    registered = {schema.name.split("::")[1] for schema in torch._C._jit_get_all_schemas()
+                  if schema.name.startswith("internvl3_engine_C::")}
+    assert registered
+    assert {name for name in registered if callable(getattr(extension, name, None))} == registered
+
+
+def test_compiled_kernels_without_the_extension(monkeypatch):
+    """Without _C, 'auto' runs the references, 'cuda' says why it cannot run, and the compiled functions raise."""
+    from internvl3_engine import extension
+
+    monkeypatch.setattr(extension, "_load", lambda: (None, "ImportError: no _C here"))
+    assert why_unusable("cuda", torch.device("cpu")) == "the compiled extension did not load (ImportError: no _C here)"
+    from internvl3_engine.ops.rotary.op import ROTARY
+    from internvl3_engine.ops.rotary.reference import rotary_inv_freq, rotary_reference
+
+    assert ROTARY.chosen(torch.device("cpu")) == "torch"
+    x, positions = torch.randn(4, 2, 8), torch.arange(4.0)
+    torch.testing.assert_close(ie.apply_rotary(x, positions), rotary_reference(x, positions, rotary_inv_freq(8, 1e6, x.device)))
+    with ie.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run apply_rotary on cpu tensors"):
+        ie.apply_rotary(x, positions)
+    with pytest.raises(RuntimeError, match="internvl3_engine._C is not available: ImportError: no _C here"):
+        extension.rotary(x, positions, torch.ones(4), False)
+
+
+def test_triton_kernel_modules_are_imported_on_first_use():
+    """A Triton module reads TRITON_INTERPRET when imported: importing the package imports none of the engine's
+    kernel modules, so the variable set afterwards still counts, and a Triton kernel's first call imports its own."""
+    if dispatch.triton_import_error() is not None:
+        pytest.skip(dispatch.triton_import_error())
+    code = (
+        "import json, os, sys, torch, internvl3_engine as ie\n"
+        "kernels = lambda: sorted(m for m in sys.modules if m.startswith('internvl3_engine.ops.') and '.triton_' in m)\n"
+        "before = kernels()\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "with ie.backend('triton'):\n"
+        "    ie.apply_rotary(torch.randn(4, 2, 8), torch.arange(4.0))\n"
+        "print(json.dumps([before, kernels()]))\n"
+    )
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [[], ["internvl3_engine.ops.rotary.triton_kernel"]]

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ...autocast import autocast_inputs, kernels_at_input_dtype
-from ...dispatch import KernelSet, lazy
+from ...dispatch import KernelSet
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_float, check_int, check_length, check_tensor
 from ..rotary.op import apply_rotary
 from ..library import operator
@@ -15,7 +15,7 @@ from .reference import rotated_reference, v2pe_attention_backward_reference, v2p
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-ROTARY_MODES = ("prerotate_k", "fused", "separate")
+ROTARY_MODES = ("prerotate_k", "separate")
 
 
 def keeps_rotated(positions: torch.Tensor | None, rotary_mode: str) -> bool:
@@ -40,22 +40,24 @@ def _backward_torch(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, max_seqle
     )
 
 
-_FORWARD = f"{__package__}.triton_forward"
-_BACKWARD = f"{__package__}.triton_backward"
+def _forward_triton(*args):
+    from .triton_forward import attention_forward_triton  # imported on first use (see KernelSet)
+
+    return attention_forward_triton(*args)
+
+
+def _backward_triton(*args):
+    from .triton_backward import attention_backward_triton
+
+    return attention_backward_triton(*args)
+
+
 # No compiled (C++/CUDA) kernel: the Triton kernels are the implementation; on CPU, 'auto' runs the reference.
 V2PE_ATTENTION = KernelSet(
-    "v2pe_attention",
-    torch=_forward_torch,
-    triton=lazy(_FORWARD, "attention_forward_triton"),
-    cuda=None,
-    gpu_order=("triton", "torch"),
+    "v2pe_attention", torch=_forward_torch, triton=_forward_triton, cuda=None, gpu_order=("triton", "torch")
 )
 V2PE_ATTENTION_BACKWARD = KernelSet(
-    "v2pe_attention_backward",
-    torch=_backward_torch,
-    triton=lazy(_BACKWARD, "attention_backward_triton"),
-    cuda=None,
-    gpu_order=("triton", "torch"),
+    "v2pe_attention_backward", torch=_backward_torch, triton=_backward_triton, cuda=None, gpu_order=("triton", "torch")
 )
 
 
@@ -248,17 +250,16 @@ def v2pe_attention(
     attention without positions. None: no rotary (the ViT). Positions take no gradient.
     ``softmax_scale`` defaults to 1/sqrt(D).
 
-    ``rotary_mode`` chooses how the rotary is applied, all with the same result:
-      'separate' (default): apply_rotary on q and k, then attention without positions; the fastest
-          on an H100 (2026-11-22, 16k-token pack, 28 heads of 128: forward 966 us against 1134 for
-          'prerotate_k' and 4618 for 'fused'; forward+backward 4.86 ms, 5.16 and 23.7), timed before
-          'prerotate_k' took its present form (not yet timed);
+    ``rotary_mode`` chooses how the rotary is applied, both with the same result:
+      'separate' (default): apply_rotary on q and k, then attention without positions (apply_rotary's
+          backward rotates dq and dk back); the faster on an H100 (2026-11-22, 16k-token pack, 28 heads
+          of 128: forward 966 us against 1134 for 'prerotate_k'; forward+backward 4.86 ms against 5.16),
+          timed before 'prerotate_k' took its present form (not yet timed);
       'prerotate_k': k rotated once by the apply_rotary kernel, q rotated in the attention kernel's
           prologue; the rotated q and k are kept for the backward instead of q and k (the same memory),
-          so the backward rotates nothing but the gradients;
-      'fused': the kernels rotate q and every K block as they load them (no extra pass over memory,
-          but each K block is rotated once per Q block: the slowest).
-    In every mode the backward's epilogues rotate dq and dk back (by -angle).
+          so the backward rotates nothing but the gradients, in its epilogues (by -angle).
+    Anything else raises ValueError (the mode 'fused', which rotated every K block as loaded, once per
+    Q block, measured ~5x slower than 'separate' and was removed).
 
     Under torch.autocast, q, k and v are cast to the autocast dtype first (as SDPA's are).
 

@@ -5,8 +5,9 @@
 2. dK/dV: one program per (key block, segment, kv head) walks the q heads of its GQA group and their
    query blocks, recomputing P from the saved lse, and accumulates dK and dV in registers.
 3. dQ: one program per (query block, segment, q head) walks the key blocks, as the forward does.
-Rotary: tiles are rotated as loaded ('fused') or read already rotated (the pre-pass); in both cases the
-epilogues rotate dq and dk by -angle before storing them, giving the gradient of the unrotated q and k.
+Rotary: the kernels read q and k as given, already rotated (the forward's q_rotated and k_rotated; in
+'separate' mode apply_rotary rotated them and no positions reach the kernels); with positions the epilogues
+rotate dq and dk by -angle before storing them, giving the gradient of the unrotated q and k.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import triton.language as tl
 from .blocks import attention_blocks
 from .triton_common import (
     LOG2E, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
-    query_block_key_bounds, rotary_plan, segment_block, segment_head_ptr, store_halves, store_tile, tile_ptrs,
-    visible_keys,
+    query_block_key_bounds, positions_table, segment_block, segment_head_ptr, store_halves, store_tile,
+    tile_ptrs, visible_keys,
 )
 
 
@@ -48,14 +49,14 @@ def _dkdv_blocks(
     dk1, dk2, dv, k1, k2, v, keys, seqlen, lo, hi,
     q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, table_ptr, half_cols, d_cols, scale_log2,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ROTATE_Q: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Query blocks [lo, hi) of one q head against the program's key block. Rows past the segment load as
     zero with lse = +inf, so their P is 0; MASKED applies the causal mask (the diagonal blocks)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < seqlen
-        q1, q2 = load_halves(q_base, stride_qt, rows, seqlen, half_cols, table_ptr, HALF, True, PAD_HALF, ROTATE_Q)
+        q1, q2 = load_halves(q_base, stride_qt, rows, seqlen, half_cols, table_ptr, HALF, True, PAD_HALF, False)
         do = load_tile(tile_ptrs(do_base, stride_dt, rows, d_cols), rows, seqlen, d_cols, HEAD_DIM, True, PAD_D)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634  # to log2
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -81,7 +82,7 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE_Q: tl.constexpr, ROTATE_K: tl.constexpr, UNROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UNROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_n, token0, seqlen = segment_block(cu_seqlens, BLOCK_N)
     if start_n >= seqlen:
@@ -89,7 +90,7 @@ def _dkdv_kernel(
     kv_head = tl.program_id(2)
     keys, half_cols, d_cols, table_ptr, k1, k2 = program_block_halves(
         K, rotary_table, start_n, token0, seqlen, stride_kt, kv_head, stride_kh,
-        BLOCK_N, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, ROTATE_K,
+        BLOCK_N, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, False,
     )
     v_ptrs = tile_ptrs(segment_head_ptr(V, token0, stride_vt, kv_head, stride_vh), stride_vt, keys, d_cols)
     v = load_tile(v_ptrs, keys, seqlen, d_cols, HEAD_DIM, True, PAD_D)
@@ -112,12 +113,12 @@ def _dkdv_kernel(
         dk1, dk2, dv = _dkdv_blocks(
             dk1, dk2, dv, k1, k2, v, keys, seqlen, start_n, masked_end,
             q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, table_ptr, half_cols, d_cols,
-            scale_log2, HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_M, True, ROTATE_Q, DOT_PRECISION,
+            scale_log2, HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_M, True, DOT_PRECISION,
         )
         dk1, dk2, dv = _dkdv_blocks(
             dk1, dk2, dv, k1, k2, v, keys, seqlen, full_start, seqlen,
             q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, table_ptr, half_cols, d_cols,
-            scale_log2, HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_M, False, ROTATE_Q, DOT_PRECISION,
+            scale_log2, HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_M, False, DOT_PRECISION,
         )
 
     dk_base = segment_head_ptr(dK, token0, stride_dkt, kv_head, stride_dkh)
@@ -132,14 +133,13 @@ def _dq_blocks(
     dq1, dq2, q1, q2, do, lse, delta, rows, seqlen, lo, hi,
     k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTATE_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         k1, k2, s = key_block_scores(
             q1, q2, k_base, stride_kt, keys, seqlen, half_cols, table_ptr,
-            HALF, MASKED, PAD_HALF, ROTATE_K, DOT_PRECISION,
+            HALF, MASKED, PAD_HALF, DOT_PRECISION,
         )
         v = load_tile(tile_ptrs(v_base, stride_vt, keys, d_cols), keys, seqlen, d_cols, HEAD_DIM, MASKED, PAD_D)
         p = tl.exp2(s * scale_log2 - lse[:, None])
@@ -161,7 +161,7 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE_Q: tl.constexpr, ROTATE_K: tl.constexpr, UNROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UNROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m, token0, seqlen = segment_block(cu_seqlens, BLOCK_M)
     if start_m >= seqlen:
@@ -170,7 +170,7 @@ def _dq_kernel(
     kv_head = head // GROUP
     rows, half_cols, d_cols, table_ptr, q1, q2 = program_block_halves(
         Q, rotary_table, start_m, token0, seqlen, stride_qt, head, stride_qh,
-        BLOCK_M, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, ROTATE_Q,
+        BLOCK_M, HALF, BLOCK_HALF, BLOCK_D, PAD_HALF, False,
     )
     row_ok = rows < seqlen
     do_ptrs = tile_ptrs(segment_head_ptr(dOut, token0, stride_dt, head, stride_dh), stride_dt, rows, d_cols)
@@ -186,12 +186,12 @@ def _dq_kernel(
     dq1, dq2 = _dq_blocks(
         dq1, dq2, q1, q2, do, lse, delta, rows, seqlen, 0, full_end,
         k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
-        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, False, CAUSAL, ROTATE_K, DOT_PRECISION,
+        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
     )
     dq1, dq2 = _dq_blocks(
         dq1, dq2, q1, q2, do, lse, delta, rows, seqlen, full_end, masked_end,
         k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
-        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, True, CAUSAL, ROTATE_K, DOT_PRECISION,
+        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
     )
     dq_base = segment_head_ptr(dQ, token0, stride_dqt, head, stride_dqh)
     store_halves(dq_base, stride_dqt, rows, seqlen, half_cols, table_ptr,
@@ -221,23 +221,22 @@ def attention_backward_triton(
         HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_T=block_t, HAS_GRAD_LSE=grad_lse is not None,
     )
 
-    q_in, k_in, table, rotate_q, rotate_k = rotary_plan(q, k, positions, theta, rotary_mode, backward=True)
-    flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, ROTATE_Q=rotate_q, ROTATE_K=rotate_k,
-                 UNROTATE=positions is not None, **constants)
+    table = positions_table(q, positions, theta)
+    flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, UNROTATE=positions is not None, **constants)
     scale_log2 = softmax_scale * LOG2E
 
     block_m, block_n, warps, stages = attention_blocks("dkdv", head_dim, q.dtype, q.device)
     _dkdv_kernel[(triton.cdiv(max_seqlen, block_n), num_sequences, kv_heads)](
-        q_in, k_in, v, grad_out, lse, delta, dk, dv, cu_seqlens, table,
-        q_in.stride(0), q_in.stride(1), k_in.stride(0), k_in.stride(1), v.stride(0), v.stride(1),
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, table,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         scale_log2, softmax_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
     block_m, block_n, warps, stages = attention_blocks("dq", head_dim, q.dtype, q.device)
     _dq_kernel[(triton.cdiv(max_seqlen, block_m), num_sequences, q_heads)](
-        q_in, k_in, v, grad_out, lse, delta, dq, cu_seqlens, table,
-        q_in.stride(0), q_in.stride(1), k_in.stride(0), k_in.stride(1), v.stride(0), v.stride(1),
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens, table,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
         scale_log2, softmax_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,

@@ -1,5 +1,6 @@
-"""What the Triton forward and backward of v2pe_attention share: tile loads and stores, the rotary of q and k
-tiles, each program's segment and block, the causal split of a query block's keys, and the head-dim constants.
+"""What the Triton forward and backward of v2pe_attention share: tile loads and stores, the rotary of q tiles
+and the inverse rotary of dq and dk tiles, each program's segment and block, the causal split of a query block's
+keys, and the head-dim constants.
 
 q and k are handled as two [BLOCK, D/2] halves (columns d and d + D/2): Qwen2's half-split rotary then
 is elementwise on the two tiles, with no register permutation, and the score is the sum of two dots.
@@ -13,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rotary.op import ROTARY
 from ..rotary.reference import rotary_inv_freq
 
 LOG2E = 1.4426950408889634
@@ -162,11 +162,11 @@ def visible_keys(rows, keys, seqlen, CAUSAL: tl.constexpr):
 @triton.jit
 def key_block_scores(
     q1, q2, k_base, stride_kt, keys, seqlen, half_cols, table_ptr,
-    HALF: tl.constexpr, MASKED: tl.constexpr, PAD_HALF: tl.constexpr, ROTATE_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HALF: tl.constexpr, MASKED: tl.constexpr, PAD_HALF: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """(k1, k2, unscaled float32 scores q.k [rows, keys]) of one key block, bounds-checked when MASKED."""
-    k1, k2 = load_halves(k_base, stride_kt, keys, seqlen, half_cols, table_ptr, HALF, MASKED, PAD_HALF, ROTATE_K)
+    """(k1, k2, unscaled float32 scores q.k [rows, keys]) of one key block (k read as given: already rotated
+    when there are positions), bounds-checked when MASKED."""
+    k1, k2 = load_halves(k_base, stride_kt, keys, seqlen, half_cols, table_ptr, HALF, MASKED, PAD_HALF, False)
     s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
     s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
     return k1, k2, s
@@ -198,22 +198,10 @@ def rotary_table(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tenso
     return torch.cat((angles.cos(), angles.sin()), dim=1)
 
 
-def rotary_plan(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, theta: float, rotary_mode: str, backward: bool
-):
-    """(q, k, rotary table, rotate_q, rotate_k) for the kernels under ``rotary_mode``.
-
-    'fused': the kernels rotate q and k tiles as they load them. 'prerotate_k': in the forward, k is
-    rotated once by the apply_rotary kernel and the kernel loads it rotated, and the kernel rotates q in
-    its prologue (writing the rotated q out); the backward is given both rotated (keeps_rotated), so its
-    kernels rotate nothing. The table is also what the backward's epilogues need to rotate dq and dk back;
-    without positions it is empty (nothing reads it)."""
+def positions_table(q: torch.Tensor, positions: torch.Tensor | None, theta: float) -> torch.Tensor:
+    """The rotary table of ``positions`` at q's head dim (see rotary_table): what the forward's prologue reads to
+    rotate q, and the backward's epilogues to rotate dq and dk back. Without positions it is empty (nothing
+    reads it)."""
     if positions is None:
-        return q, k, q.new_zeros(0, dtype=torch.float32), False, False
-    inv_freq = rotary_inv_freq(q.shape[2], theta, q.device)
-    table = rotary_table(positions, inv_freq)
-    if rotary_mode == "fused":
-        return q, k, table, True, True
-    if backward:
-        return q, k, table, False, False
-    return q, ROTARY.select(k.device)(k, positions, inv_freq, False), table, True, False
+        return q.new_zeros(0, dtype=torch.float32)
+    return rotary_table(positions, rotary_inv_freq(q.shape[2], theta, q.device))

@@ -5,9 +5,8 @@ once when its block starts past the segment's end (max_seqlen sizes the grid for
 walks the key blocks of its own segment with an online softmax in exp2 (the softmax scale folded with
 log2(e)); causal programs stop at the diagonal and mask only the diagonal blocks, and only the ragged last
 block is bounds-checked. Accumulators are float32. q and k are loaded as two halves (see triton_common).
-Rotary modes (see op.py): ROTATE_Q rotates the query block once in the prologue, through QRotated (see
-the kernel); ROTATE_K rotates every key block as it is loaded (the fully fused mode); without ROTATE_K the
-kernel reads k as given (already rotated by a pre-pass, or no rotary at all).
+Rotary (with positions, see op.py): ROTATE_Q rotates the query block once in the prologue, through QRotated
+(see the kernel); k is read as given, rotated once beforehand by the apply_rotary kernel.
 """
 
 from __future__ import annotations
@@ -16,12 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rotary.op import ROTARY
+from ..rotary.reference import rotary_inv_freq
 from .blocks import attention_blocks
 from .op import keeps_rotated
 from .triton_common import (
-    LOG2E, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
-    query_block_key_bounds, rotary_plan, segment_block, segment_head_ptr, store_halves, store_tile, tile_ptrs,
-    visible_keys,
+    LOG2E, head_constants, key_block_scores, load_halves, load_tile, positions_table, program_block_halves,
+    query_block_key_bounds, segment_block, segment_head_ptr, store_halves, store_tile, tile_ptrs, visible_keys,
 )
 
 
@@ -30,8 +30,7 @@ def _forward_blocks(
     acc, l_i, m_i, q1, q2, rows, seqlen, lo, hi,
     k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROTATE_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Key blocks [lo, hi) of the online softmax. MASKED: the diagonal or ragged last blocks (bounds and,
     when CAUSAL, the causal mask); otherwise every key is visible to every row of the block."""
@@ -39,7 +38,7 @@ def _forward_blocks(
         keys = start_n + tl.arange(0, BLOCK_N)
         _, _, s = key_block_scores(
             q1, q2, k_base, stride_kt, keys, seqlen, half_cols, table_ptr,
-            HALF, MASKED, PAD_HALF, ROTATE_K, DOT_PRECISION,
+            HALF, MASKED, PAD_HALF, DOT_PRECISION,
         )
         s = s * scale_log2
         if MASKED:
@@ -65,7 +64,7 @@ def _forward_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr, PAD_HALF: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE_Q: tl.constexpr, ROTATE_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTATE_Q: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m, token0, seqlen = segment_block(cu_seqlens, BLOCK_M)
     if start_m >= seqlen:
@@ -78,10 +77,10 @@ def _forward_kernel(
     )
     if ROTATE_Q:
         # The rotated block is stored to QRotated (q's layout: the q_rotated the backward reads instead of
-        # rotating q again, or in 'fused' mode Out, whose tile this program overwrites at the end) and loaded
-        # back: a q loaded from memory is a shared-memory operand of Hopper's MMA (wgmma), while a q computed
-        # in registers would stay a register operand through the whole key loop (more registers per thread,
-        # and slower). The reload hits L2.
+        # rotating q again, or Out where no q_rotated is kept: this program overwrites its tile at the end)
+        # and loaded back: a q loaded from memory is a shared-memory operand of Hopper's MMA (wgmma), while a
+        # q computed in registers would stay a register operand through the whole key loop (more registers
+        # per thread, and slower). The reload hits L2.
         q_rotated_base = segment_head_ptr(QRotated, token0, stride_qt, head, stride_qh)
         store_halves(q_rotated_base, stride_qt, rows, seqlen, half_cols, table_ptr, q1, q2, HALF, PAD_HALF, False)
         tl.debug_barrier()
@@ -96,12 +95,12 @@ def _forward_kernel(
     acc, l_i, m_i = _forward_blocks(
         acc, l_i, m_i, q1, q2, rows, seqlen, 0, full_end,
         k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
-        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, False, CAUSAL, ROTATE_K, DOT_PRECISION,
+        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
     )
     acc, l_i, m_i = _forward_blocks(
         acc, l_i, m_i, q1, q2, rows, seqlen, full_end, masked_end,
         k_base, v_base, stride_kt, stride_vt, table_ptr, half_cols, d_cols, scale_log2,
-        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, True, CAUSAL, ROTATE_K, DOT_PRECISION,
+        HEAD_DIM, HALF, PAD_HALF, PAD_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
     )
 
     # A row with no visible key (none exists: every row sees itself) would give out = 0 and lse = -inf.
@@ -119,7 +118,10 @@ def attention_forward_triton(q, k, v, cu_seqlens, max_seqlen, positions, theta, 
     tokens, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(q_heads, tokens, dtype=torch.float32, device=q.device)
-    q_in, k_in, table, rotate_q, rotate_k = rotary_plan(q, k, positions, theta, rotary_mode, backward=False)
+    table = positions_table(q, positions, theta)
+    rotate_q = positions is not None
+    # With positions, k is rotated once here by the apply_rotary kernel; the kernel rotates q in its prologue.
+    k_in = ROTARY.select(k.device)(k, positions, rotary_inv_freq(head_dim, theta, k.device), False) if rotate_q else k
     keep = keeps_rotated(positions, rotary_mode)
     q_rotated = torch.empty_like(q) if keep else q.new_empty(0)
     k_rotated = k_in if keep else k.new_empty(0)
@@ -129,12 +131,12 @@ def attention_forward_triton(q, k, v, cu_seqlens, max_seqlen, positions, theta, 
     block_m, block_n, warps, stages = attention_blocks("forward", head_dim, q.dtype, q.device)
     grid = (triton.cdiv(max_seqlen, block_m), num_sequences, q_heads)
     _forward_kernel[grid](
-        q_in, k_in, v, out, lse, q_rotated if keep else out, cu_seqlens, table,
-        q_in.stride(0), q_in.stride(1), k_in.stride(0), k_in.stride(1), v.stride(0), v.stride(1),
+        q, k_in, v, out, lse, q_rotated if keep else out, cu_seqlens, table,
+        q.stride(0), q.stride(1), k_in.stride(0), k_in.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         softmax_scale * LOG2E,
         GROUP=q_heads // k.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, ROTATE_Q=rotate_q, ROTATE_K=rotate_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, ROTATE_Q=rotate_q,
         num_warps=warps, num_stages=stages,
         **head_constants(head_dim, q.dtype),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...autocast import autocast_inputs, kernels_at_input_dtype
-from ...dispatch import KernelSet, lazy
+from ...dispatch import KernelSet
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
 from ..library import operator
 from .reference import (
@@ -16,25 +16,40 @@ from .reference import (
     linear_cross_entropy_with_grads_reference,
 )
 
-_TRITON = f"{__package__}.triton_kernel"
+
+def _forward_triton(*args):
+    from .triton_kernel import linear_cross_entropy_triton  # imported on first use (see KernelSet)
+
+    return linear_cross_entropy_triton(*args)
+
+
+def _backward_triton(*args):
+    from .triton_kernel import linear_cross_entropy_backward_triton
+
+    return linear_cross_entropy_backward_triton(*args)
+
+
+def _with_grads_triton(*args):
+    from .triton_kernel import linear_cross_entropy_with_grads_triton
+
+    return linear_cross_entropy_with_grads_triton(*args)
+
+
 # No compiled kernel: the work is two cuBLAS matmuls per chunk plus a row reduction, which the Triton
 # kernels already do at memory speed.
 LINEAR_CROSS_ENTROPY = KernelSet(
-    "linear_cross_entropy",
-    torch=linear_cross_entropy_reference,
-    triton=lazy(_TRITON, "linear_cross_entropy_triton"),
-    gpu_order=("triton", "torch"),
+    "linear_cross_entropy", torch=linear_cross_entropy_reference, triton=_forward_triton, gpu_order=("triton", "torch")
 )
 LINEAR_CROSS_ENTROPY_BACKWARD = KernelSet(
     "linear_cross_entropy_backward",
     torch=linear_cross_entropy_backward_reference,
-    triton=lazy(_TRITON, "linear_cross_entropy_backward_triton"),
+    triton=_backward_triton,
     gpu_order=("triton", "torch"),
 )
 LINEAR_CROSS_ENTROPY_WITH_GRADS = KernelSet(
     "linear_cross_entropy_with_grads",
     torch=linear_cross_entropy_with_grads_reference,
-    triton=lazy(_TRITON, "linear_cross_entropy_with_grads_triton"),
+    triton=_with_grads_triton,
     gpu_order=("triton", "torch"),
 )
 

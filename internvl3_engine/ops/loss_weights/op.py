@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ...dispatch import KernelSet, lazy
-from ...extension import kernel
+from ... import extension
+from ...dispatch import KernelSet
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_int, check_tensor
 from ..library import operator
 from .reference import MODE_CODES, MODES, loss_weights_reference
@@ -13,12 +13,18 @@ from .reference import MODE_CODES, MODES, loss_weights_reference
 _INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
+def _loss_weights_triton(labels, cu_seqlens, mode, ignore_index):
+    from .triton_kernel import loss_weights_triton  # imported on first use (see KernelSet)
+
+    return loss_weights_triton(labels, cu_seqlens, mode, ignore_index)
+
+
 def _loss_weights_compiled(labels, cu_seqlens, mode, ignore_index):
     # The compiled schema takes the mode as an integer code.
-    return kernel("loss_weights")(labels, cu_seqlens, MODE_CODES[mode], ignore_index)
+    return extension.loss_weights(labels, cu_seqlens, MODE_CODES[mode], ignore_index)
 
 
-LOSS_WEIGHTS = KernelSet("loss_weights", torch=loss_weights_reference, triton=lazy(f"{__package__}.triton_kernel", "loss_weights_triton"), cuda=_loss_weights_compiled)
+LOSS_WEIGHTS = KernelSet("loss_weights", torch=loss_weights_reference, triton=_loss_weights_triton, cuda=_loss_weights_compiled)
 
 
 def _loss_weights_fake(labels, cu_seqlens, mode, ignore_index):

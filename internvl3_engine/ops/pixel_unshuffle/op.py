@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ...dispatch import KernelSet, lazy
-from ...extension import compiled
+from ... import extension
+from ...dispatch import KernelSet
 from ...validation import FLOAT_DTYPES, check_float, check_tensor
 from ..library import operator
 from .reference import (
@@ -18,18 +18,50 @@ from .reference import (
 )
 
 
-def _kernel_set(name: str, reference) -> KernelSet:
-    """The KernelSet of op ``name``: ``reference`` on 'torch', ``{name}_triton`` from triton_kernel on 'triton',
-    the compiled kernel ``name`` on 'cuda'."""
-    triton = lazy(f"{__package__}.triton_kernel", f"{name}_triton")
-    return KernelSet(name, torch=reference, triton=triton, cuda=compiled(name))
+def _unshuffle_triton(x, factor):
+    from .triton_kernel import pixel_unshuffle_triton  # imported on first use (see KernelSet)
+
+    return pixel_unshuffle_triton(x, factor)
 
 
-PIXEL_UNSHUFFLE = _kernel_set("pixel_unshuffle", pixel_unshuffle_reference)
-PIXEL_UNSHUFFLE_BACKWARD = _kernel_set("pixel_unshuffle_backward", pixel_unshuffle_backward_reference)
-PIXEL_UNSHUFFLE_LAYERNORM = _kernel_set("pixel_unshuffle_layernorm", pixel_unshuffle_layernorm_reference)
-PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD = _kernel_set(
-    "pixel_unshuffle_layernorm_backward", pixel_unshuffle_layernorm_backward_reference
+def _shuffle_triton(grad, factor):
+    from .triton_kernel import pixel_unshuffle_backward_triton
+
+    return pixel_unshuffle_backward_triton(grad, factor)
+
+
+def _layernorm_triton(x, weight, bias, eps, factor):
+    from .triton_kernel import pixel_unshuffle_layernorm_triton
+
+    return pixel_unshuffle_layernorm_triton(x, weight, bias, eps, factor)
+
+
+def _layernorm_backward_triton(grad, x, weight, mean, rstd, factor):
+    from .triton_kernel import pixel_unshuffle_layernorm_backward_triton
+
+    return pixel_unshuffle_layernorm_backward_triton(grad, x, weight, mean, rstd, factor)
+
+
+PIXEL_UNSHUFFLE = KernelSet(
+    "pixel_unshuffle", torch=pixel_unshuffle_reference, triton=_unshuffle_triton, cuda=extension.pixel_unshuffle
+)
+PIXEL_UNSHUFFLE_BACKWARD = KernelSet(
+    "pixel_unshuffle_backward",
+    torch=pixel_unshuffle_backward_reference,
+    triton=_shuffle_triton,
+    cuda=extension.pixel_unshuffle_backward,
+)
+PIXEL_UNSHUFFLE_LAYERNORM = KernelSet(
+    "pixel_unshuffle_layernorm",
+    torch=pixel_unshuffle_layernorm_reference,
+    triton=_layernorm_triton,
+    cuda=extension.pixel_unshuffle_layernorm,
+)
+PIXEL_UNSHUFFLE_LAYERNORM_BACKWARD = KernelSet(
+    "pixel_unshuffle_layernorm_backward",
+    torch=pixel_unshuffle_layernorm_backward_reference,
+    triton=_layernorm_backward_triton,
+    cuda=extension.pixel_unshuffle_layernorm_backward,
 )
 
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from ...dispatch import KernelSet, lazy
-from ...extension import compiled
+from ... import extension
+from ...dispatch import KernelSet
 from ...validation import FLOAT_DTYPES, check_float, check_int, check_length, check_tensor
 from ..library import operator
 from .reference import rotary_inv_freq, rotary_reference
 
 
-ROTARY = KernelSet(
-    "apply_rotary", torch=rotary_reference, triton=lazy(f"{__package__}.triton_kernel", "rotary_triton"), cuda=compiled("rotary")
-)
+def _rotary_triton(x, positions, inv_freq, inverse):
+    from .triton_kernel import rotary_triton  # imported on first use (see KernelSet)
+
+    return rotary_triton(x, positions, inv_freq, inverse)
+
+
+ROTARY = KernelSet("apply_rotary", torch=rotary_reference, triton=_rotary_triton, cuda=extension.rotary)
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int, inverse: bool) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ...dispatch import KernelSet, lazy
-from ...extension import compiled
+from ... import extension
+from ...dispatch import KernelSet
 from ...validation import FLOAT_DTYPES, check_length, check_tensor, remembered
 from ..library import operator
 from .reference import scatter_visual_backward_reference, scatter_visual_reference
@@ -19,15 +19,21 @@ def _backward_torch(grad, is_visual, visual_before, num_visual):
     return scatter_visual_backward_reference(grad, is_visual)
 
 
-_TRITON = f"{__package__}.triton_kernel"
-SCATTER_VISUAL = KernelSet(
-    "scatter_visual", torch=_forward_torch, triton=lazy(_TRITON, "scatter_visual_triton"), cuda=compiled("scatter_visual")
-)
+def _forward_triton(text, visual, is_visual, visual_before):
+    from .triton_kernel import scatter_visual_triton  # imported on first use (see KernelSet)
+
+    return scatter_visual_triton(text, visual, is_visual, visual_before)
+
+
+def _backward_triton(grad, is_visual, visual_before, num_visual):
+    from .triton_kernel import scatter_visual_backward_triton
+
+    return scatter_visual_backward_triton(grad, is_visual, visual_before, num_visual)
+
+
+SCATTER_VISUAL = KernelSet("scatter_visual", torch=_forward_torch, triton=_forward_triton, cuda=extension.scatter_visual)
 SCATTER_VISUAL_BACKWARD = KernelSet(
-    "scatter_visual_backward",
-    torch=_backward_torch,
-    triton=lazy(_TRITON, "scatter_visual_backward_triton"),
-    cuda=compiled("scatter_visual_backward"),
+    "scatter_visual_backward", torch=_backward_torch, triton=_backward_triton, cuda=extension.scatter_visual_backward
 )
 
 

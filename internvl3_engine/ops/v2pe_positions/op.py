@@ -13,15 +13,15 @@ from typing import Optional
 
 import torch
 
+from ... import extension
 from ...dispatch import KernelSet
-from ...extension import compiled
 from ...validation import check_cu_seqlens_meta, check_cu_seqlens_values, check_tensor
 from ..library import operator
 from .reference import check_delta_count, v2pe_positions_reference
 
 
 V2PE_POSITIONS = KernelSet(
-    "v2pe_position_ids", torch=v2pe_positions_reference, triton=None, cuda=compiled("v2pe_positions"), gpu_order=("cuda", "torch")
+    "v2pe_position_ids", torch=v2pe_positions_reference, triton=None, cuda=extension.v2pe_positions, gpu_order=("cuda", "torch")
 )
 
 
