@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from internvl3_engine.plan.hardware import datasheet_bf16_flops, device_pattern
+from internvl3_engine.planner.hardware import datasheet_bf16_flops, device_pattern
 
 from .harness import Timer, gb_per_s, nbytes
 
@@ -37,7 +37,7 @@ def matmul_ceiling(device: torch.device, timer: Timer) -> dict:
 
 def datasheet_ceiling(info: dict) -> dict | None:
     """The datasheet's dense bf16 peak for this device (from NVML's name, else torch's; the table is
-    internvl3_engine.plan.hardware's), None when unknown."""
+    internvl3_engine.planner.hardware's), None when unknown."""
     name = info.get("nvml_name") or info.get("name") or ""
     pattern = device_pattern(name) if info.get("type") == "cuda" else None
     if pattern is None:

@@ -9,7 +9,7 @@ parameter count, optimizer) on the same samples padded into [samples, longest] w
 usual way to batch it. Its tokens/s counts the real tokens only and its MFU the same model FLOPs: the padding
 is work that does not count; our row reports the ratio of the two step times.
 
-Model FLOPs per step: internvl3_engine.plan.training_flops (its module states the formula; the trainer's MFU
+Model FLOPs per step: internvl3_engine.planner.training_flops (its module states the formula; the trainer's MFU
 and the planner use the same one).
 """
 
@@ -110,8 +110,8 @@ def make_batch(config, case: TrainCase, device: torch.device, dtype: torch.dtype
 
 def model_flops(model, case: TrainCase, lengths: list[int]) -> dict:
     """Model FLOPs of one training step (forward + backward), by part: the formula above, as
-    internvl3_engine.plan.training_flops computes it, and the parameter counts it used."""
-    from internvl3_engine.plan import ModelShape, training_flops
+    internvl3_engine.planner.training_flops computes it, and the parameter counts it used."""
+    from internvl3_engine.planner import ModelShape, training_flops
 
     shape = ModelShape.from_modules(model.config.to_hf(), model)
     flops = training_flops(shape, case.tokens, case.images * case.tiles_per_image, lengths)

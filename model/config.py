@@ -9,8 +9,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
 
-from internvl3_engine.plan.presets import INTERNVL3_IMG_CONTEXT_ID, preset_config
-from internvl3_engine.plan.presets import PRESETS as PUBLISHED_PRESETS
+from internvl3_engine.architectures import INTERNVL3_IMG_CONTEXT_ID, preset_config
+from internvl3_engine.architectures import PRESETS as PUBLISHED_PRESETS
 
 NORM_TYPES = ("layer_norm", "rms_norm")
 # Activations the model implements (names as transformers' ACT2FN spells them).
@@ -414,7 +414,7 @@ def _check_choice(config, what: str, name: str, choices: tuple[str, ...]) -> Non
         raise ValueError(f"{what} {name} must be one of {choices}, got {value!r}")
 
 
-# ---- presets: the published ones are internvl3_engine.plan's table (transformers layout); "tiny" is this
+# ---- presets: the published ones are internvl3_engine.planner's table (transformers layout); "tiny" is this
 # model's own: seconds on a CPU, 56x56 tiles of 14x14 patches -> 4x4 patches -> 4 <IMG_CONTEXT> tokens a
 # tile, and model.data.ByteTokenizer's vocabulary and image token.
 

@@ -184,7 +184,7 @@ class InternVL3(nn.Module):
 
         return generate(self, input_ids, pixel_values, **options)
 
-    # ---- checkpoints (model/checkpoint.py)
+    # ---- checkpoints (model/weights.py)
 
     @classmethod
     def from_pretrained(
@@ -197,7 +197,7 @@ class InternVL3(nn.Module):
         """Load a transformers ``InternVLForConditionalGeneration`` folder (config.json + model.safetensors or a
         sharded model.safetensors.index.json) or an original OpenGVLab ``InternVLChatModel`` folder, without
         transformers. ``dtype`` None keeps the checkpoint's."""
-        from .checkpoint import load_pretrained
+        from .weights import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
@@ -207,6 +207,6 @@ class InternVL3(nn.Module):
         """Write config.json and safetensors: ``layout`` 'hf' (transformers loads it back with
         InternVLForConditionalGeneration.from_pretrained) or 'opengvlab' (InternVLChatModel's names);
         shards of at most ``max_shard_size`` bytes with an index when bigger."""
-        from .checkpoint import save_pretrained
+        from .weights import save_pretrained
 
         save_pretrained(self, path, layout=layout, max_shard_size=max_shard_size)

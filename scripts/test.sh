@@ -25,9 +25,9 @@ PYTHONPATH="$oldest_dir" python - "$oldest" <<'PY'
 import sys, transformers
 assert transformers.__version__ == sys.argv[1], f"expected transformers {sys.argv[1]}, imported {transformers.__version__}"
 PY
-PYTHONPATH="$oldest_dir" python -m pytest -q -p no:cacheprovider tests/test_integration_transformers.py \
-  tests/test_model_checkpoint.py tests/test_plan.py tests/test_generation.py::test_greedy_equals_transformers_generate \
-  tests/test_bench.py::test_transformers_baseline_computes_our_loss
+PYTHONPATH="$oldest_dir" python -m pytest -q -p no:cacheprovider tests/integration/test_transformers.py \
+  tests/model/test_model_checkpoint.py tests/parallel/test_planner.py tests/model/test_generation.py::test_greedy_equals_transformers_generate \
+  tests/bench/test_bench.py::test_transformers_baseline_computes_our_loss
 
 # The CPU benchmarks (bench/test_cpu.py), each case run once as a test, untimed (timing them:
 # bench/results/README.md).

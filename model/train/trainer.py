@@ -18,258 +18,36 @@ import copy
 import dataclasses
 import json
 import os
-import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from internvl3_engine.parallel import balance, clip_grad_norm_, naive_split
-from internvl3_engine.plan import ModelShape, training_flops
+from internvl3_engine.planner import ModelShape, training_flops
 
-from . import checkpointing
-from .config import PRESETS, InternVL3Config
-from .data import (
+from ..data import (
     ConversationEncoder,
     IGNORE_INDEX,
     DataErrors,
     ImageTiler,
-    INTERNVL3_SYSTEM_MESSAGE,
     MixedStream,
     PackedLoader,
     Packer,
     PackingConfig,
     RecordDataset,
-    collate,
-    load_image,
     load_meta,
     load_tokenizer,
 )
-from .metrics import MetricsLog, build_sinks, log_backends, peak_flops, plot_loss_curve, progress_bar
-from .modeling import InternVL3
-from .mpo import MPO_BETA, MPO_WEIGHTS, PrecomputedReference, RunningMean, batch_reward_mean, mpo_terms, pair_logps
+from ..modeling import InternVL3
+from . import checkpointing
+from .config import TrainConfig
+from .distributed import init_distributed, resolve_device, seed_everything
+from .evaluation import evaluate_choices, format_accuracy
+from .metrics import MetricsLog, build_sinks, peak_flops, plot_loss_curve, progress_bar
+from .mpo import PrecomputedReference, RunningMean, batch_reward_mean, mpo_terms, pair_logps
 from .optim import COMPONENTS, apply_freezing, build_optimizer, build_scheduler, parameter_groups
-
-MODES = ("pretrain", "sft", "mpo")
-DEVICES = ("auto", "cuda", "cpu")
-
-
-# ---- configuration
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; presets below, overridden by a --config file and the command line.
-
-    ``model``: {"preset": name, "vision": {...}, "projector": {...}, "text": {...}} (fields override the
-    preset's). ``init``: a save_pretrained folder to start from instead (its config wins). ``data``: a meta
-    JSON; None generates the demo data into ``<output_dir>/data``. ``tokenizer``: a Hugging Face tokenizer
-    folder; None is the embedded byte tokenizer. ``system_message``: "internvl3" (InternVL3's), None
-    (no system turn) or the text itself. ``log``: metric backends beside metrics.jsonl, "tensorboard"
-    and/or "wandb" (a list or a comma-separated string; model/metrics.py). The learning-rate schedule
-    (warmup_steps, max_steps, min_lr_ratio) is this config's also when resuming: a checkpoint's run with
-    another max_steps continues on the cosine of this one.
-    """
-
-    mode: str = "pretrain"
-    model: dict = field(default_factory=lambda: {"preset": "tiny"})
-    init: Optional[str] = None
-    data: Optional[str] = None
-    tokenizer: Optional[str] = None
-    system_message: Optional[str] = "internvl3"
-    output_dir: str = "runs/tiny"
-    seed: int = 0
-    # optimisation
-    max_steps: int = 1000
-    grad_accum: int = 1
-    lr: float = 2e-5
-    lr_vision: Optional[float] = None
-    lr_projector: Optional[float] = None
-    lr_language: Optional[float] = None
-    freeze_vision: bool = False
-    freeze_projector: bool = False
-    freeze_language: bool = False
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    activation_checkpointing: bool = False
-    device: str = "auto"  # "cuda" (one GPU per local rank), "cpu" (gloo), or "auto": cuda when available
-    autocast_dtype: str = "bfloat16"  # on CUDA; CPU runs in float32
-    cpu_threads: Optional[int] = None
-    # data
-    max_packed_tokens: int = 8192
-    max_tiles: int = 40
-    max_buffers: int = 20
-    max_num: int = 12  # tiles per image (dynamic tiling), a thumbnail added when more than one
-    min_num: int = 1
-    use_thumbnail: bool = True
-    loss_mode: str = "square"
-    overlong: str = "truncate"
-    language_weight: float = 1.0
-    multimodal_weight: float = 3.0
-    augment: bool = True
-    # MPO
-    mpo_beta: float = MPO_BETA
-    mpo_weights: tuple = MPO_WEIGHTS
-    # reporting
-    log_every: int = 10
-    log: tuple = ()  # metric backends beside metrics.jsonl: "tensorboard", "wandb"
-    save_every: int = 500
-    keep_last: int = 2
-    eval_file: Optional[str] = None  # multiple-choice questions (the demo's eval.jsonl format)
-    eval_examples: Optional[int] = None
-    eval_delta: float = 0.25  # V2PE delta at evaluation
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        self.betas = tuple(self.betas)
-        self.mpo_weights = tuple(self.mpo_weights)
-        self.log = log_backends(self.log)
-        for name in ("max_steps", "grad_accum", "log_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def updated(self, overrides: dict) -> "TrainConfig":
-        """A copy with ``overrides`` applied; ``model`` merges key by key (and one level deeper)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
-        values = dataclasses.asdict(self)
-        for key, value in overrides.items():
-            if key == "model" and isinstance(value, dict):
-                merged = copy.deepcopy(values["model"])
-                for part, setting in value.items():
-                    if isinstance(setting, dict) and isinstance(merged.get(part), dict):
-                        merged[part] = {**merged[part], **setting}
-                    else:
-                        merged[part] = setting
-                values["model"] = merged
-            else:
-                values[key] = value
-        return TrainConfig(**values)
-
-    def model_config(self) -> InternVL3Config:
-        settings = dict(self.model)
-        config = InternVL3Config.preset(settings.pop("preset", "tiny"))
-        for part in ("vision", "projector", "text"):
-            if part in settings:
-                setattr(config, part, dataclasses.replace(getattr(config, part), **settings.pop(part)))
-        for key, value in settings.items():
-            if not hasattr(config, key):
-                raise ValueError(f"unknown model setting {key!r}")
-            setattr(config, key, value)
-        return config
-
-    def system_text(self) -> Optional[str]:
-        return INTERNVL3_SYSTEM_MESSAGE if self.system_message == "internvl3" else self.system_message
-
-
-# The demo: a tiny InternVL3 (the "tiny" preset widened, 112-pixel tiles of 16 tokens) on the generated
-# shapes data mixed 1:3 with the embedded corpus, sized to learn in about seven minutes on 2 CPU cores
-# (single-threaded: 800 steps learnt colour only; 1100 on shapes of 27-43 pixels learn colour, and count
-# in some runs only (3 seeds of 2026-11-23: none); shape stays near chance: a wider or deeper ViT, a higher
-# vision lr or 168-pixel tiles did not help).
-DEMO = {
-    "model": {
-        "preset": "tiny",
-        "vision": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "image_size": 112},
-        "text": {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384},
-    },
-    "system_message": None,
-    "output_dir": "runs/demo",
-    "max_steps": 1100,
-    "lr": 6e-3,
-    "warmup_steps": 30,
-    "betas": (0.9, 0.95),
-    "max_packed_tokens": 2048,
-    "max_tiles": 64,
-    "max_buffers": 4,
-    "max_num": 2,
-    "log_every": 10,
-    "save_every": 200,
-    "keep_last": 2,
-    "cpu_threads": 1,
-    "log": ("tensorboard",),
-}
-DEMO_MODES = {
-    "pretrain": {},
-    "sft": {"output_dir": "runs/demo-sft", "language_weight": 0.0, "max_steps": 300},
-    "mpo": {"output_dir": "runs/demo-mpo", "max_steps": 60, "lr": 2e-4, "warmup_steps": 5, "save_every": 30},
-}
-TRAIN_PRESETS = ("demo",) + PRESETS
-
-
-def preset_config(name: str, mode: str = "pretrain") -> TrainConfig:
-    """The TrainConfig of a preset: 'demo', or a model preset (real-run defaults: 448-pixel tiles, up to 12
-    tiles an image, 8192-token packs)."""
-    if name == "demo":
-        return TrainConfig(mode=mode).updated({**DEMO, **DEMO_MODES[mode]})
-    if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {TRAIN_PRESETS}")
-    overrides: dict[str, Any] = {"model": {"preset": name}, "output_dir": f"runs/{name}"}
-    if name == "tiny":
-        overrides.update(system_message=None, max_packed_tokens=2048, max_tiles=32, max_num=6, lr=1e-3, warmup_steps=10)
-    if mode == "mpo":
-        overrides.update(lr=overrides.get("lr", 2e-5) / 4 if name != "tiny" else 2e-4, output_dir=f"runs/{name}-mpo")
-    return TrainConfig(mode=mode).updated(overrides)
-
-
-def load_config_file(path: str) -> dict:
-    """A YAML or JSON mapping of TrainConfig fields (JSON is YAML, but a .json file gets JSON's errors)."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file holds a mapping of settings, got {type(data).__name__}")
-    return data
-
-
-# ---- runtime helpers
-
-
-def resolve_device(setting: str) -> torch.device:
-    """The device of this process for the config's ``device`` setting: on CUDA, the GPU of its local rank."""
-    use_cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
-    if not use_cuda:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for, but torch sees no CUDA device (use device: cpu)")
-    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    if local_rank >= count:
-        raise ValueError(f"local rank {local_rank} has no GPU: this node has {count}; start at most {count} processes "
-                         "per node, or train on the CPU with device: cpu")
-    return torch.device("cuda", local_rank)
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world): from torchrun's environment, or a one-process group so a plan also runs alone; NCCL
-    on CUDA, gloo on the CPU."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _require_file(path: str, what: str) -> None:
@@ -285,12 +63,6 @@ def check_data_files(meta_path: str, eval_file: Optional[str]) -> None:
         _require_file(spec.annotation, f"{meta_path}: dataset {spec.name!r}: annotation")
     if eval_file is not None:
         _require_file(eval_file, "eval_file")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def enable_activation_checkpointing(model: InternVL3) -> None:
@@ -760,64 +532,3 @@ class Trainer:
 
 
 # ---- evaluation
-
-
-def evaluate_choices(model, eval_file: str, encoder: ConversationEncoder, tiler: ImageTiler, device, autocast=contextlib.nullcontext,
-                     delta: float = 0.25, limit: Optional[int] = None, pack_size: int = 96) -> dict:
-    """Accuracy on multiple-choice questions ({"image", "question", "answer", "candidates", "kind"} a line):
-    every candidate answer is scored by its summed log-probability (answer tokens and <|im_end|>) after the
-    question, and the best one is the model's answer. Returns accuracy and chance (1 / candidates), overall
-    and per kind."""
-    from .mpo import segment_sums
-
-    with open(eval_file, encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    if limit:
-        records = records[:limit]
-    root = os.path.dirname(os.path.abspath(eval_file))
-    config = PackingConfig(max_packed_tokens=2**31 - 1, max_tiles=2**31 - 1, delta=delta)
-    tiles_cache: dict[str, torch.Tensor] = {}
-    samples, owners = [], []
-    for index, record in enumerate(records):
-        image = record.get("image")
-        pixel_values = []
-        if image:
-            if image not in tiles_cache:
-                tiles_cache[image] = tiler(load_image(os.path.join(root, image)))
-            pixel_values = [tiles_cache[image]]
-        for candidate in record["candidates"]:
-            conversation = [{"from": "human", "value": record["question"]}, {"from": "gpt", "value": candidate}]
-            samples.append(encoder.encode_conversation(conversation, pixel_values, f"{eval_file}:{index + 1}"))
-            owners.append((index, candidate))
-    was_training = model.training
-    model.eval()
-    scores: list[float] = []
-    with torch.no_grad():
-        for begin in range(0, len(samples), pack_size):
-            batch = collate(samples[begin : begin + pack_size], config).to(device)
-            with autocast():
-                # Per-token CE from the engine's linear cross-entropy: the labels' negated log-probabilities.
-                output = model(batch.input_ids, batch.pixel_values, batch.cu_seqlens, batch.positions, batch.labels,
-                               None, batch.max_seqlen, image_flags=batch.image_flags, loss_reduction="none")
-            scores += segment_sums(-output.loss, batch.cu_seqlens).tolist()
-    model.train(was_training)
-    best: dict[int, tuple[str, float]] = {}
-    for (index, candidate), score in zip(owners, scores):
-        if index not in best or score > best[index][1]:
-            best[index] = (candidate, score)
-    per_kind: dict[str, list] = {}
-    for index, record in enumerate(records):
-        per_kind.setdefault(record.get("kind", "all"), []).append((best[index][0] == record["answer"], 1.0 / len(record["candidates"])))
-    everything = [entry for entries in per_kind.values() for entry in entries]
-
-    def summarise(entries):
-        return {"accuracy": sum(hit for hit, _ in entries) / len(entries), "chance": sum(c for _, c in entries) / len(entries), "questions": len(entries)}
-
-    return {**summarise(everything), "per_kind": {kind: summarise(entries) for kind, entries in per_kind.items()}}
-
-
-def format_accuracy(accuracy: dict) -> str:
-    lines = [f"held-out accuracy: {accuracy['accuracy']:.1%} on {accuracy['questions']} questions (chance {accuracy['chance']:.1%})"]
-    for kind, values in accuracy["per_kind"].items():
-        lines.append(f"  {kind:<8} {values['accuracy']:.1%}  (chance {values['chance']:.1%}, {values['questions']} questions)")
-    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """ModelShape: what the FLOP and memory models need to know about an InternVL-style model, per component.
 
-Dimensions come from the transformers ``InternVLConfig`` dict (the layout of internvl3_engine.plan.presets
+Dimensions come from the transformers ``InternVLConfig`` dict (the layout of internvl3_engine.architectures
 and of a checkpoint's config.json); parameter counts come from real modules, so they hold for any
 implementation: ``model_shape`` builds transformers' InternVLForConditionalGeneration on the meta device
 (shapes only, nothing allocated: the 78B in well under a second), ``ModelShape.from_modules`` counts the
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..parallel.parallelize import find_blocks, find_components
-from .presets import PRESETS, preset_config
+from ..architectures import PRESETS, preset_config
 
 # Vision parameters that are added to (not multiplied with) each token: they cost no matmul FLOPs.
 _VISION_ADDITIVE_NAMES = ("cls_token", "mask_token", "position_embedding", "position_embeddings")

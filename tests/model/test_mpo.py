@@ -1,4 +1,4 @@
-"""The MPO loss (model/mpo.py) against a float64 hand computation, term by term."""
+"""The MPO loss (model/train/mpo.py) against a float64 hand computation, term by term."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model.mpo import (
+from model.train.mpo import (
     MPO_BETA,
     MPO_WEIGHTS,
     PrecomputedReference,

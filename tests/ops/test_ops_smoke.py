@@ -8,7 +8,7 @@ import sys
 
 import internvl3_engine as ie
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "ops_smoke.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "ops_smoke.py")
 
 
 def test_ops_smoke_runs_every_public_op_on_cpu():

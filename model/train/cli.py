@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 8 -m model.train --preset internvl3-8b --plan plan.yaml --data meta.json
     tensorboard --logdir runs/demo/tensorboard               the demo's curves (it logs to TensorBoard)
 
---config: a YAML or JSON mapping of TrainConfig fields (model/trainer.py), e.g.
+--config: a YAML or JSON mapping of TrainConfig fields (model/train/config.py), e.g.
     lr: 1.0e-5
     lr_vision: 2.0e-6
     freeze_language: true
@@ -37,7 +37,9 @@ from typing import Optional
 import torch
 
 from .metrics import MissingPackageError
-from .trainer import MODES, TRAIN_PRESETS, Trainer, load_config_file, preset_config
+from .config import MODES, load_config_file
+from .presets import TRAIN_PRESETS, preset_config
+from .trainer import Trainer
 
 PLAN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
                "float32": torch.float32, "fp32": torch.float32}
@@ -126,6 +128,3 @@ def main(argv: Optional[list] = None) -> int:
     trainer.train()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
-"""``python -m internvl3_engine.plan``: recommend a parallelism plan for training an InternVL model.
+"""``python -m internvl3_engine.planner``: recommend a parallelism plan for training an InternVL model.
 
-    python -m internvl3_engine.plan --preset internvl3-78b --gpus 256 --gpu h100
-    python -m internvl3_engine.plan --config path/to/config.json --gpus 64 --json
+    python -m internvl3_engine.planner --preset internvl3-78b --gpus 256 --gpu h100
+    python -m internvl3_engine.planner --config path/to/config.json --gpus 64 --json
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from ..parallel.plan import COMPONENTS, ParallelPlan
 from .calibration import calibrate, default_results_dir
 from .cost import Assumptions, PlanCost, Workload
 from .hardware import GIB, GPUS, GPU, gpu as gpu_kind
-from .presets import PRESETS
+from ..architectures import PRESETS
 from .search import Recommendation, recommend
 from .shape import ModelShape, model_shape
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m internvl3_engine.plan",
+        prog="python -m internvl3_engine.planner",
         description="Recommend a parallelism plan (per-component sharding, activation checkpointing, tensor "
         "parallelism, HSDP) for training an InternVL model, with memory per GPU and a predicted step time "
         "from a cost model whose assumptions are printed with the result.",

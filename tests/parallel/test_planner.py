@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from internvl3_engine.parallel.plan import ComponentPlan, ParallelPlan
-from internvl3_engine.plan import (
+from internvl3_engine.planner import (
     DEFAULT_EFFICIENCY, GPUS, PRESETS, Assumptions, ComponentShape, ModelShape, Workload, calibrate, estimate,
     model_shape, preset_config, recommend, training_flops,
 )
-from internvl3_engine.plan.__main__ import main, plan_dict
-from internvl3_engine.plan.cost import language_activation_bytes_per_token
-from internvl3_engine.plan.hardware import GIB, datasheet_bf16_flops
+from internvl3_engine.planner.__main__ import main, plan_dict
+from internvl3_engine.planner.cost import language_activation_bytes_per_token
+from internvl3_engine.planner.hardware import GIB, datasheet_bf16_flops
 
 pytest.importorskip("transformers")
 
@@ -224,7 +224,7 @@ def test_calibration_from_results(tmp_path):
 
 def test_cli_78b_tables():
     result = subprocess.run(
-        [sys.executable, "-m", "internvl3_engine.plan", "--preset", "internvl3-78b", "--gpus", "256", "--gpu", "h100"],
+        [sys.executable, "-m", "internvl3_engine.planner", "--preset", "internvl3-78b", "--gpus", "256", "--gpu", "h100"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "160"},
     )
     assert result.returncode == 0, result.stderr
@@ -244,7 +244,7 @@ def test_cli_json(tmp_path, capsys):
 
 
 def test_cli_saves_a_plan_the_trainer_loads(tmp_path, capsys):
-    from model.train import load_plan
+    from model.train.cli import load_plan
 
     saved = tmp_path / "plan.json"
     assert main(["--preset", "internvl3-8b", "--gpus", "64", "--results", str(tmp_path), "--save", str(saved)]) == 0

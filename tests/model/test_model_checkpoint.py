@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from model.checkpoint import from_layout, read_tensors, to_layout
+from model.weights import from_layout, read_tensors, to_layout
 from model.config import PRESETS, InternVL3Config
 from model.modeling import InternVL3
 

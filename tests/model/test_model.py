@@ -1,7 +1,7 @@
 """The reference InternVL3 model (model/): configs and presets, parameter counts on the meta device, and the
 forward pass on packs (packing, V2PE deltas, the weighted loss, backward, blank tiles, model.data batches), and
 the vision tower and projector under FSDP2 returning no views.
-Parity with transformers and checkpoints: tests/test_model_checkpoint.py."""
+Parity with transformers and checkpoints: tests/model/test_model_checkpoint.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The trainer (model/train.py, trainer.py, optim.py, checkpointing.py, metrics.py, demo_data.py): demo data
+"""The trainer (model/train/: cli, config, presets, trainer, optim, checkpointing, metrics, demo_data): demo data
 generation, the command line, a short run whose loss falls, exact resume, the learning-rate schedule of a
 resume with more steps, bad records, missing input files, skipped non-finite steps, MPO, freezing,
 activation checkpointing, TensorBoard and Weights & Biases logging, the final transformers-layout weights."""
@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpointing import list_checkpoints
-from model.demo_data import DemoDataConfig, generate
-from model.metrics import MetricsLog, read_metrics
 from model.modeling import InternVL3
-from model.optim import WarmupCosine, parameter_groups
-from model.train import build_parser, config_from_args, main
-from model.trainer import Trainer, TrainConfig, resolve_device
+from model.train.checkpointing import list_checkpoints
+from model.train.cli import build_parser, config_from_args, main
+from model.train.config import TrainConfig
+from model.train.demo_data import DemoDataConfig, generate
+from model.train.distributed import resolve_device
+from model.train.metrics import MetricsLog, read_metrics
+from model.train.optim import WarmupCosine, parameter_groups
+from model.train.trainer import Trainer
 
 SMALL_DATA = DemoDataConfig(train_images=24, eval_images=4, preference_pairs=12, image_size=56, wide_fraction=0.25)
 
@@ -465,7 +467,7 @@ def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
                "--preset", "tiny", "--config", str(config_file), "--plan", str(plan_file), "--output-dir", str(output),
                "--log-every", "1", "--no-progress", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=environment,
+    completed = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env=environment,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]

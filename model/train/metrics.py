@@ -24,11 +24,11 @@ import os
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-from internvl3_engine.plan import datasheet_bf16_flops
+from internvl3_engine.planner import datasheet_bf16_flops
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
-    """The datasheet's dense bf16 FLOP/s of a CUDA device (internvl3_engine.plan's table), for MFU; None
+    """The datasheet's dense bf16 FLOP/s of a CUDA device (internvl3_engine.planner's table), for MFU; None
     on CPUs and unknown devices."""
     if device.type != "cuda":
         return None

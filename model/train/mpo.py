@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+from ..data import IGNORE_INDEX
 
 MPO_WEIGHTS = (0.8, 0.2, 1.0)  # preference, quality, generation
 MPO_BETA = 0.1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .hardware import GPU, device_pattern
-from .presets import PRESETS
+from ..architectures import PRESETS
 
 DEFAULT_EFFICIENCY = 0.40  # between torchtitan's measured 30-39% (Llama 3.1 8B, FSDP2) and 2024 MLLM systems' 41-55%
 

@@ -1,11 +1,11 @@
 """The parallelism planner: per-component plans for training an InternVL model on N GPUs, from a cost model
-of memory per GPU and step time (``python -m internvl3_engine.plan``)."""
+of memory per GPU and step time (``python -m internvl3_engine.planner``)."""
 
 from .calibration import DEFAULT_EFFICIENCY, Calibration, calibrate
 from .cost import Assumptions, ComponentCost, PlanCost, Workload, estimate
 from .flops import training_flops
 from .hardware import GPU, GPUS, datasheet_bf16_flops
-from .presets import PRESETS, preset_config
+from ..architectures import PRESETS, preset_config
 from .search import Recommendation, recommend
 from .shape import ComponentShape, ModelShape, model_shape
 

@@ -1,0 +1,7 @@
+"""``python -m model.train``: the training command (model/train/cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
