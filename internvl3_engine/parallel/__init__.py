@@ -2,6 +2,7 @@
 cross-component prefetch, tensor parallelism of the LLM, the square-averaged loss across ranks, gradient
 clipping across meshes, sharded checkpoints, and vision-aware load balancing."""
 
+from .activation_checkpoint import checkpoint_blocks
 from .balance import Assignment, CostModel, balance, naive_split
 from .checkpoint import load_sharded, save_sharded
 from .gradients import clip_grad_norm_
@@ -18,6 +19,7 @@ __all__ = [
     "ParallelState",
     "balance",
     "build_meshes",
+    "checkpoint_blocks",
     "clip_grad_norm_",
     "data_parallel_loss",
     "global_weight_sum",

@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from .activation_checkpoint import checkpoint_blocks
 from .plan import COMPONENTS, ComponentPlan, ParallelPlan
 from .tensor_parallel import apply_tensor_parallel
 
@@ -135,10 +136,7 @@ def _shard(module: nn.Module, component: ComponentPlan, meshes: Meshes) -> None:
 
 def _prepare_blocks(blocks: nn.ModuleList, component: ComponentPlan) -> None:
     if component.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for index, block in enumerate(blocks):
-            blocks[index] = checkpoint_wrapper(block)
+        checkpoint_blocks(blocks)
     if component.compile:
         for block in blocks:
             block.compile()

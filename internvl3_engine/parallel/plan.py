@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 SHARDINGS = ("replicate", "zero2", "zero3")
 COMPONENTS = ("vision", "projector", "language")  # in forward execution order
+# The dtype names a plan file may use for param_dtype / reduce_dtype.
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,48 @@ class ParallelPlan:
 
     def component(self, name: str) -> ComponentPlan:
         return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        """The plan as plain data (a YAML/JSON plan file's contents): dtypes by name ("bfloat16")."""
+
+        def component(name: str) -> dict:
+            fields = dataclasses.asdict(self.component(name))
+            return {key: str(value).removeprefix("torch.") if key.endswith("dtype") and value is not None else value
+                    for key, value in fields.items()}
+
+        return {**{name: component(name) for name in COMPONENTS},
+                "dp_replicate": self.dp_replicate, "tp": self.tp, "prefetch": self.prefetch}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ParallelPlan":
+        """The plan of ``to_dict``'s data (a plan file's): fields left out keep their defaults, dtypes are
+        names of DTYPES; a ValueError or TypeError names a wrong field."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a plan is a mapping of ParallelPlan fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown plan fields {unknown}; known: {sorted(known)}")
+        settings = {}
+        for key, value in data.items():
+            if key in COMPONENTS:
+                settings[key] = _component_from_dict(key, value)
+            else:
+                settings[key] = value
+        return cls(**settings)
+
+
+def _component_from_dict(name: str, data) -> ComponentPlan:
+    if not isinstance(data, dict):
+        raise TypeError(f"{name} must be a mapping of ComponentPlan fields, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(ComponentPlan)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown ComponentPlan fields {unknown}; known: {sorted(known)}")
+    settings = dict(data)
+    for key in ("param_dtype", "reduce_dtype"):
+        if isinstance(settings.get(key), str):
+            if settings[key] not in DTYPES:
+                raise ValueError(f"{name}.{key} must be one of {sorted(DTYPES)}, got {settings[key]!r}")
+            settings[key] = DTYPES[settings[key]]
+    return ComponentPlan(**settings)

@@ -69,18 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def plan_dict(plan: ParallelPlan) -> dict:
-    def component(name: str) -> dict:
-        fields = dataclasses.asdict(plan.component(name))
-        return {key: str(value).removeprefix("torch.") if key.endswith("dtype") else value for key, value in fields.items()}
-
-    return {**{name: component(name) for name in COMPONENTS},
-            "dp_replicate": plan.dp_replicate, "tp": plan.tp, "prefetch": plan.prefetch}
-
-
 def cost_dict(cost: PlanCost) -> dict:
     return {
-        "plan": plan_dict(cost.plan),
+        "plan": cost.plan.to_dict(),
         "components": {name: {**dataclasses.asdict(part), "memory_bytes": part.memory_bytes}
                        for name, part in cost.components.items()},
         "micro_batches": cost.micro_batches,
@@ -206,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if recommendation.best is None:
         return 1
     if args.save is not None:
-        args.save.write_text(json.dumps(plan_dict(recommendation.best.plan), indent=2) + "\n")
+        args.save.write_text(json.dumps(recommendation.best.plan.to_dict(), indent=2) + "\n")
         if not args.json:
             print(f"plan written to {args.save}")
     return 0

@@ -34,37 +34,20 @@ import os
 import sys
 from typing import Optional
 
-import torch
-
 from .metrics import MissingPackageError
 from .config import MODES, load_config_file
 from .presets import TRAIN_PRESETS, preset_config
 from .trainer import Trainer
 
-PLAN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-               "float32": torch.float32, "fp32": torch.float32}
-
 
 def load_plan(path: str):
-    """A ParallelPlan from a YAML/JSON file (dtype names as strings)."""
-    from internvl3_engine.parallel import ComponentPlan, ParallelPlan
+    """A ParallelPlan from a YAML/JSON file (ParallelPlan.to_dict's layout: dtypes by name)."""
+    from internvl3_engine.parallel import ParallelPlan
 
-    data = load_config_file(path)
-    settings = {}
-    for key, value in data.items():
-        if key in ("vision", "projector", "language"):
-            if not isinstance(value, dict):
-                raise ValueError(f"{path}: {key} must be a mapping of ComponentPlan fields")
-            component = dict(value)
-            for name in ("param_dtype", "reduce_dtype"):
-                if isinstance(component.get(name), str):
-                    if component[name] not in PLAN_DTYPES:
-                        raise ValueError(f"{path}: {key}.{name} must be one of {sorted(PLAN_DTYPES)}, got {component[name]!r}")
-                    component[name] = PLAN_DTYPES[component[name]]
-            settings[key] = ComponentPlan(**component)
-        else:
-            settings[key] = value
-    return ParallelPlan(**settings)
+    try:
+        return ParallelPlan.from_dict(load_config_file(path))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,17 +25,17 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world): from torchrun's environment, or a one-process group so a plan also runs alone; NCCL
-    on CUDA, gloo on the CPU."""
+    """(rank, world): from torchrun's environment, or a one-process group so a plan also runs alone (an
+    in-memory store: no port, so runs side by side never collide); NCCL on CUDA, gloo on the CPU."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
 
 

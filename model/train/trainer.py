@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from internvl3_engine.parallel import balance, clip_grad_norm_, naive_split
+from internvl3_engine.parallel import balance, checkpoint_blocks, clip_grad_norm_, naive_split
 from internvl3_engine.planner import ModelShape, training_flops
 
 from ..data import (
@@ -63,21 +63,6 @@ def check_data_files(meta_path: str, eval_file: Optional[str]) -> None:
         _require_file(spec.annotation, f"{meta_path}: dataset {spec.name!r}: annotation")
     if eval_file is not None:
         _require_file(eval_file, "eval_file")
-
-
-def enable_activation_checkpointing(model: InternVL3) -> None:
-    """Recompute each ViT and decoder block in backward (torch.utils.checkpoint around the block's forward;
-    the model has no switch, and replacing the bound forward keeps parameter names unchanged)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for blocks in (model.vision.layers, model.language.layers):
-        for block in blocks:
-            forward = block.forward
-
-            def checkpointed(*args, _forward=forward):
-                return checkpoint(_forward, *args, use_reentrant=False)
-
-            block.forward = checkpointed
 
 
 def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
@@ -170,7 +155,8 @@ class Trainer:
             self.parallel_state = parallelize(self.model, plan)
             self.dp_rank, self.dp_world = self.parallel_state.dp_rank, self.parallel_state.dp_world_size
         elif config.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
+            for blocks in (self.model.vision.layers, self.model.language.layers):
+                checkpoint_blocks(blocks)
 
         groups = parameter_groups(
             components, config.lr, config.weight_decay,

@@ -453,6 +453,24 @@ def test_wandb_gets_the_jsonl_values_when_asked_for(data_dir, tmp_path, monkeypa
     assert logged == jsonl_scalars(tmp_path / "metrics.jsonl")
 
 
+def test_a_plan_runs_in_one_process_without_torchrun(data_dir, tmp_path, monkeypatch):
+    """A ParallelPlan without torchrun: a one-process group on an in-memory store (no port: runs side by side
+    cannot collide), with the plain run's losses."""
+    import torch.distributed as dist
+    from internvl3_engine.parallel import ParallelPlan
+
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    plain = run(small_config(data_dir, tmp_path / "plain", max_steps=2))
+    try:
+        planned = run(small_config(data_dir, tmp_path / "planned", max_steps=2), plan=ParallelPlan())
+        assert dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert planned.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
 def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
     import subprocess
     import sys
@@ -463,7 +481,7 @@ def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
     config_file.write_text(json.dumps(settings))
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(plan_text)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", "-m", "model.train",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "model.train",
                "--preset", "tiny", "--config", str(config_file), "--plan", str(plan_file), "--output-dir", str(output),
                "--log-every", "1", "--no-progress", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -4,6 +4,7 @@ tensor parallelism of the LLM and HSDP; checkpoints load across world sizes and 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import tempfile
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl3_engine.parallel import (
-    ComponentPlan, ParallelPlan, build_meshes, clip_grad_norm_, data_parallel_loss, load_sharded, parallelize, save_sharded,
+    ComponentPlan, ParallelPlan, build_meshes, checkpoint_blocks, clip_grad_norm_, data_parallel_loss, load_sharded,
+    parallelize, save_sharded,
 )
 from internvl3_engine.parallel.parallelize import find_blocks, find_components, set_prefetch
 from internvl3_engine.parallel.tensor_parallel import check_tensor_parallel
@@ -331,6 +333,70 @@ def test_bad_component_plan():
         ComponentPlan(sharding="zero1")
     with pytest.raises(TypeError, match="param_dtype"):
         ComponentPlan(param_dtype=torch.int8)
+
+
+def test_checkpoint_blocks_recomputes_in_backward_and_keeps_names():
+    """checkpoint_blocks: the same gradients, each block's forward run again in backward, parameter and
+    state_dict names unchanged; applying it twice wraps once."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3)])
+    checkpointed = copy.deepcopy(plain)
+    checkpoint_blocks(checkpointed)
+    checkpoint_blocks(checkpointed)
+    x = torch.randn(4, 8, requires_grad=True)
+    plain(x).square().sum().backward()
+    expected = [p.grad for p in plain.parameters()]
+    checkpointed(x.detach().requires_grad_()).square().sum().backward()
+    for actual, grad in zip((p.grad for p in checkpointed.parameters()), expected):
+        torch.testing.assert_close(actual, grad)
+    assert [name for name, _ in checkpointed.named_parameters()] == [name for name, _ in plain.named_parameters()]
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_checkpoint_blocks_runs_the_forward_again_in_backward():
+    block = nn.Linear(4, 4)
+    runs = []
+    original = block.forward
+    block.forward = lambda x: (runs.append(1), original(x))[1]
+    checkpoint_blocks(nn.ModuleList([block]))
+    block(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert len(runs) == 2
+
+
+def test_plans_round_trip_through_plain_data():
+    """to_dict gives a plan file's contents (JSON/YAML-ready: dtypes by name, None kept); from_dict gives the
+    plan back, with left-out fields at their defaults."""
+    import json
+
+    plans = [
+        ParallelPlan(),
+        ParallelPlan(vision=ComponentPlan("replicate", param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                          activation_checkpointing=True, compile=True),
+                     language=ComponentPlan("zero2", param_dtype=torch.float16), dp_replicate=2, tp=4, prefetch=0),
+    ]
+    for plan in plans:
+        data = plan.to_dict()
+        assert json.loads(json.dumps(data)) == data
+        assert ParallelPlan.from_dict(json.loads(json.dumps(data))) == plan
+    assert plans[1].to_dict()["vision"]["param_dtype"] == "bfloat16" and plans[0].to_dict()["vision"]["param_dtype"] is None
+    assert ParallelPlan.from_dict({"tp": 2, "language": {"param_dtype": "bf16"}}) == ParallelPlan(
+        tp=2, language=ComponentPlan(param_dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "data,error,match",
+    [
+        ([1], TypeError, "a plan is a mapping"),
+        ({"pp": 2}, ValueError, r"unknown plan fields \['pp'\]"),
+        ({"vision": "zero2"}, TypeError, "vision must be a mapping"),
+        ({"language": {"shard": "zero3"}}, ValueError, r"language: unknown ComponentPlan fields \['shard'\]"),
+        ({"language": {"param_dtype": "int8"}}, ValueError, "language.param_dtype must be one of"),
+        ({"tp": 0}, ValueError, "tp must be an int >= 1"),
+    ],
+)
+def test_bad_plan_data(data, error, match):
+    with pytest.raises(error, match=match):
+        ParallelPlan.from_dict(data)
 
 
 def test_tensor_parallel_needs_qwen2_blocks_and_whole_heads():

@@ -15,7 +15,7 @@ from internvl3_engine.planner import (
     DEFAULT_EFFICIENCY, GPUS, PRESETS, Assumptions, ComponentShape, ModelShape, Workload, calibrate, estimate,
     model_shape, preset_config, recommend, training_flops,
 )
-from internvl3_engine.planner.__main__ import main, plan_dict
+from internvl3_engine.planner.__main__ import main
 from internvl3_engine.planner.cost import language_activation_bytes_per_token
 from internvl3_engine.planner.hardware import GIB, datasheet_bf16_flops
 
@@ -251,7 +251,7 @@ def test_cli_saves_a_plan_the_trainer_loads(tmp_path, capsys):
     assert f"plan written to {saved}" in capsys.readouterr().out
     plan = load_plan(str(saved))
     assert isinstance(plan, ParallelPlan) and plan.language.param_dtype == torch.bfloat16
-    assert plan_dict(plan) == json.loads(saved.read_text())
+    assert plan.to_dict() == json.loads(saved.read_text())
 
 
 @pytest.mark.parametrize("argv, message", [
