@@ -59,7 +59,7 @@ class SweepCase:
 
 # Hopper-oriented candidates around the defaults: wider tiles with 8 warps, deeper pipelines, and the
 # shapes FlashAttention-2's Triton implementations use for D = 64 and 128. Pruned by what ptxas reports for
-# sm_90a under triton 3.6 (bench/results/README.md, "Attention block sizes"): at D = 128 the dK/dV kernel
+# sm_90a under triton 3.6 (bench/results/README.md, "Gaps against the targets"): at D = 128 the dK/dV kernel
 # holds dK and dV, 64 x 256 float32 per warpgroup, in registers, and most of its shapes spill (the default,
 # 32 x 64 with 4 warps, 244 bytes per thread); the spill-free ones, two warpgroups over 16-query blocks, or
 # one pipeline stage, are here beside the least-spilling others.

@@ -145,10 +145,10 @@ class KernelSet:
     torch: Callable
     triton: Callable | None = None
     cuda: Callable | None = None
-    # Compiled kernels first: on an H100 (bench/results/20261122T180330Z_*) they beat the Triton kernels of
-    # every memory-bound op forward+backward (1.2-1.8x: rotary, both unshuffles, scatter_visual) and
-    # loss_weights 15x, where short kernels make the host's time per call count (a C++ op launches
-    # with less of it than Triton's Python launcher). Ops whose kernels are only Triton say so.
+    # Compiled kernels first: measured on an H100 (see bench/results/README.md), they beat the Triton kernels
+    # of every memory-bound op forward+backward (rotary, both unshuffles, scatter_visual) and of loss_weights,
+    # where short kernels make the host's time per call count (a C++ op launches with less of it than
+    # Triton's Python launcher). Ops whose kernels are only Triton say so.
     gpu_order: tuple[str, ...] = ("cuda", "triton", "torch")
 
     def select(self, device: torch.device) -> Callable:

@@ -11,8 +11,8 @@
 #include "v2pe_positions/v2pe_positions_math.h"
 
 // The checks throw c10::Error (RuntimeError in Python), not c10::ValueError: a ValueError thrown from this
-// extension crashed the process under torch 2.11 (seen on an H100 machine, 2026-11-22) while c10::Error
-// propagated. The Python op raises ValueError for every one of these before a kernel runs.
+// extension crashed the process under torch 2.11 on a GPU machine (bench/results/README.md) while
+// c10::Error propagated. The Python op raises ValueError for every one of these before a kernel runs.
 namespace ie {
 namespace v2pe {
 

@@ -8,8 +8,8 @@ Autograd lives outside the operators, in a ``torch.autograd.Function`` per diffe
 ``op.py``) whose forward and backward call the forward and backward operators. That is the low-overhead
 arrangement: ``torch.library.custom_op`` with ``register_autograd`` passes every call through several
 Python layers (safety checks, a generated autograd.Function, redispatches): a forward+backward through
-them took 1.1 to 1.6 times the host time of this arrangement (measured on the CPU with tiny tensors, where
-nothing else counts: bench/results/README.md). Host time matters because at InternVL3's sizes the memory-bound kernels
+them measured slower in host time than this arrangement (on the CPU with tiny tensors, where nothing else
+counts; see bench/results/README.md). Host time matters because at InternVL3's sizes the memory-bound kernels
 run for only tens of microseconds. The operators themselves are therefore not differentiable; the public
 functions (``internvl3_engine.pixel_unshuffle`` and the others) are.
 """

@@ -18,12 +18,11 @@ from typing import Iterable
 
 from .shape import ModelShape
 
-FLOP_PARTS = ("llm_matmuls", "llm_attention", "vit_matmuls", "vit_attention", "projector")
-
 
 def training_flops(shape: ModelShape, tokens: int, tiles: int, sample_lengths: Iterable[int]) -> dict[str, float]:
     """FLOPs of forward + backward on a pack of ``tokens`` tokens in samples of ``sample_lengths`` with
-    ``tiles`` image tiles, by part (FLOP_PARTS) and their ``total``."""
+    ``tiles`` image tiles, by part (llm_matmuls, llm_attention, vit_matmuls, vit_attention, projector) and
+    their ``total``."""
     squares = sum(length * length for length in sample_lengths)
     tile_tokens = shape.vision_tokens_per_tile
     parts = {

@@ -63,10 +63,6 @@ class Sample:
     def num_images(self) -> int:
         return len(self.tiles_per_image)
 
-    @property
-    def num_supervised(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
     def image_spans(self) -> list[tuple[int, int]]:
         """[start, end) of each image's tokens, <img> and </img> included, in order."""
         visual = self.is_visual.to(torch.int8)

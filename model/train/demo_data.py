@@ -224,8 +224,3 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
     })
     _write_json(stamp_path, stamp)
     return meta_path
-
-
-def load_eval(folder: str) -> list[dict]:
-    with open(os.path.join(folder, "eval.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

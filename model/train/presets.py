@@ -10,9 +10,7 @@ from .config import TrainConfig
 
 # The demo: a tiny InternVL3 (the "tiny" preset widened, 112-pixel tiles of 16 tokens) on the generated
 # shapes data mixed 1:3 with the embedded corpus, sized to learn in about seven minutes on 2 CPU cores
-# (single-threaded: 800 steps learnt colour only; 1100 on shapes of 27-43 pixels learn colour, and count
-# in some runs only (3 seeds of 2026-11-23: none); shape stays near chance: a wider or deeper ViT, a higher
-# vision lr or 168-pixel tiles did not help).
+# (single-threaded). What it learns and what did not help: bench/results/README.md, "Demo training run".
 DEMO = {
     "model": {
         "preset": "tiny",

@@ -252,14 +252,12 @@ def v2pe_attention(
 
     ``rotary_mode`` chooses how the rotary is applied, both with the same result:
       'separate' (default): apply_rotary on q and k, then attention without positions (apply_rotary's
-          backward rotates dq and dk back); the faster on an H100 (2026-11-22, 16k-token pack, 28 heads
-          of 128: forward 966 us against 1134 for 'prerotate_k'; forward+backward 4.86 ms against 5.16),
-          timed before 'prerotate_k' took its present form (not yet timed);
+          backward rotates dq and dk back); measured faster than 'prerotate_k' on an H100 (see
+          bench/results/README.md);
       'prerotate_k': k rotated once by the apply_rotary kernel, q rotated in the attention kernel's
           prologue; the rotated q and k are kept for the backward instead of q and k (the same memory),
           so the backward rotates nothing but the gradients, in its epilogues (by -angle).
-    Anything else raises ValueError (the mode 'fused', which rotated every K block as loaded, once per
-    Q block, measured ~5x slower than 'separate' and was removed).
+    Anything else raises ValueError.
 
     Under torch.autocast, q, k and v are cast to the autocast dtype first (as SDPA's are).
 
