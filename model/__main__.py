@@ -2,6 +2,9 @@
 
     python -m model info --preset internvl3-78b     parameter counts per component, built on the meta device
     python -m model info --config path/to/folder    the same for a checkpoint's config.json
+    python -m model convert SOURCE TARGET [--layout hf|opengvlab]
+                                                    a checkpoint folder rewritten in a layout (transformers'
+                                                    by default, which a sharded start reads)
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ def _info(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .modeling import InternVL3
+
+    model = InternVL3.from_pretrained(args.source)
+    model.save_pretrained(args.target, layout=args.layout)
+    print(f"{args.source} -> {args.target} ({args.layout} layout)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model", description="InternVL3 reference model")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,10 +65,12 @@ def main(argv=None) -> int:
     source.add_argument("--preset", choices=PRESETS, default="tiny")
     source.add_argument("--config", help="a checkpoint folder or config.json (transformers or OpenGVLab)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    convert = commands.add_parser("convert", help="rewrite a checkpoint folder in another layout")
+    convert.add_argument("source", help="a checkpoint folder (transformers or OpenGVLab layout)")
+    convert.add_argument("target", help="the folder to write")
+    convert.add_argument("--layout", choices=("hf", "opengvlab"), default="hf")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info(args)
-    return 2
+    return _info(args) if args.command == "info" else _convert(args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 HEAD = "language.lm_head.weight"
 EMBEDDINGS = "language.embed_tokens.weight"
+_HF_HEAD = "language_model.lm_head.weight"  # HEAD as the 'hf' layout writes it
 
 
 # ---- name rules: (this model's prefix, the layout's prefix); {n} is a layer index. A name maps by its first
@@ -301,3 +302,120 @@ def _check_layout(layout: str) -> None:
 def _some(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---- sharded models: each rank reads and writes only its own shards
+
+
+def checkpoint_shapes(path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
+    """The on-disk name -> shape of every tensor of a checkpoint folder, from the safetensors headers (no
+    tensor data read). FileNotFoundError names a shard file its index lists but the folder lacks."""
+    from safetensors import safe_open
+
+    folder = os.fspath(path)
+    shapes = {}
+    for file in _weight_files(folder):
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: listed in {os.path.join(folder, INDEX_NAME)} but missing")
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _sharded_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict as the 'hf' layout names it on disk (tensors may be DTensors: DCP reads and
+    writes each rank's shards of them); a tied head is the embeddings' tensor, written once."""
+    state = model.state_dict()
+    if model.config.text.tie_word_embeddings:
+        state.pop(HEAD)
+    return to_layout(state, "hf")
+
+
+def check_checkpoint_matches(model, path: Union[str, os.PathLike]) -> None:
+    """ValueError, before anything is read, when the checkpoint's tensor names or shapes are not the model's:
+    names the tensor (as the checkpoint spells it) and both shapes. Only the transformers ('hf') layout
+    loads into a sharded model."""
+    folder = os.fspath(path)
+    shapes = checkpoint_shapes(folder)
+    if detect_layout(shapes) != "hf":
+        raise ValueError(f"{folder} is in the OpenGVLab layout; a sharded start reads the transformers layout: "
+                         "convert it once with `python -m model convert SOURCE TARGET`")
+    expected = {name: tuple(tensor.shape) for name, tensor in _sharded_state(model).items()}
+    on_disk = {_on_disk_hf_name(_hf_in_memory_name(name)): shape for name, shape in shapes.items() if not _IGNORED.search(name)}
+    if model.config.text.tie_word_embeddings:
+        on_disk.pop(_HF_HEAD, None)  # compared with the embeddings when loaded (_check_tied_head)
+    missing = sorted(set(expected) - set(on_disk))
+    if missing:
+        raise ValueError(f"the checkpoint in {folder} lacks {_some(missing)}")
+    unexpected = sorted(set(on_disk) - set(expected))
+    if unexpected:
+        raise ValueError(f"the checkpoint in {folder} has tensors this config does not use: {_some(unexpected)}")
+    for name, shape in sorted(expected.items()):
+        if on_disk[name] != shape:
+            raise ValueError(f"{name}: the checkpoint's shape {on_disk[name]} is not the config's {shape}")
+
+
+def load_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
+    """Fill a model whose parameters are sharded (DTensors after internvl3_engine.parallel.parallelize, on
+    their devices; plain tensors load too) from a transformers-layout checkpoint folder: each rank reads
+    only the slices it holds (torch.distributed.checkpoint's HuggingFaceStorageReader over safetensors),
+    converting to the parameters' dtype. Names and shapes are checked first (check_checkpoint_matches).
+    A checkpoint that stores a head beside the embeddings that the config ties must hold the same values
+    (compared shard by shard; ValueError otherwise: untie them in its config.json)."""
+    import torch.distributed.checkpoint as dcp
+
+    import torch.distributed as dist
+
+    folder = os.fspath(path)
+    check_checkpoint_matches(model, folder)
+    alone = not dist.is_initialized()
+    dcp.load(_sharded_state(model), storage_reader=dcp.HuggingFaceStorageReader(folder), no_dist=alone)
+    if model.config.text.tie_word_embeddings and _HF_HEAD in checkpoint_shapes(folder):
+        _check_tied_head(model, folder, alone)
+
+
+def _check_tied_head(model, folder: str, alone: bool) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    embeddings = model.language.embed_tokens.weight.detach()
+    head = torch.empty_like(embeddings)
+    dcp.load({_HF_HEAD: head}, storage_reader=dcp.HuggingFaceStorageReader(folder), no_dist=alone)
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in (head, embeddings)]
+    same = torch.tensor(float(torch.equal(*local)), device=embeddings.device)
+    if not alone:
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    if not same.item():
+        raise ValueError(f"{folder}: the checkpoint's {_HF_HEAD} differs from its embeddings, but its config ties "
+                         "them (tie_word_embeddings): set tie_word_embeddings to false in its config.json")
+
+
+def save_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
+    """Write a sharded model as a transformers-layout checkpoint (config.json + safetensors) from its shards:
+    every rank writes its own slices (HuggingFaceStorageWriter), then the first rank consolidates them
+    file by file into full tensors; no rank gathers the model. Call it on every rank."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    folder = os.fspath(path)
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if first:
+        os.makedirs(folder, exist_ok=True)
+        for stale in os.listdir(folder):
+            if stale.endswith(".safetensors") or stale == INDEX_NAME:
+                os.remove(os.path.join(folder, stale))
+    writer = dcp.HuggingFaceStorageWriter(folder, save_distributed=True, enable_consolidation=True)
+    dcp.save(_sharded_state(model), storage_writer=writer, no_dist=not dist.is_initialized())
+    if first:
+        shutil.rmtree(os.path.join(folder, "sharded"), ignore_errors=True)
+        config_dict = model.config.to_hf()
+        dtype = next(iter(model.parameters())).dtype
+        config_dict["dtype"] = config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as handle:
+            json.dump(config_dict, handle, indent=2, sort_keys=True)
+    if dist.is_initialized():
+        dist.barrier()

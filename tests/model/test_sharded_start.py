@@ -1,0 +1,148 @@
+"""A sharded model reads and writes transformers-layout checkpoints shard by shard (model.weights'
+load_weights_distributed / save_weights_distributed over torch.distributed.checkpoint's HuggingFace storage):
+2 gloo ranks, each plan's placements (FSDP2 zero2/zero3/replicate, tensor parallelism), exact values; names
+and shapes checked before anything is read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from model import InternVL3, InternVL3Config
+from model.weights import (
+    check_checkpoint_matches,
+    load_weights_distributed,
+    read_config,
+    read_tensors,
+    save_weights_distributed,
+)
+
+PLANS = {
+    "default": {},
+    "zero3": {"vision": {"sharding": "zero3"}, "projector": {"sharding": "zero3"}},
+    "replicate": {"vision": {"sharding": "replicate"}, "language": {"sharding": "replicate"}},
+    "tp": {"tp": 2},
+}
+
+
+def random_checkpoint(folder, tie: bool = False) -> dict:
+    """A tiny InternVL3 with random weights saved in the transformers layout; returns its tensors."""
+    config = InternVL3Config.preset("tiny")
+    config.text = dataclasses.replace(config.text, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = InternVL3(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model.save_pretrained(folder)
+    return dict(read_tensors(folder))
+
+
+def _worker(rank: int, init_file: str, folder: str, out: str, plan: dict, errors):
+    import torch.distributed as dist
+
+    from internvl3_engine.parallel import ParallelPlan, parallelize
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+        with torch.device("meta"):
+            model = InternVL3(read_config(folder))
+        parallelize(model, ParallelPlan.from_dict(plan))
+        model.to_empty(device="cpu")
+        load_weights_distributed(model, folder)
+        expected = InternVL3.from_pretrained(folder).state_dict()
+        for name, tensor in model.state_dict().items():
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            assert torch.equal(full, expected[name]), name
+        save_weights_distributed(model, out)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def run_two_ranks(tmp_path, folder, out, plan):
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(folder), str(out), plan, errors), nprocs=2, join=True,
+                       start_method="spawn")
+    if not errors.empty():
+        pytest.fail(errors.get())
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_each_rank_loads_its_shards_and_the_export_reproduces_the_checkpoint(tmp_path, plan):
+    original = random_checkpoint(tmp_path / "ckpt", tie=plan == "default")
+    run_two_ranks(tmp_path, tmp_path / "ckpt", tmp_path / "export", PLANS[plan])
+    exported = dict(read_tensors(tmp_path / "export"))
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    assert not (tmp_path / "export" / "sharded").exists()
+    assert InternVL3.from_pretrained(tmp_path / "export").config.to_dict() == read_config(tmp_path / "ckpt").to_dict()
+
+
+def test_mismatched_checkpoints_are_named_before_anything_is_read(tmp_path):
+    random_checkpoint(tmp_path / "ckpt")
+    config = read_config(tmp_path / "ckpt")
+    wider = dataclasses.replace(config.text, intermediate_size=config.text.intermediate_size * 2)
+    with torch.device("meta"):
+        model = InternVL3(dataclasses.replace(config, text=wider))
+    with pytest.raises(ValueError, match=r"language_model\.model\.layers\.0\.mlp\.down_proj\.weight: the checkpoint's "
+                                         r"shape \(\d+, \d+\) is not the config's \(\d+, \d+\)"):
+        check_checkpoint_matches(model, tmp_path / "ckpt")
+    deeper = dataclasses.replace(config.text, num_layers=config.text.num_layers + 1)
+    with torch.device("meta"):
+        model = InternVL3(dataclasses.replace(config, text=deeper))
+    with pytest.raises(ValueError, match=r"lacks .*layers\.%d\." % config.text.num_layers):
+        check_checkpoint_matches(model, tmp_path / "ckpt")
+
+
+def test_a_missing_shard_file_is_named(tmp_path):
+    config = InternVL3Config.preset("tiny")
+    InternVL3(config).save_pretrained(tmp_path / "ckpt", max_shard_size=200_000)
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    os.remove(tmp_path / "ckpt" / gone)
+    with torch.device("meta"):
+        model = InternVL3(config)
+    with pytest.raises(FileNotFoundError, match=gone):
+        check_checkpoint_matches(model, tmp_path / "ckpt")
+
+
+def test_opengvlab_layout_is_refused_with_the_conversion_command(tmp_path):
+    from model.__main__ import main
+
+    config = InternVL3Config.preset("tiny")
+    InternVL3(config).save_pretrained(tmp_path / "ogl", layout="opengvlab")
+    with torch.device("meta"):
+        model = InternVL3(config)
+    with pytest.raises(ValueError, match="python -m model convert"):
+        check_checkpoint_matches(model, tmp_path / "ogl")
+    assert main(["convert", str(tmp_path / "ogl"), str(tmp_path / "hf")]) == 0
+    check_checkpoint_matches(model, tmp_path / "hf")
+
+
+def test_a_tied_head_that_differs_from_the_embeddings_is_refused(tmp_path):
+    """A single process (plain tensors) goes through the same path."""
+    from safetensors.torch import load_file, save_file
+
+    random_checkpoint(tmp_path / "ckpt", tie=True)
+    file = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(file)
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
+    save_file(tensors, file, metadata={"format": "pt"})
+    model = InternVL3(read_config(tmp_path / "ckpt"))
+    load_weights_distributed(model, tmp_path / "ckpt")  # equal: loads
+    assert torch.equal(model.language.embed_tokens.weight, tensors["language_model.model.embed_tokens.weight"])
+    tensors["language_model.lm_head.weight"] += 1
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="differs from its embeddings"):
+        load_weights_distributed(model, tmp_path / "ckpt")
