@@ -7,22 +7,30 @@
     torchrun --nproc_per_node 8 -m model.train --preset internvl3-8b --plan plan.yaml --data meta.json
     tensorboard --logdir runs/demo/tensorboard               the demo's curves (it logs to TensorBoard)
 
---config: a YAML or JSON mapping of TrainConfig fields (model/train/config.py), e.g.
-    lr: 1.0e-5
-    lr_vision: 2.0e-6
-    freeze_language: true
+--config: a YAML or JSON mapping of TrainConfig settings, nested by section (model/train/config.py), e.g.
+    max_steps: 2000
     model: {text: {num_layers: 4}}
+    optim: {lr: 1.0e-5, lr_vision: 2.0e-6, freeze_language: true}
+    data: {max_packed_tokens: 4096, tokenizer: path/to/tokenizer}
+    logging: {log: [tensorboard], eval_file: eval.jsonl}
+    checkpoint: {save_every: 200}
+  Sections: optim (lr, weight_decay, schedule, freezing), data (meta file, tokenizer, packing, tiling,
+  mixing), mpo (beta, weights), logging (log_every, log, eval_file), checkpoint (save_every, keep_last); the
+  run's own settings (mode, model, init, output_dir, seed, max_steps, grad_accum, device, ...) at the top.
+  A flat setting of the old layout is an error naming its place: "lr is optim.lr".
 --plan: a YAML or JSON ParallelPlan: {vision: {sharding: zero2, param_dtype: bfloat16, activation_checkpointing: true},
     projector: {sharding: replicate}, language: {sharding: zero3}, dp_replicate: 1, prefetch: 1}
 --log: metric backends beside <output-dir>/metrics.jsonl (always written): tensorboard (event files in
     <output-dir>/tensorboard; needs the tensorboard package), wandb (a Weights & Biases run; needs wandb,
     configured by its own environment: WANDB_PROJECT, WANDB_MODE=offline, ...), or both comma-separated:
-    --log tensorboard,wandb; "none": metrics.jsonl only (the default; the demo preset logs to tensorboard). In a config file: log: [tensorboard].
+    --log tensorboard,wandb; "none": metrics.jsonl only (the default; the demo preset logs to tensorboard). In a config file: logging: {log: [tensorboard]}.
     Logged: loss, lr, grad_norm, tokens_per_s, data_wait_s, mfu (CUDA), imbalance (under a plan), the other
     numbers of each metrics line, and the final evaluation's accuracy.
 --resume with a larger --max-steps than the checkpoint's run: the learning-rate schedule is this run's (the
     cosine runs to the new --max-steps, as in a run started with it).
-Flags given on the command line win over the config file, which wins over the preset. A bad setting, a
+Flags given on the command line win over the config file, which wins over the preset. They set --data
+data.path, --save-every checkpoint.save_every, --keep-last checkpoint.keep_last, --log-every
+logging.log_every, --log logging.log, and the others their namesakes at the top. A bad setting, a
 missing input file (config, plan, meta file, annotation file, eval file) or a missing --log package ends the
 command with one line on stderr and exit status 2, before anything is built.
 """
@@ -54,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("--preset", default="demo", choices=TRAIN_PRESETS, help="demo (default) or a model preset")
-    parser.add_argument("--config", help="YAML or JSON file of TrainConfig fields overriding the preset")
+    parser.add_argument("--config", help="YAML or JSON file of TrainConfig settings (nested: optim: {lr: ...}) overriding the preset")
     parser.add_argument("--data", help="meta JSON of the datasets (default: the generated demo data)")
     parser.add_argument("--mode", choices=MODES, help="pretrain (default), sft or mpo")
     parser.add_argument("--output-dir", help="where checkpoints, metrics, the loss curve and final weights go")
@@ -71,17 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The flags and the TrainConfig fields they set.
+FLAG_FIELDS = {
+    "data": "data.path", "output_dir": "output_dir", "max_steps": "max_steps", "seed": "seed", "init": "init",
+    "save_every": "checkpoint.save_every", "keep_last": "checkpoint.keep_last", "log_every": "logging.log_every", "log": "logging.log",
+}
+
+
+def flag_settings(args) -> dict:
+    """The settings of the flags given (not None), nested: {"checkpoint": {"save_every": 8}, ...}."""
+    settings: dict = {}
+    for flag, name in FLAG_FIELDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            *sections, field = name.split(".")
+            target = settings
+            for section in sections:
+                target = target.setdefault(section, {})
+            target[field] = value
+    return settings
+
+
 def config_from_args(args):
     """The TrainConfig: preset (with the mode's defaults), then --config, then the flags."""
     file_settings = load_config_file(args.config) if args.config else {}
     mode = args.mode or file_settings.get("mode", "pretrain")
-    config = preset_config(args.preset, mode).updated(file_settings)
-    flags = {
-        "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps, "seed": args.seed,
-        "save_every": args.save_every, "keep_last": args.keep_last, "log_every": args.log_every, "init": args.init,
-        "log": args.log,
-    }
-    config = config.updated({key: value for key, value in flags.items() if value is not None})
+    try:
+        config = preset_config(args.preset, mode).updated(file_settings)
+    except ValueError as error:
+        raise ValueError(f"{args.config}: {error}") from None
+    config = config.updated(flag_settings(args))
     if args.preset == "demo" and mode == "mpo" and config.init is None and "init" not in file_settings:
         # MPO refines a trained model: start from the pre-trained demo's weights when they are there.
         pretrained = os.path.join(os.path.dirname(config.output_dir) or ".", "demo", "final")

@@ -6,7 +6,7 @@ metrics.jsonl holds one object a line: training steps ({"step", "loss", "lr", "g
 "data_errors" | "eval" | "summary", ...}). A resumed run first drops the lines of steps after its
 checkpoint (a crashed run may have logged them), so the file reads as one uninterrupted run.
 
-Backends (``log`` setting, ``--log``): "tensorboard" writes event files under ``<output_dir>/tensorboard``
+Backends (``logging.log`` setting, ``--log``): "tensorboard" writes event files under ``<output_dir>/tensorboard``
 (torch.utils.tensorboard; a run hides that folder's events from its first step on, so a resumed run shows
 no step twice and a fresh run none of an earlier one's); "wandb" logs to a Weights & Biases run (project,
 entity and mode from wandb's own settings, e.g. WANDB_PROJECT, WANDB_MODE=offline). Both get the numbers

@@ -9,6 +9,12 @@ or gradient norm is not finite is skipped (no optimizer update) and reported.
 Under a parallel plan (torchrun) every rank reads the same deterministic packed stream, and each step's
 world x grad_accum packs are shared out by the vision-aware balancer (internvl3_engine.parallel.balance):
 the data position is the same on every rank, so a checkpoint resumes at any world size.
+
+Trainer: ``forward_backward_step`` runs a step's packs through the loss (LM or MPO) with backward;
+``train_step`` is one optimizer step (its packs, forward_backward_step, the loss over the ranks, gradient
+clipping, the non-finite check, the optimizer's and the schedule's steps) and returns a StepResult;
+``train`` is the loop around it (resume, metrics with MFU, progress bar, checkpoints, the final weights
+and evaluation).
 """
 
 from __future__ import annotations
@@ -31,11 +37,9 @@ from ..data import (
     ConversationEncoder,
     IGNORE_INDEX,
     DataErrors,
-    ImageTiler,
     MixedStream,
     PackedLoader,
     Packer,
-    PackingConfig,
     RecordDataset,
     load_meta,
     load_tokenizer,
@@ -87,6 +91,20 @@ class TrainResult:
     data_errors: Optional[DataErrors] = None
 
 
+@dataclass
+class StepResult:
+    """What train_step did, for the loop to log."""
+
+    loss: float  # the step's loss over all ranks (not finite when the step was skipped)
+    grad_norm: float  # before clipping
+    lr: float  # the learning rate the step used
+    skipped: bool  # True: the loss or the gradient norm was not finite, no update
+    parts: dict  # the loss's parts (MPO's terms and reward statistics; {} for the LM loss)
+    balance: Optional[dict]  # the step's load balance under a plan (imbalance, imbalance_naive)
+    data_wait_s: float  # reading, packing and balancing the step's packs
+    batches: list  # this rank's packs of the step
+
+
 # ---- the trainer
 
 
@@ -123,8 +141,8 @@ class Trainer:
         self.meta_path, self.eval_file = self._data_paths()
         check_data_files(self.meta_path, self.eval_file)
         # Built now so that a backend's missing package stops the run before anything is computed.
-        self.sinks = build_sinks(config.log, config.output_dir, dataclasses.asdict(config)) if self.is_main else []
-        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.sinks = build_sinks(config.logging.log, config.output_dir, dataclasses.asdict(config)) if self.is_main else []
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
 
         if config.init:
             self.model = InternVL3.from_pretrained(config.init, dtype=torch.float32, device="cpu")
@@ -136,7 +154,7 @@ class Trainer:
         self.parameter_counts = self.model.num_parameters()
         self.model_shape = ModelShape.from_modules(self.model_config.to_hf(), self.model)  # for FLOPs: before sharding
         components = self.model.engine_components()
-        apply_freezing(components, {"vision": config.freeze_vision, "projector": config.freeze_projector, "language": config.freeze_language})
+        apply_freezing(components, config.optim.frozen())
         if config.mode == "mpo":
             self.precomputed = self._precomputed_reference()
             self.reference = None
@@ -158,20 +176,18 @@ class Trainer:
             for blocks in (self.model.vision.layers, self.model.language.layers):
                 checkpoint_blocks(blocks)
 
-        groups = parameter_groups(
-            components, config.lr, config.weight_decay,
-            {"vision": config.lr_vision, "projector": config.lr_projector, "language": config.lr_language},
-        )
-        self.optimizer = build_optimizer(groups, config.betas, config.eps, self.device)
-        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        optim = config.optim
+        groups = parameter_groups(components, optim.lr, optim.weight_decay, optim.component_lr())
+        self.optimizer = build_optimizer(groups, optim.betas, optim.eps, self.device)
+        self.scheduler = build_scheduler(self.optimizer, optim.warmup_steps, config.max_steps, optim.min_lr_ratio)
         self.trainable = [p for group in groups for p in group["params"]]
         self.reward_shift = RunningMean()
         self._build_loader()
 
     def _data_paths(self) -> tuple[str, Optional[str]]:
         config = self.config
-        if config.data is not None:
-            return config.data, config.eval_file
+        if config.data.path is not None:
+            return config.data.path, config.logging.eval_file
         from .demo_data import generate
 
         folder = os.path.join(config.output_dir, "data")
@@ -182,7 +198,7 @@ class Trainer:
         meta = os.path.join(folder, "meta.json")
         if config.mode == "mpo":
             meta = os.path.join(folder, "meta_mpo.json")
-        return meta, config.eval_file or os.path.join(folder, "eval.jsonl")
+        return meta, config.logging.eval_file or os.path.join(folder, "eval.jsonl")
 
     def _check_tokenizer(self) -> None:
         vocab, image_token = self.model_config.text.vocab_size, self.model_config.image_token_id
@@ -191,7 +207,7 @@ class Trainer:
         if self.tokenizer.img_context_id != image_token:
             raise ValueError(
                 f"the tokenizer's <IMG_CONTEXT> is {self.tokenizer.img_context_id}, the model's image_token_id {image_token}: "
-                "give the model's tokenizer (--config tokenizer: folder)"
+                "give the model's tokenizer (--config data: {tokenizer: folder})"
             )
 
     def _precomputed_reference(self) -> Optional[PrecomputedReference]:
@@ -200,12 +216,12 @@ class Trainer:
         return reference if reference.complete and reference.values else None
 
     def _build_loader(self) -> None:
-        config, model_config = self.config, self.model_config
+        config, data, model_config = self.config, self.config.data, self.model_config
         self.errors = DataErrors()
-        self.encoder = ConversationEncoder(self.tokenizer, num_image_token=model_config.tokens_per_tile, system_message=config.system_text())
-        self.tiler = ImageTiler(tile_size=model_config.vision.image_size, min_num=config.min_num, max_num=config.max_num, use_thumbnail=config.use_thumbnail)
+        self.encoder = ConversationEncoder(self.tokenizer, num_image_token=model_config.tokens_per_tile, system_message=data.system_text())
+        self.tiler = data.tiler(model_config.vision.image_size)
         datasets = [
-            RecordDataset(spec, self.encoder, self.tiler, self.errors, seed=config.seed, augment=config.augment)
+            RecordDataset(spec, self.encoder, self.tiler, self.errors, seed=config.seed, augment=data.augment)
             for spec in load_meta(self.meta_path)
         ]
         if config.mode == "mpo":
@@ -214,16 +230,9 @@ class Trainer:
                 raise ValueError(f"{self.meta_path}: --mode mpo needs preference datasets (records with chosen/rejected)")
         else:
             datasets = [dataset for dataset in datasets if dataset.kind != "preference"]
-        self.stream = MixedStream(datasets, config.language_weight, config.multimodal_weight, self.errors)
-        self.packing = PackingConfig(
-            max_packed_tokens=config.max_packed_tokens,
-            max_tiles=config.max_tiles,
-            max_buffers=config.max_buffers,
-            overlong=config.overlong,
-            loss_mode=config.loss_mode,
-            # Every rank must run the ViT at every step (FSDP's collectives): text-only packs get a blank tile.
-            blank_tile_size=model_config.vision.image_size if self.distributed else None,
-        )
+        self.stream = MixedStream(datasets, data.language_weight, data.multimodal_weight, self.errors)
+        # Every rank must run the ViT at every step (FSDP's collectives): text-only packs get a blank tile.
+        self.packing = data.packing(blank_tile_size=model_config.vision.image_size if self.distributed else None)
         self.packer = Packer(self.packing, seed=config.seed)
         self.loader = PackedLoader(self.stream, self.packer)
         self.batches_read = 0
@@ -282,7 +291,7 @@ class Trainer:
         at the floor past its old end). ``saved``: the checkpoint's scheduler state_dict."""
         config = self.config
         done = int(saved["last_epoch"])
-        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio, completed_steps=done)
+        self.scheduler = build_scheduler(self.optimizer, config.optim.warmup_steps, config.max_steps, config.optim.min_lr_ratio, completed_steps=done)
         before, now = saved["lr_lambdas"][0], vars(self.scheduler.lr_lambdas[0])
         if before != now:
             self._say(f"learning-rate schedule from step {done} on: {now} (the checkpoint's run had {before})")
@@ -333,8 +342,7 @@ class Trainer:
         """Forward and backward of a step's packs of preference pairs under the MPO loss."""
         from internvl3_engine.parallel import data_parallel_loss
 
-        config = self.config
-        beta, weights = config.mpo_beta, config.mpo_weights
+        beta, weights = self.config.mpo.beta, self.config.mpo.weights
         pairs = torch.tensor(float(sum(batch.roles.count("chosen") for batch in batches)), device=self.device)
         chosen_tokens = torch.stack([(batch.labels[self._chosen_mask(batch)] != IGNORE_INDEX).sum() for batch in batches]).sum().float()
         total = torch.zeros((), device=self.device)
@@ -362,17 +370,40 @@ class Trainer:
         parts["reward_shift"] = self.reward_shift.mean
         return total, parts
 
-    # ---- the loop
+    # ---- the step and the loop
+
+    def forward_backward_step(self, batches) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of this rank's packs of a step under the run's loss (the LM loss, or MPO's in
+        --mode mpo): the gradients accumulate into the parameters. Returns this rank's loss term (the step's
+        loss is the mean of the ranks' terms) and the loss's parts to report ({} for the LM loss)."""
+        return self._mpo_step(batches) if self.config.mode == "mpo" else self._lm_step(batches)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: the step's packs, their forward and backward, the loss over all ranks,
+        gradient clipping, then the update unless the loss or the gradient norm is not finite on some rank
+        (the step is skipped), and the learning-rate schedule's step."""
+        began = time.perf_counter()
+        batches, balance_report = self._step_batches()
+        data_wait = time.perf_counter() - began  # reading, packing and balancing this step's packs
+        loss, parts = self.forward_backward_step(batches)
+        loss = _all_reduce(loss) / self.world
+        grad_norm = clip_grad_norm_(self.trainable, self.config.optim.grad_clip)
+        finite = _all_reduce(torch.tensor(float(_finite(loss) and _finite(grad_norm)), device=self.device), dist.ReduceOp.MIN if dist.is_initialized() else None)
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = not finite.item() > 0
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, skipped=skipped, parts=parts,
+                          balance=balance_report, data_wait_s=data_wait, batches=batches)
 
     def train(self) -> TrainResult:
+        """Steps from the checkpoint resumed (or 1) to max_steps: train_step, then the metrics (every
+        log_every steps, the first and the last), the progress bar and the checkpoints (every save_every
+        steps and the last); then the final weights and the evaluation."""
         config = self.config
-        start = 0
-        resume_path = checkpointing.resolve_resume(self.resume, config.output_dir)
-        if resume_path is not None:
-            start = self._restore(resume_path)
-            self._say(f"resumed from {resume_path} at step {start}")
-        elif self.resume == "auto":
-            self._say(f"no checkpoint in {config.output_dir}: starting fresh")
+        start, resume_path = self._resume_point()
         os.makedirs(config.output_dir, exist_ok=True)
         log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), enabled=self.is_main,
                          resume_step=start if resume_path else None, sinks=self.sinks)
@@ -381,75 +412,78 @@ class Trainer:
                 with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
                     json.dump({"train": dataclasses.asdict(config), "model": self.model_config.to_dict()}, handle, indent=2, default=str)
             self._say(self._banner(self.parameter_counts))
-            step, losses, skipped = self._run_steps(start, log)
+            peak = peak_flops(self.device)
+            losses, skipped = [], []
+            bar = progress_bar(config.max_steps, start, self.show_progress and self.is_main)
+            window_tokens, window_time = 0, 0.0
+            self.model.train()
+            step = start
+            for step in range(start + 1, config.max_steps + 1):
+                began = time.perf_counter()
+                result = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - began
+                losses.append(None if result.skipped else result.loss)
+                if result.skipped:
+                    skipped.append(step)
+                    self._report_skipped(step, result, log, bar)
+                # Tensor-parallel peers (world / dp_world of them) train on the same packs: count them once.
+                tensor_parallel = self.world // self.dp_world
+                tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in result.batches)), device=self.device)).item() / tensor_parallel
+                window_tokens += tokens
+                window_time += elapsed
+                if step % config.logging.log_every == 0 or step == config.max_steps or step == start + 1:
+                    entry = self._step_entry(step, result, tokens, window_tokens / max(window_time, 1e-9), elapsed, peak, tensor_parallel)
+                    log.write(entry)
+                    window_tokens, window_time = 0, 0.0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if step % config.checkpoint.save_every == 0 or step == config.max_steps:
+                    checkpointing.save_checkpoint(
+                        config.output_dir, step, self._trainer_state(step), self.model, self.optimizer,
+                        sharded=self.distributed, keep_last=config.checkpoint.keep_last,
+                    )
+            if bar is not None:
+                bar.close()
             return self._finish(step, losses, skipped, log)
         finally:
             log.close()
 
-    def _run_steps(self, start: int, log: MetricsLog) -> tuple[int, list, list]:
-        """Steps start + 1 .. max_steps: train, log, checkpoint. Returns (last step, losses, skipped steps)."""
-        config = self.config
-        peak = peak_flops(self.device)
-        losses, skipped = [], []
-        bar = progress_bar(config.max_steps, start, self.show_progress and self.is_main)
-        window_tokens, window_time = 0, 0.0
-        self.model.train()
-        step = start
-        for step in range(start + 1, config.max_steps + 1):
-            began = time.perf_counter()
-            batches, balance_report = self._step_batches()
-            data_wait = time.perf_counter() - began  # reading, packing and balancing this step's packs
-            loss, parts = self._mpo_step(batches) if config.mode == "mpo" else self._lm_step(batches)
-            loss = _all_reduce(loss) / self.world
-            grad_norm = clip_grad_norm_(self.trainable, config.grad_clip)
-            finite = _all_reduce(torch.tensor(float(_finite(loss) and _finite(grad_norm)), device=self.device), dist.ReduceOp.MIN if dist.is_initialized() else None)
-            lr = self.scheduler.get_last_lr()[0]
-            if finite.item() > 0:
-                self.optimizer.step()
-                losses.append(loss.item())
-            else:
-                skipped.append(step)
-                losses.append(None)
-                message = f"step {step}: non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}): step skipped"
-                (bar.write if bar and not bar.disable else self._say)(message) if self.is_main else None
-                log.write({"event": "skipped_step", "step": step, "loss": float(loss.item()), "grad_norm": float(grad_norm.item())})
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - began
+    def _resume_point(self) -> tuple[int, Optional[str]]:
+        """The step the run continues after and the checkpoint restored (0 and None: a fresh start)."""
+        resume_path = checkpointing.resolve_resume(self.resume, self.config.output_dir)
+        if resume_path is not None:
+            start = self._restore(resume_path)
+            self._say(f"resumed from {resume_path} at step {start}")
+            return start, resume_path
+        if self.resume == "auto":
+            self._say(f"no checkpoint in {self.config.output_dir}: starting fresh")
+        return 0, None
 
-            # Tensor-parallel peers (world / dp_world of them) train on the same packs: count them once.
-            tensor_parallel = self.world // self.dp_world
-            tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in batches)), device=self.device)).item() / tensor_parallel
-            window_tokens += tokens
-            window_time += elapsed
-            if step % config.log_every == 0 or step == config.max_steps or step == start + 1:
-                entry = {
-                    "step": step, "loss": losses[-1] if losses[-1] is not None else float("nan"), "lr": lr,
-                    "grad_norm": float(grad_norm.item()), "tokens_per_s": window_tokens / max(window_time, 1e-9),
-                    "tokens": int(tokens), "tiles": sum(b.num_tiles for b in batches), "samples": sum(b.num_samples for b in batches),
-                    "data_errors": self.errors.total, "step_time_s": elapsed, "data_wait_s": data_wait,
-                }
-                entry.update(parts)
-                entry.update(balance_report or {})
-                if peak is not None:
-                    flops = sum(self._pack_flops(b, b.num_tiles) for b in batches)
-                    entry["mfu"] = flops / tensor_parallel / elapsed / peak
-                log.write(entry)
-                window_tokens, window_time = 0, 0.0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if step % config.save_every == 0 or step == config.max_steps:
-                checkpointing.save_checkpoint(
-                    config.output_dir, step, self._trainer_state(step), self.model, self.optimizer,
-                    sharded=self.distributed, keep_last=config.keep_last,
-                )
-        if bar is not None:
-            bar.close()
-        return step, losses, skipped
+    def _report_skipped(self, step: int, result: StepResult, log: MetricsLog, bar) -> None:
+        if self.is_main:
+            message = f"step {step}: non-finite loss ({result.loss}) or gradient norm ({result.grad_norm}): step skipped"
+            (bar.write if bar and not bar.disable else self._say)(message)
+        log.write({"event": "skipped_step", "step": step, "loss": result.loss, "grad_norm": result.grad_norm})
+
+    def _step_entry(self, step: int, result: StepResult, tokens: float, tokens_per_s: float, elapsed: float, peak, tensor_parallel: int) -> dict:
+        """The metrics line of a step (MFU where the device's peak FLOP/s is known)."""
+        batches = result.batches
+        entry = {
+            "step": step, "loss": float("nan") if result.skipped else result.loss, "lr": result.lr,
+            "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+            "tokens": int(tokens), "tiles": sum(b.num_tiles for b in batches), "samples": sum(b.num_samples for b in batches),
+            "data_errors": self.errors.total, "step_time_s": elapsed, "data_wait_s": result.data_wait_s,
+        }
+        entry.update(result.parts)
+        entry.update(result.balance or {})
+        if peak is not None:
+            flops = sum(self._pack_flops(b, b.num_tiles) for b in batches)
+            entry["mfu"] = flops / tensor_parallel / elapsed / peak
+        return entry
 
     def _chosen_mask(self, batch) -> torch.Tensor:
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
@@ -463,7 +497,7 @@ class Trainer:
                   f"{counts['projector'] / 1e6:.2f}M, language {counts['language'] / 1e6:.2f}M)")
         return (
             f"{config.mode}: {model_config.name} model, {params} on {where}; data {self.meta_path}; "
-            f"{config.max_steps} steps of {config.grad_accum} x {config.max_packed_tokens}-token packs; output {config.output_dir}"
+            f"{config.max_steps} steps of {config.grad_accum} x {config.data.max_packed_tokens}-token packs; output {config.output_dir}"
         )
 
     def _finish(self, step: int, losses: list, skipped: list, log: MetricsLog) -> TrainResult:
@@ -478,14 +512,14 @@ class Trainer:
             result.final_weights = final_dir
             if self.eval_file:
                 result.accuracy = evaluate_choices(final_model, self.eval_file, self.encoder, self.tiler, self.device,
-                                                   self._autocast, config.eval_delta, config.eval_examples)
+                                                   self._autocast, config.logging.eval_delta, config.logging.eval_examples)
                 summary["accuracy"] = result.accuracy
                 log.write({"event": "eval", "step": step, **result.accuracy})
             log.write(summary)
             png = plot_loss_curve(metrics_path, os.path.join(config.output_dir, "loss.png"), f"{config.mode} loss ({self.model_config.name})")
             self.echo(self.errors.summary())
             if self.packer.truncated or self.packer.dropped:
-                self.echo(f"overlong samples: {self.packer.truncated} truncated, {self.packer.dropped} dropped (policy: {config.overlong})")
+                self.echo(f"overlong samples: {self.packer.truncated} truncated, {self.packer.dropped} dropped (policy: {config.data.overlong})")
             if skipped:
                 self.echo(f"skipped steps (non-finite loss or gradients): {skipped}")
             fractions = self.stream.token_fractions()

@@ -1,7 +1,8 @@
 """The trainer (model/train/: cli, config, presets, trainer, optim, checkpointing, metrics, demo_data): demo data
-generation, the command line, a short run whose loss falls, exact resume, the learning-rate schedule of a
-resume with more steps, bad records, missing input files, skipped non-finite steps, MPO, freezing,
-activation checkpointing, TensorBoard and Weights & Biases logging, the final transformers-layout weights."""
+generation, the command line, the nested config (flat settings named, each section's checks, what a run
+stores), a short run whose loss falls, exact resume, the learning-rate schedule of a resume with more
+steps, bad records, missing input files, skipped non-finite steps, MPO, freezing, activation
+checkpointing, TensorBoard and Weights & Biases logging, the final transformers-layout weights."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ import torch
 from model.modeling import InternVL3
 from model.train.checkpointing import list_checkpoints
 from model.train.cli import build_parser, config_from_args, main
-from model.train.config import TrainConfig
+from model.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
 from model.train.demo_data import DemoDataConfig, generate
 from model.train.distributed import resolve_device
 from model.train.metrics import MetricsLog, read_metrics
 from model.train.optim import WarmupCosine, parameter_groups
+from model.train.presets import preset_config
 from model.train.trainer import Trainer
 
 SMALL_DATA = DemoDataConfig(train_images=24, eval_images=4, preference_pairs=12, image_size=56, wide_fraction=0.25)
@@ -37,28 +39,27 @@ def data_dir(tmp_path_factory):
     return folder
 
 
+# The tiny preset (56-pixel tiles of 4 tokens) sized for the small generated data: a step takes ~0.1 s.
+SMALL = {
+    "model": {"preset": "tiny"},
+    "cpu_threads": 1,
+    "device": "cpu",  # gloo runs compare bit for bit with this one, also where a GPU is present
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "data": {"system_message": None, "max_packed_tokens": 512, "max_tiles": 16, "max_buffers": 3, "max_num": 2},
+}
+
+
 def small_config(data_dir, output_dir, **overrides) -> TrainConfig:
-    """The tiny preset (56-pixel tiles of 4 tokens) on the small generated data: a step takes ~0.1 s."""
+    """SMALL on the small generated data, then ``overrides`` (nested: a section changes the fields it names)."""
     settings = {
-        "model": {"preset": "tiny"},
-        "data": str(data_dir / "meta.json"),
-        "eval_file": str(data_dir / "eval.jsonl"),
-        "system_message": None,
+        **SMALL,
+        "data": {**SMALL["data"], "path": str(data_dir / "meta.json")},
         "output_dir": str(output_dir),
         "max_steps": 6,
-        "lr": 3e-3,
-        "warmup_steps": 2,
-        "max_packed_tokens": 512,
-        "max_tiles": 16,
-        "max_buffers": 3,
-        "max_num": 2,
-        "log_every": 1,
-        "save_every": 100,
-        "cpu_threads": 1,
-        "device": "cpu",  # gloo runs compare bit for bit with this one, also where a GPU is present
+        "logging": {"log_every": 1, "eval_file": str(data_dir / "eval.jsonl")},
+        "checkpoint": {"save_every": 100},
     }
-    settings.update(overrides)
-    return TrainConfig().updated(settings)
+    return TrainConfig().updated(settings).updated(overrides)
 
 
 def test_device_setting(monkeypatch):
@@ -107,12 +108,12 @@ def test_demo_data_generation_is_deterministic(tmp_path):
 def test_cli_reads_config_files_and_flags_win(tmp_path, suffix):
     path = tmp_path / f"run.{suffix}"
     if suffix == "yaml":
-        path.write_text("lr: 1.5e-4\nmax_steps: 77\nfreeze_vision: true\nmodel:\n  text: {num_layers: 5}\n")
+        path.write_text("optim: {lr: 1.5e-4, freeze_vision: true}\nmax_steps: 77\nmodel:\n  text: {num_layers: 5}\n")
     else:
-        path.write_text(json.dumps({"lr": 1.5e-4, "max_steps": 77, "freeze_vision": True, "model": {"text": {"num_layers": 5}}}))
+        path.write_text(json.dumps({"optim": {"lr": 1.5e-4, "freeze_vision": True}, "max_steps": 77, "model": {"text": {"num_layers": 5}}}))
     args = build_parser().parse_args(["--preset", "demo", "--config", str(path), "--max-steps", "9", "--seed", "4", "--output-dir", str(tmp_path / "o")])
     config = config_from_args(args)
-    assert (config.lr, config.max_steps, config.seed, config.freeze_vision) == (1.5e-4, 9, 4, True)
+    assert (config.optim.lr, config.max_steps, config.seed, config.optim.freeze_vision) == (1.5e-4, 9, 4, True)
     assert config.model_config().text.num_layers == 5
     assert config.model_config().text.hidden_size == 128  # the demo's other settings stay
     assert config.output_dir == str(tmp_path / "o")
@@ -125,26 +126,96 @@ def test_cli_mode_defaults_and_presets():
     mpo = config_from_args(build_parser().parse_args(["--preset", "demo", "--mode", "mpo"]))
     assert mpo.mode == "mpo" and mpo.max_steps < 100 and mpo.output_dir == "runs/demo-mpo"
     real = config_from_args(build_parser().parse_args(["--preset", "internvl3-1b", "--mode", "sft"]))
-    assert real.model_config().vision.image_size == 448 and real.max_num == 12
+    assert real.model_config().vision.image_size == 448 and real.data.max_num == 12
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--mode", "dpo"])
 
 
 def test_log_setting_from_the_config_file_and_the_flag(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("log: [tensorboard]\n")
+    path.write_text("logging: {log: [tensorboard]}\n")
 
     def log_of(*flags):
-        return config_from_args(build_parser().parse_args(["--config", str(path), *flags])).log
+        return config_from_args(build_parser().parse_args(["--config", str(path), *flags])).logging.log
 
-    assert TrainConfig().log == ()  # metrics.jsonl only
+    assert TrainConfig().logging.log == ()  # metrics.jsonl only
     assert log_of() == ("tensorboard",)
     assert log_of("--log", "wandb, tensorboard") == ("wandb", "tensorboard")
     assert log_of("--log", "none") == ()
     with pytest.raises(ValueError, match=r"log: unknown backends \['tensorbored'\]"):
-        TrainConfig(log="tensorboard,tensorbored")
+        LoggingConfig(log="tensorboard,tensorbored")
     with pytest.raises(TypeError, match="log: a comma-separated string or a list"):
-        TrainConfig(log=3)
+        LoggingConfig(log=3)
+
+
+# ---- the nested config
+
+
+def test_a_flat_setting_is_an_error_naming_its_section(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"moved into sections: lr is optim\.lr, save_every is checkpoint\.save_every, mpo_beta is mpo\.beta"):
+        TrainConfig().updated({"lr": 1e-5, "save_every": 3, "mpo_beta": 0.2})
+    with pytest.raises(ValueError, match=r"data: a mapping of the data section's fields, got 'meta\.json' \(data is data\.path\)"):
+        TrainConfig().updated({"data": "meta.json"})
+    with pytest.raises(ValueError, match=r"unknown optim fields \['max_steps'\] \(max_steps is a top-level setting\)"):
+        TrainConfig().updated({"optim": {"max_steps": 3}})
+    with pytest.raises(ValueError, match=r"unknown logging fields \['save_every'\] \(save_every is checkpoint\.save_every\)"):
+        TrainConfig().updated({"logging": {"save_every": 3}})
+    path = tmp_path / "old.yaml"
+    path.write_text("lr: 1.0e-5\nmax_steps: 5\nlog_every: 2\n")
+    assert main(["--config", str(path), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"python -m model.train: error: {path}: config settings moved into sections: lr is optim.lr, "
+                                       "log_every is logging.log_every (a config file nests them: optim: {lr: 1.0e-5})\n")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_steps": 0}, "max_steps must be >= 1, got 0"),
+    ({"autocast_dtype": "int8"}, "autocast_dtype must be a torch floating dtype's name, got 'int8'"),
+    ({"cpu_threads": 0}, "cpu_threads must be >= 1 or None (torch's default), got 0"),
+    ({"optim": {"lr": -1.0}}, "optim.lr must be > 0, got -1.0"),
+    ({"optim": {"lr_vision": 0.0}}, "optim.lr_vision must be > 0 or None (the lr), got 0.0"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas must be two numbers in [0, 1), got (0.9,)"),
+    ({"optim": {"warmup_steps": -1}}, "optim.warmup_steps must be >= 0, got -1"),
+    ({"optim": {"min_lr_ratio": 2}}, "optim.min_lr_ratio must be in [0, 1], got 2"),
+    ({"optim": {"grad_clip": 0}}, "optim.grad_clip must be > 0, got 0"),
+    ({"data": {"overlong": "wrap"}}, "data: overlong must be one of"),
+    ({"data": {"max_packed_tokens": 1}}, "data: max_packed_tokens must be at least 2, got 1"),
+    ({"data": {"min_num": 3, "max_num": 2}}, "data: "),
+    ({"data": {"language_weight": -1}}, "data.language_weight must be >= 0, got -1"),
+    ({"mpo": {"beta": 0}}, "mpo.beta must be > 0, got 0"),
+    ({"mpo": {"weights": [1, 1]}}, "mpo.weights must be three numbers >= 0 (preference, quality, generation), got (1, 1)"),
+    ({"logging": {"log_every": 0}}, "logging.log_every must be >= 1, got 0"),
+    ({"logging": {"eval_examples": 0}}, "logging.eval_examples must be >= 1 or None (all), got 0"),
+    ({"logging": {"eval_delta": 0}}, "logging.eval_delta must be in (0, 1], got 0"),
+    ({"checkpoint": {"save_every": 0}}, "checkpoint.save_every must be >= 1, got 0"),
+    ({"checkpoint": {"keep_last": -1}}, "checkpoint.keep_last must be >= 0, got -1"),
+])
+def test_each_section_checks_its_fields(settings, message):
+    with pytest.raises(ValueError) as caught:
+        TrainConfig().updated(settings)
+    assert str(caught.value).startswith(message)
+
+
+def test_sections_are_built_from_mappings_and_presets_merge_section_by_section():
+    assert TrainConfig(optim={"lr": 1e-4}).optim == OptimConfig(lr=1e-4)
+    with pytest.raises(ValueError, match="checkpoint.keep_last must be >= 0"):
+        CheckpointConfig(keep_last=-2)
+    demo, mpo, sft = preset_config("demo"), preset_config("demo", "mpo"), preset_config("demo", "sft")
+    assert (mpo.optim.lr, mpo.optim.warmup_steps, mpo.checkpoint.save_every, mpo.max_steps) == (2e-4, 5, 30, 60)
+    assert mpo.optim.betas == demo.optim.betas == (0.9, 0.95) and mpo.checkpoint.keep_last == 2 and mpo.logging.log == ("tensorboard",)
+    assert (sft.data.language_weight, sft.data.max_num, demo.data.language_weight) == (0.0, 2, 1.0)
+    assert preset_config("internvl3-1b", "mpo").optim.lr == TrainConfig().optim.lr / 4
+
+
+def test_train_config_json_and_the_checkpoint_hold_the_nested_config_it_resumes_from(data_dir, tmp_path):
+    config = small_config(data_dir, tmp_path / "full", max_steps=2, checkpoint={"save_every": 1})
+    full = run(config)
+    saved = json.loads((tmp_path / "full" / "train_config.json").read_text())["train"]
+    assert saved["optim"]["lr"] == 3e-3 and saved["checkpoint"] == {"save_every": 1, "keep_last": 2} and "lr" not in saved
+    assert TrainConfig(**saved) == config
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_00000001"
+    assert TrainConfig(**torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)["config"]) == config
+    again = TrainConfig(**saved).updated({"output_dir": str(tmp_path / "again")})
+    assert run(again, resume=str(checkpoint)).losses == full.losses[1:]
 
 
 def test_warmup_cosine_schedule():
@@ -172,8 +243,9 @@ def test_parameter_groups_freeze_and_component_lr():
 def test_short_run_through_the_cli_loss_falls_and_writes_everything(data_dir, tmp_path, capsys):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(
-        "model: {preset: tiny}\nsystem_message: null\nlr: 3.0e-3\nwarmup_steps: 2\nmax_packed_tokens: 512\n"
-        f"max_tiles: 16\nmax_buffers: 3\nmax_num: 2\ncpu_threads: 1\neval_file: {data_dir / 'eval.jsonl'}\n"
+        "model: {preset: tiny}\ncpu_threads: 1\noptim: {lr: 3.0e-3, warmup_steps: 2}\n"
+        "data: {system_message: null, max_packed_tokens: 512, max_tiles: 16, max_buffers: 3, max_num: 2}\n"
+        f"logging: {{eval_file: {data_dir / 'eval.jsonl'}}}\n"
     )
     output = tmp_path / "run"
     code = main(["--preset", "tiny", "--config", str(config_file), "--data", str(data_dir / "meta.json"), "--output-dir", str(output),
@@ -210,13 +282,14 @@ def test_the_demo_writes_tensorboard_events(data_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["pretrain", "mpo"])
 def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(data_dir, tmp_path, mode):
     data = str(data_dir / ("meta_mpo.json" if mode == "mpo" else "meta.json"))
-    full = run(small_config(data_dir, tmp_path / "full", mode=mode, data=data, max_steps=8, save_every=4, grad_accum=2))
+    settings = {"mode": mode, "data": {"path": data}, "max_steps": 8, "checkpoint": {"save_every": 4}, "grad_accum": 2}
+    full = run(small_config(data_dir, tmp_path / "full", **settings))
     assert all(loss is not None and math.isfinite(loss) for loss in full.losses)
     halfway = dict(list_checkpoints(str(tmp_path / "full")))[4]
-    resumed = run(small_config(data_dir, tmp_path / "resumed", mode=mode, data=data, max_steps=8, save_every=4, grad_accum=2), resume=halfway)
+    resumed = run(small_config(data_dir, tmp_path / "resumed", **settings), resume=halfway)
     assert resumed.losses == full.losses[4:]
     # "auto" finds the latest checkpoint of the output dir: nothing left to do after step 8.
-    again = run(small_config(data_dir, tmp_path / "full", mode=mode, data=data, max_steps=8, save_every=4, grad_accum=2), resume="auto")
+    again = run(small_config(data_dir, tmp_path / "full", **settings), resume="auto")
     assert again.losses == []
 
 
@@ -229,12 +302,12 @@ def test_resume_with_more_steps_follows_the_new_schedule(data_dir, tmp_path):
     """A 3-step run resumed to 6 steps takes the lr of a 6-step run at steps 4-6 (past the 2 warmup steps:
     on the cosine to step 6), not the floor where the 3-step schedule ended."""
     run(small_config(data_dir, tmp_path / "full", max_steps=6))
-    run(small_config(data_dir, tmp_path / "short", max_steps=3, save_every=3))
+    run(small_config(data_dir, tmp_path / "short", max_steps=3, checkpoint={"save_every": 3}))
     resumed = small_config(data_dir, tmp_path / "short", max_steps=6)
     run(resumed, resume="auto")
     expected, got = step_values(tmp_path / "full", "lr"), step_values(tmp_path / "short", "lr")
     assert [got[step] for step in (4, 5, 6)] == [expected[step] for step in (4, 5, 6)]
-    assert got[4] > got[5] > got[6] > resumed.min_lr_ratio * resumed.lr
+    assert got[4] > got[5] > got[6] > resumed.optim.min_lr_ratio * resumed.optim.lr
 
 
 def test_bad_records_are_skipped_reported_and_the_run_goes_on(data_dir, tmp_path):
@@ -251,7 +324,7 @@ def test_bad_records_are_skipped_reported_and_the_run_goes_on(data_dir, tmp_path
     os.symlink(data_dir / "images", tmp_path / "images")
     (tmp_path / "meta.json").write_text(json.dumps({"mixed": {"root": ".", "annotation": "mixed.jsonl"}}))
     messages = []
-    config = small_config(data_dir, tmp_path / "out", data=str(tmp_path / "meta.json"), max_steps=4)
+    config = small_config(data_dir, tmp_path / "out", data={"path": str(tmp_path / "meta.json")}, max_steps=4)
     result = Trainer(config, show_progress=False, echo=messages.append).train()
     assert len(result.losses) == 4 and all(math.isfinite(loss) for loss in result.losses)
     # Each bad record counts once, though the small file wraps around and is read several times.
@@ -275,9 +348,9 @@ def test_a_missing_input_file_is_named_before_anything_is_built(data_dir, tmp_pa
     gone = str(tmp_path / "gone.jsonl")
     meta = _meta_with_annotation(tmp_path, data_dir, "gone.jsonl")
     overrides, message = {
-        "meta": ({"data": gone}, f"data (the meta file): no such file {gone}"),
-        "annotation": ({"data": meta}, f"{meta}: dataset 'shapes': annotation: no such file {gone}"),
-        "eval_file": ({"eval_file": gone}, f"eval_file: no such file {gone}"),
+        "meta": ({"data": {"path": gone}}, f"data (the meta file): no such file {gone}"),
+        "annotation": ({"data": {"path": meta}}, f"{meta}: dataset 'shapes': annotation: no such file {gone}"),
+        "eval_file": ({"logging": {"eval_file": gone}}, f"eval_file: no such file {gone}"),
     }[missing]
     with pytest.raises(FileNotFoundError) as caught:
         Trainer(small_config(data_dir, tmp_path / "out", **overrides), show_progress=False, echo=lambda message: None)
@@ -326,18 +399,18 @@ def test_non_finite_loss_skips_the_step(data_dir, tmp_path, monkeypatch):
 
 
 def test_frozen_vision_stays_put_and_activation_checkpointing_keeps_the_losses(data_dir, tmp_path):
-    plain = Trainer(small_config(data_dir, tmp_path / "a", max_steps=3, freeze_vision=True), show_progress=False, echo=lambda m: None)
+    plain = Trainer(small_config(data_dir, tmp_path / "a", max_steps=3, optim={"freeze_vision": True}), show_progress=False, echo=lambda m: None)
     before = {name: value.clone() for name, value in plain.model.state_dict().items()}
     losses = plain.train().losses
     after = plain.model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before if name.startswith("vision."))
     assert any(not torch.equal(before[name], after[name]) for name in before if name.startswith("projector."))
-    checkpointed = run(small_config(data_dir, tmp_path / "b", max_steps=3, freeze_vision=True, activation_checkpointing=True))
+    checkpointed = run(small_config(data_dir, tmp_path / "b", max_steps=3, optim={"freeze_vision": True}, activation_checkpointing=True))
     assert checkpointed.losses == pytest.approx(losses, rel=1e-5)
 
 
 def test_mpo_mode_trains_on_preference_pairs(data_dir, tmp_path):
-    config = small_config(data_dir, tmp_path, mode="mpo", data=str(data_dir / "meta_mpo.json"), max_steps=3, lr=1e-3)
+    config = small_config(data_dir, tmp_path, mode="mpo", data={"path": str(data_dir / "meta_mpo.json")}, max_steps=3, optim={"lr": 1e-3})
     result = run(config)
     assert all(math.isfinite(loss) for loss in result.losses)
     steps = [entry for entry in read_metrics(str(tmp_path / "metrics.jsonl")) if "event" not in entry]
@@ -385,7 +458,7 @@ def as_float32(scalars: dict) -> dict:
 def test_tensorboard_holds_the_jsonl_values_once_per_step_across_a_resume(data_dir, tmp_path):
     """A 4-step run, then a resume from its step-2 checkpoint that logs steps 3 and 4 again (other step
     times): TensorBoard shows each step once, with the values of metrics.jsonl (which the resume rewrote)."""
-    config = small_config(data_dir, tmp_path, max_steps=4, save_every=2, log=["tensorboard"])
+    config = small_config(data_dir, tmp_path, max_steps=4, checkpoint={"save_every": 2}, logging={"log": ["tensorboard"]})
     run(config)
     run(config, resume=str(tmp_path / "checkpoints" / "step_00000002"))
     expected = jsonl_scalars(tmp_path / "metrics.jsonl")
@@ -442,7 +515,7 @@ def test_wandb_gets_the_jsonl_values_when_asked_for(data_dir, tmp_path, monkeypa
         return Run()
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    config = small_config(data_dir, tmp_path, max_steps=2, log="wandb")
+    config = small_config(data_dir, tmp_path, max_steps=2, logging={"log": "wandb"})
     run(config)
     (kind, settings), *logs, last = calls
     assert (kind, settings, last) == ("init", {"dir": str(tmp_path), "config": dataclasses.asdict(config)}, ("finish",))
@@ -476,9 +549,7 @@ def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
     import sys
 
     config_file = tmp_path / "run.json"
-    settings = {key: value for key, value in small_config(data_dir, tmp_path / "unused").__dict__.items()
-                if key in ("model", "data", "system_message", "lr", "warmup_steps", "max_packed_tokens", "max_tiles", "max_buffers", "max_num", "cpu_threads", "device")}
-    config_file.write_text(json.dumps(settings))
+    config_file.write_text(json.dumps({**SMALL, "data": {**SMALL["data"], "path": str(data_dir / "meta.json")}}))
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(plan_text)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "model.train",
