@@ -226,16 +226,8 @@ def load_pretrained(cls, path, *, dtype: Optional[torch.dtype] = None, device=No
             del state[HEAD]
     with torch.device("meta"):
         model = cls(config)
-    expected = {name: tensor.shape for name, tensor in (*model.named_parameters(), *model.named_buffers())}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"the checkpoint in {folder} lacks {_some(missing)}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"the checkpoint in {folder} has keys this config does not use: {_some(unexpected)}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name]:
-            raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} is not the config's {tuple(expected[name])}")
+    expected = {name: tuple(tensor.shape) for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+    _check_names_and_shapes(folder, expected, {name: tuple(tensor.shape) for name, tensor in state.items()})
     model.load_state_dict(state, strict=False, assign=True)
     if config.text.tie_word_embeddings:
         model.language.lm_head.weight = model.language.embed_tokens.weight
@@ -294,6 +286,20 @@ def save_pretrained(model, path, *, layout: str = "hf", max_shard_size: int = 5 
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
 
 
+def _check_names_and_shapes(folder: str, expected: dict, found: dict) -> None:
+    """ValueError naming what the checkpoint in ``folder`` lacks, has beyond the config, or holds in another
+    shape (name -> shape dicts, under the same names)."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"the checkpoint in {folder} lacks {_some(missing)}")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise ValueError(f"the checkpoint in {folder} has tensors this config does not use: {_some(unexpected)}")
+    for name, shape in sorted(expected.items()):
+        if found[name] != shape:
+            raise ValueError(f"{name}: the checkpoint's shape {found[name]} is not the config's {shape}")
+
+
 def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -345,15 +351,7 @@ def check_checkpoint_matches(model, path: Union[str, os.PathLike]) -> None:
     on_disk = {_on_disk_hf_name(_hf_in_memory_name(name)): shape for name, shape in shapes.items() if not _IGNORED.search(name)}
     if model.config.text.tie_word_embeddings:
         on_disk.pop(_HF_HEAD, None)  # compared with the embeddings when loaded (_check_tied_head)
-    missing = sorted(set(expected) - set(on_disk))
-    if missing:
-        raise ValueError(f"the checkpoint in {folder} lacks {_some(missing)}")
-    unexpected = sorted(set(on_disk) - set(expected))
-    if unexpected:
-        raise ValueError(f"the checkpoint in {folder} has tensors this config does not use: {_some(unexpected)}")
-    for name, shape in sorted(expected.items()):
-        if on_disk[name] != shape:
-            raise ValueError(f"{name}: the checkpoint's shape {on_disk[name]} is not the config's {shape}")
+    _check_names_and_shapes(folder, expected, on_disk)
 
 
 def load_weights_distributed(model, path: Union[str, os.PathLike]) -> None:

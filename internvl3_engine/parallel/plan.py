@@ -92,12 +92,7 @@ class ParallelPlan:
     def from_dict(cls, data: dict) -> "ParallelPlan":
         """The plan of ``to_dict``'s data (a plan file's): fields left out keep their defaults, dtypes are
         names of DTYPES; a ValueError or TypeError names a wrong field."""
-        if not isinstance(data, dict):
-            raise TypeError(f"a plan is a mapping of ParallelPlan fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown plan fields {unknown}; known: {sorted(known)}")
+        _check_fields(cls, data, "a plan is", "unknown plan fields")
         settings = {}
         for key, value in data.items():
             if key in COMPONENTS:
@@ -107,13 +102,18 @@ class ParallelPlan:
         return cls(**settings)
 
 
-def _component_from_dict(name: str, data) -> ComponentPlan:
+def _check_fields(cls, data, what: str, unknown_message: str) -> None:
+    """TypeError unless ``data`` is a mapping; ValueError naming its keys that are not fields of ``cls``."""
     if not isinstance(data, dict):
-        raise TypeError(f"{name} must be a mapping of ComponentPlan fields, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(ComponentPlan)}
+        raise TypeError(f"{what} a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{name}: unknown ComponentPlan fields {unknown}; known: {sorted(known)}")
+        raise ValueError(f"{unknown_message} {unknown}; known: {sorted(known)}")
+
+
+def _component_from_dict(name: str, data) -> ComponentPlan:
+    _check_fields(ComponentPlan, data, f"{name} must be", f"{name}: unknown ComponentPlan fields")
     settings = dict(data)
     for key in ("param_dtype", "reduce_dtype"):
         if isinstance(settings.get(key), str):
