@@ -28,6 +28,12 @@
     numbers of each metrics line, and the final evaluation's accuracy.
 --resume with a larger --max-steps than the checkpoint's run: the learning-rate schedule is this run's (the
     cosine runs to the new --max-steps, as in a run started with it).
+--max-steps 0: a dry run: build the model, load --init, shard it under the plan (and restore --resume), print
+    each rank's memory, take no step. Under a plan, --init's checkpoint (transformers layout) is read
+    shard by shard: each rank holds and reads only its part (model.weights.load_weights_distributed).
+--export DIR: after the run (or the dry run), write the model's weights to DIR in the transformers layout,
+    from the shards under a plan (no rank gathers the model); e.g. a checkpoint as a model folder:
+    torchrun ... -m model.train --plan plan.yaml --resume CKPT --max-steps 0 --export OUT
 Flags given on the command line win over the config file, which wins over the preset. They set --data
 data.path, --save-every checkpoint.save_every, --keep-last checkpoint.keep_last, --log-every
 logging.log_every, --log logging.log, and the others their namesakes at the top. A bad setting, a
@@ -66,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="meta JSON of the datasets (default: the generated demo data)")
     parser.add_argument("--mode", choices=MODES, help="pretrain (default), sft or mpo")
     parser.add_argument("--output-dir", help="where checkpoints, metrics, the loss curve and final weights go")
-    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-steps", type=int, help="optimizer steps; 0: a dry run (build, load, shard, report memory)")
+    parser.add_argument("--export", help="write the model's weights to this folder (transformers layout) after the run")
     parser.add_argument("--resume", help='a checkpoint folder, or "auto" for the latest in the output dir')
     parser.add_argument("--seed", type=int)
     parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
@@ -136,5 +143,7 @@ def main(argv: Optional[list] = None) -> int:
     except (FileNotFoundError, MissingPackageError) as error:  # checked first: missing data files, --log packages
         return _fail(parser, error)
     trainer.train()
+    if args.export:
+        trainer.export(args.export)
     return 0
 

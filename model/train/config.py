@@ -231,7 +231,8 @@ class TrainConfig(_Settings):
                 setattr(self, key, _section(key, value))
         self._require("mode", self.mode in MODES, f"one of {MODES}")
         self._require("device", self.device in DEVICES, f"one of {DEVICES}")
-        self._at_least(1, "max_steps", "grad_accum")
+        self._at_least(0, "max_steps")  # 0: a dry run (build, load, shard, report memory)
+        self._at_least(1, "grad_accum")
         dtype = getattr(torch, self.autocast_dtype, None) if isinstance(self.autocast_dtype, str) else None
         self._require("autocast_dtype", isinstance(dtype, torch.dtype) and dtype.is_floating_point, "a torch floating dtype's name")
         self._require("cpu_threads", self.cpu_threads is None or self.cpu_threads >= 1, ">= 1 or None (torch's default)")

@@ -30,7 +30,15 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from internvl3_engine.parallel import balance, checkpoint_blocks, clip_grad_norm_, naive_split
+from internvl3_engine.parallel import (
+    ParallelPlan,
+    ParallelState,
+    balance,
+    checkpoint_blocks,
+    clip_grad_norm_,
+    naive_split,
+    parallelize,
+)
 from internvl3_engine.planner import ModelShape, training_flops
 
 from ..data import (
@@ -45,6 +53,7 @@ from ..data import (
     load_tokenizer,
 )
 from ..modeling import InternVL3
+from ..weights import load_weights_distributed, read_config, save_weights_distributed
 from . import checkpointing
 from .config import TrainConfig
 from .distributed import init_distributed, resolve_device, seed_everything
@@ -89,6 +98,7 @@ class TrainResult:
     final_weights: Optional[str] = None
     accuracy: Optional[dict] = None
     data_errors: Optional[DataErrors] = None
+    memory: Optional[list] = None  # a dry run's per-rank memory report (parameter, peak host and device bytes)
 
 
 @dataclass
@@ -144,7 +154,14 @@ class Trainer:
         self.sinks = build_sinks(config.logging.log, config.output_dir, dataclasses.asdict(config)) if self.is_main else []
         self.tokenizer = load_tokenizer(config.data.tokenizer)
 
-        if config.init:
+        # Under a plan with --init, the model is built on the meta device and each rank materialises and reads
+        # only its shards after parallelize (the sharded start); otherwise it is built whole, then sharded.
+        self.sharded_start = self.distributed and config.init is not None
+        if self.sharded_start:
+            self.model_config = read_config(config.init)
+            with torch.device("meta"):
+                self.model = InternVL3(self.model_config)
+        elif config.init:
             self.model = InternVL3.from_pretrained(config.init, dtype=torch.float32, device="cpu")
             self.model_config = self.model.config
         else:
@@ -155,34 +172,50 @@ class Trainer:
         self.model_shape = ModelShape.from_modules(self.model_config.to_hf(), self.model)  # for FLOPs: before sharding
         components = self.model.engine_components()
         apply_freezing(components, config.optim.frozen())
+        self.reference = None
         if config.mode == "mpo":
             self.precomputed = self._precomputed_reference()
-            self.reference = None
             if self.precomputed is None:
-                self.reference = copy.deepcopy(self.model).requires_grad_(False).eval().to(self.device)
-        self.model.to(self.device)
-
+                # The frozen policy, copied before the model is sharded; under a plan sharded the same way.
+                self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         if self.distributed:
-            from internvl3_engine.parallel import ParallelPlan, parallelize
-
             plan = self.plan or ParallelPlan()
+            policy_plan = plan
             if config.activation_checkpointing:
-                plan = dataclasses.replace(plan, **{
+                policy_plan = dataclasses.replace(plan, **{
                     name: dataclasses.replace(plan.component(name), activation_checkpointing=True) for name in COMPONENTS
                 })
-            self.parallel_state = parallelize(self.model, plan)
+            self.parallel_state = self._sharded(self.model, policy_plan)
             self.dp_rank, self.dp_world = self.parallel_state.dp_rank, self.parallel_state.dp_world_size
-        elif config.activation_checkpointing:
-            for blocks in (self.model.vision.layers, self.model.language.layers):
-                checkpoint_blocks(blocks)
+            if self.reference is not None:
+                self._sharded(self.reference, plan)
+        else:
+            self.model.to(self.device)
+            if self.reference is not None:
+                self.reference.to(self.device)
+            if config.activation_checkpointing:
+                for blocks in (self.model.vision.layers, self.model.language.layers):
+                    checkpoint_blocks(blocks)
 
         optim = config.optim
         groups = parameter_groups(components, optim.lr, optim.weight_decay, optim.component_lr())
         self.optimizer = build_optimizer(groups, optim.betas, optim.eps, self.device)
-        self.scheduler = build_scheduler(self.optimizer, optim.warmup_steps, config.max_steps, optim.min_lr_ratio)
+        # max_steps 0 (a dry run) takes no step: any schedule length will do.
+        self.scheduler = build_scheduler(self.optimizer, optim.warmup_steps, max(config.max_steps, 1), optim.min_lr_ratio)
         self.trainable = [p for group in groups for p in group["params"]]
         self.reward_shift = RunningMean()
         self._build_loader()
+
+    def _sharded(self, model: InternVL3, plan: ParallelPlan) -> ParallelState:
+        """parallelize ``model`` under ``plan``; in a sharded start, then materialise its shards on this rank's
+        device and read them from the --init checkpoint."""
+        if not self.sharded_start:
+            model.to(self.device)
+        state = parallelize(model, plan)
+        if self.sharded_start:
+            model.to_empty(device=self.device)
+            load_weights_distributed(model, self.config.init)
+        return state
 
     def _data_paths(self) -> tuple[str, Optional[str]]:
         config = self.config
@@ -291,7 +324,8 @@ class Trainer:
         at the floor past its old end). ``saved``: the checkpoint's scheduler state_dict."""
         config = self.config
         done = int(saved["last_epoch"])
-        self.scheduler = build_scheduler(self.optimizer, config.optim.warmup_steps, config.max_steps, config.optim.min_lr_ratio, completed_steps=done)
+        self.scheduler = build_scheduler(self.optimizer, config.optim.warmup_steps, max(config.max_steps, 1), config.optim.min_lr_ratio,
+                                         completed_steps=done)
         before, now = saved["lr_lambdas"][0], vars(self.scheduler.lr_lambdas[0])
         if before != now:
             self._say(f"learning-rate schedule from step {done} on: {now} (the checkpoint's run had {before})")
@@ -404,6 +438,8 @@ class Trainer:
         steps and the last); then the final weights and the evaluation."""
         config = self.config
         start, resume_path = self._resume_point()
+        if config.max_steps == 0:
+            return self._dry_run(start)
         os.makedirs(config.output_dir, exist_ok=True)
         log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), enabled=self.is_main,
                          resume_step=start if resume_path else None, sinks=self.sinks)
@@ -503,18 +539,17 @@ class Trainer:
     def _finish(self, step: int, losses: list, skipped: list, log: MetricsLog) -> TrainResult:
         config, metrics_path = self.config, log.path
         result = TrainResult(losses=losses, final_step=step, skipped_steps=skipped, output_dir=config.output_dir, data_errors=self.errors)
-        final_model = self._gather_final_model()
         summary = {"event": "summary", "step": step, "skipped_steps": skipped, "data_errors": self.errors.state_dict(),
                    "truncated": self.packer.truncated, "dropped": self.packer.dropped, "mix": self.stream.token_fractions()}
+        result.final_weights = os.path.join(config.output_dir, "final")
+        self.export(result.final_weights)
+        if self.eval_file:
+            # Every rank evaluates: a sharded model's forward needs all of them.
+            result.accuracy = evaluate_choices(self.model, self.eval_file, self.encoder, self.tiler, self.device,
+                                               self._autocast, config.logging.eval_delta, config.logging.eval_examples)
+            summary["accuracy"] = result.accuracy
+            log.write({"event": "eval", "step": step, **result.accuracy})
         if self.is_main:
-            final_dir = os.path.join(config.output_dir, "final")
-            final_model.save_pretrained(final_dir)
-            result.final_weights = final_dir
-            if self.eval_file:
-                result.accuracy = evaluate_choices(final_model, self.eval_file, self.encoder, self.tiler, self.device,
-                                                   self._autocast, config.logging.eval_delta, config.logging.eval_examples)
-                summary["accuracy"] = result.accuracy
-                log.write({"event": "eval", "step": step, **result.accuracy})
             log.write(summary)
             png = plot_loss_curve(metrics_path, os.path.join(config.output_dir, "loss.png"), f"{config.mode} loss ({self.model_config.name})")
             self.echo(self.errors.summary())
@@ -537,18 +572,40 @@ class Trainer:
             dist.barrier()
         return result
 
-    def _gather_final_model(self) -> Optional[InternVL3]:
-        """The trained model, unsharded (on rank 0 under a plan, None elsewhere)."""
-        if not self.distributed:
-            return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def export(self, path: str) -> None:
+        """The model's weights as a transformers-layout checkpoint in ``path`` (config.json + safetensors):
+        under a plan written from the shards by every rank (call it on all of them), no rank gathering the
+        model."""
+        if self.distributed:
+            save_weights_distributed(self.model, path)
+        elif self.is_main:
+            self.model.save_pretrained(path)
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.is_main:
-            return None
-        model = InternVL3(self.model_config)
-        model.load_state_dict(state)
-        return model.to(self.device)
+    def _dry_run(self, start: int) -> TrainResult:
+        """max_steps 0: the model is built, loaded and sharded (and a checkpoint restored); report each rank's
+        memory and take no step."""
+        import resource
+
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in self.model.parameters())
+        report = {"rank": self.rank, "parameter_bytes": local,
+                  "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.device.type == "cuda":
+            report["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        reports = [report]
+        if self.distributed:
+            reports = [None] * self.world
+            dist.all_gather_object(reports, report)
+        if self.is_main:
+            gib = 1024**3
+            self._say(self._banner(self.parameter_counts))
+            for entry in reports:
+                device = f", peak device memory {entry['peak_device_bytes'] / gib:.2f} GiB" if "peak_device_bytes" in entry else ""
+                self._say(f"rank {entry['rank']}: parameters {entry['parameter_bytes'] / gib:.3f} GiB, "
+                          f"peak host memory {entry['peak_host_bytes'] / gib:.2f} GiB{device}")
+            self._say(f"dry run (max_steps 0): built, {'loaded, ' if self.config.init else ''}"
+                      f"{'sharded over ' + str(self.world) + ' ranks' if self.distributed else 'one process'}; no step taken")
+        return TrainResult(losses=[], final_step=start, skipped_steps=[], output_dir=self.config.output_dir,
+                           data_errors=self.errors, memory=reports)
 
 
 # ---- evaluation

@@ -168,7 +168,7 @@ def test_a_flat_setting_is_an_error_naming_its_section(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"max_steps": 0}, "max_steps must be >= 1, got 0"),
+    ({"max_steps": -1}, "max_steps must be >= 0, got -1"),
     ({"autocast_dtype": "int8"}, "autocast_dtype must be a torch floating dtype's name, got 'int8'"),
     ({"cpu_threads": 0}, "cpu_threads must be >= 1 or None (torch's default), got 0"),
     ({"optim": {"lr": -1.0}}, "optim.lr must be > 0, got -1.0"),
@@ -545,6 +545,12 @@ def test_a_plan_runs_in_one_process_without_torchrun(data_dir, tmp_path, monkeyp
 
 
 def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
+    _torchrun(data_dir, tmp_path, plan_text, output, *arguments)
+    return [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+
+
+def _torchrun(data_dir, tmp_path, plan_text: str, output, *arguments):
+    """python -m model.train on 2 gloo ranks (torchrun) with the small settings; returns the completed process."""
     import subprocess
     import sys
 
@@ -559,7 +565,57 @@ def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
     completed = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env=environment,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+    return completed
+
+
+def _init_checkpoint(folder) -> dict:
+    """A tiny InternVL3 (the small settings' model) with random weights, saved in the transformers layout."""
+    from model import InternVL3Config
+    from model.weights import read_tensors
+
+    torch.manual_seed(1)
+    model = InternVL3(InternVL3Config.preset("tiny"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    model.save_pretrained(folder)
+    return dict(read_tensors(folder))
+
+
+def test_sharded_start_dry_run_reports_each_rank_and_exports_the_checkpoint(data_dir, tmp_path):
+    """--init under a plan with --max-steps 0: each rank builds on the meta device, reads only its shards,
+    reports its memory and takes no step; --export writes the input checkpoint's tensors back exactly."""
+    from model.weights import read_tensors
+
+    original = _init_checkpoint(tmp_path / "init")
+    completed = _torchrun(data_dir, tmp_path, "language: {sharding: zero3}\nvision: {sharding: zero3}\n", tmp_path / "out",
+                          "--init", str(tmp_path / "init"), "--max-steps", "0", "--export", str(tmp_path / "export"))
+    printed = completed.stdout + completed.stderr
+    assert "rank 0: parameters" in printed and "rank 1: parameters" in printed and "no step taken" in printed
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()
+    exported = dict(read_tensors(tmp_path / "export"))
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "mpo"])
+def test_sharded_start_trains_as_one_process(data_dir, tmp_path, mode):
+    """From --init under a plan (the sharded start; in MPO the reference policy sharded the same way), 2 ranks
+    give the losses of one process accumulating their 2 packs from the same checkpoint. MPO is compared at
+    its first step only: its BCO reward shift is a running mean updated once per pack on one process but once
+    per accumulation index over the ranks, so later steps differ slightly by design; at step 1 the sharded
+    reference must equal the policy (preference term log 2)."""
+    _init_checkpoint(tmp_path / "init")
+    data = str(data_dir / ("meta_mpo.json" if mode == "mpo" else "meta.json"))
+    entries = _torchrun_train(data_dir, tmp_path, "{}\n", tmp_path / "ranks", "--init", str(tmp_path / "init"),
+                              "--max-steps", "2", "--mode", mode, "--data", data)
+    single = run(small_config(data_dir, tmp_path / "single", init=str(tmp_path / "init"), max_steps=2, grad_accum=2,
+                              mode=mode, data={"path": data}))
+    compared = 1 if mode == "mpo" else 2
+    assert [entry["loss"] for entry in entries][:compared] == pytest.approx(single.losses[:compared], rel=1e-5)
+    if mode == "mpo":
+        assert entries[0]["preference"] == pytest.approx(math.log(2), abs=1e-5) and math.isfinite(entries[1]["loss"])
 
 
 def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
