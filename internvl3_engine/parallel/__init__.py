@@ -4,7 +4,7 @@ clipping across meshes, sharded checkpoints, and vision-aware load balancing."""
 
 from .activation_checkpoint import checkpoint_blocks
 from .balance import Assignment, CostModel, balance, naive_split
-from .checkpoint import load_sharded, save_sharded
+from .checkpoint import PendingSave, async_save_sharded, load_sharded, save_sharded
 from .gradients import clip_grad_norm_
 from .loss import data_parallel_loss, global_weight_sum
 from .parallelize import Meshes, ParallelState, build_meshes, parallelize
@@ -17,6 +17,8 @@ __all__ = [
     "ParallelPlan",
     "Meshes",
     "ParallelState",
+    "PendingSave",
+    "async_save_sharded",
     "balance",
     "build_meshes",
     "checkpoint_blocks",

@@ -1,7 +1,9 @@
 """Sharded checkpoints with torch.distributed.checkpoint: saved at one world size, loadable at another.
 
 Written atomically: every rank writes into ``<path>.tmp``, and rank 0 renames it to ``path`` after all
-ranks finished, so a crash mid-save never leaves a checkpoint that looks complete.
+ranks finished, so a crash mid-save never leaves a checkpoint that looks complete. ``async_save_sharded``
+does the same in the background (torch.distributed.checkpoint.async_save): the state is copied to CPU
+memory before it returns, a thread writes it while training goes on, and ``PendingSave.wait`` renames it.
 """
 
 from __future__ import annotations
@@ -32,21 +34,60 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
-    """Save model (and optimizer) state to the folder ``path``, every rank its own shards."""
-    path = os.fspath(path)
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _staging(path: str) -> str:
+    """The folder a save of ``path`` writes into (emptied first): ``<path>.tmp``."""
     staging = path + ".tmp"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and os.path.exists(staging):
+    if _rank() == 0 and os.path.exists(staging):
         shutil.rmtree(staging)
     _barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=staging)
+    return staging
+
+
+def _publish(staging: str, path: str) -> None:
+    """Rename a complete save into place, once every rank's shards are written."""
     _barrier()
-    if rank == 0:
+    if _rank() == 0:
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(staging, path)
     _barrier()
+
+
+def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
+    """Save model (and optimizer) state to the folder ``path``, every rank its own shards."""
+    path = os.fspath(path)
+    staging = _staging(path)
+    dcp.save(_state(model, optimizer), checkpoint_id=staging)
+    _publish(staging, path)
+
+
+class PendingSave:
+    """A save that async_save_sharded started. ``wait`` (collective: every rank calls it, at the same point of
+    its program) returns once every rank's shards are written and the folder renamed into place; it raises
+    what the writer raised (the folder then stays absent)."""
+
+    def __init__(self, future, staging: str, path: str):
+        self._future, self._staging, self.path = future, staging, path
+
+    def wait(self) -> None:
+        self._future.result()
+        _publish(self._staging, self.path)
+
+
+def async_save_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None, process_group=None) -> PendingSave:
+    """save_sharded in the background: the state is staged to CPU memory before this returns (the parameters
+    may change right after), then a thread writes it. ``process_group``: the group of the writer thread's
+    collectives; give one apart from training's (a gloo group: ``dist.new_group(backend="gloo")``), which
+    the thread may use while training runs its own. Finish with ``PendingSave.wait()``."""
+    path = os.fspath(path)
+    staging = _staging(path)
+    future = dcp.async_save(_state(model, optimizer), checkpoint_id=staging, process_group=process_group,
+                            no_dist=not dist.is_initialized())
+    return PendingSave(future, staging, path)
 
 
 def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> None:

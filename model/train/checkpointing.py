@@ -7,14 +7,18 @@ A checkpoint is a folder ``<output>/checkpoints/step_<N>``:
   loadable at another world size) and ``trainer.pt`` without them.
 Everything is written into ``step_<N>.tmp`` and renamed to ``step_<N>`` (os.replace) once complete, so a
 crash never leaves a folder that looks like a checkpoint; ``latest`` only considers renamed folders.
+CheckpointWriter can write in the background: the state is copied to CPU memory at the save, a thread
+writes it while training goes on, and the rename happens when the next save (or the end) waits for it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -84,36 +88,83 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     return resume
 
 
-def save_checkpoint(output_dir: str, step: int, trainer_state: dict, model, optimizer, sharded: bool, keep_last: int) -> str:
-    """Write the checkpoint of ``step`` atomically and delete all but the last ``keep_last``. Every rank
-    calls it (a sharded save is collective); rank 0 writes trainer_state (which, unsharded, also holds
-    model and optimizer)."""
-    folder = checkpoint_dir(output_dir)
-    final = os.path.join(folder, f"step_{step:08d}")
-    staging = final + ".tmp"
-    if _rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-        os.makedirs(staging)
-    _barrier()
-    state = dict(trainer_state)
-    if sharded:
-        from internvl3_engine.parallel import save_sharded
+class CheckpointWriter:
+    """Writes the run's checkpoints into ``<output_dir>/checkpoints`` and keeps the last ``keep_last``.
+    Every rank calls ``save`` and ``wait`` at the same steps (a sharded save is collective); rank 0 writes
+    trainer_state (which, unsharded, also holds model and optimizer). ``asynchronous``: ``save`` returns
+    once the state is copied to CPU memory, a thread writes it, and the folder is renamed into place by the
+    next ``save`` or ``wait`` (call ``wait`` before the run ends); else ``save`` returns once it is in place."""
 
-        save_sharded(os.path.join(staging, SHARDED_FOLDER), model, optimizer)
-    else:
-        state["model"] = model.state_dict()
-        state["optimizer"] = optimizer.state_dict()
-    if _rank() == 0:
-        torch.save(state, os.path.join(staging, TRAINER_FILE))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        for _, old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+    def __init__(self, output_dir: str, sharded: bool, keep_last: int, asynchronous: bool):
+        self.output_dir, self.sharded, self.keep_last, self.asynchronous = output_dir, sharded, keep_last, asynchronous
+        self._pending = None  # (what to wait for, staging folder, final folder)
+        self._thread = ThreadPoolExecutor(max_workers=1) if asynchronous and not sharded else None
+        # The DCP writer thread's collectives go over a group of their own, apart from training's.
+        self._group = dist.new_group(backend="gloo") if asynchronous and sharded else None
+
+    def save(self, step: int, trainer_state: dict, model, optimizer) -> str:
+        """Write (or start writing) the checkpoint of ``step``; returns its folder's final path."""
+        self.wait()
+        final = os.path.join(checkpoint_dir(self.output_dir), f"step_{step:08d}")
+        staging = final + ".tmp"
+        if _rank() == 0:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.exists(staging):
+                shutil.rmtree(staging)
+            os.makedirs(staging)
+        _barrier()
+        state, waiting = dict(trainer_state), None
+        if self.sharded:
+            from internvl3_engine.parallel import async_save_sharded, save_sharded
+
+            folder = os.path.join(staging, SHARDED_FOLDER)
+            if self.asynchronous:
+                waiting = async_save_sharded(folder, model, optimizer, process_group=self._group)
+            else:
+                save_sharded(folder, model, optimizer)
+        else:
+            state["model"] = model.state_dict()
+            state["optimizer"] = optimizer.state_dict()
+        trainer_file = os.path.join(staging, TRAINER_FILE)
+        if self._thread is not None:
+            waiting = self._thread.submit(torch.save, _cpu_copy(state), trainer_file)
+        elif _rank() == 0:
+            torch.save(state, trainer_file)
+        self._pending = (waiting, staging, final)
+        if not self.asynchronous:
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any: wait for its writer, then rename it into place and drop the
+        checkpoints beyond keep_last. Raises what the writer raised (the checkpoint then stays absent)."""
+        if self._pending is None:
+            return
+        waiting, staging, final = self._pending
+        self._pending = None
+        if isinstance(waiting, Future):
+            waiting.result()
+        elif waiting is not None:
+            waiting.wait()  # a PendingSave: its shards in place
+        if _rank() == 0:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            for _, old in list_checkpoints(self.output_dir)[:-self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+
+def _cpu_copy(value):
+    """A copy of a state (nested dicts, lists, tuples) whose tensors are CPU copies: what training changes in
+    place after the save cannot reach it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return copy.deepcopy(value)
 
 
 def load_checkpoint(path: str, model, optimizer, sharded: bool) -> dict:

@@ -182,12 +182,15 @@ class LoggingConfig(_Settings):
 
 @dataclass
 class CheckpointConfig(_Settings):
-    """A checkpoint every ``save_every`` steps and at the end; the last ``keep_last`` kept (0: all)."""
+    """A checkpoint every ``save_every`` steps and at the end; the last ``keep_last`` kept (0: all);
+    ``asynchronous``: written in the background while training goes on (the state copied to CPU memory at
+    the save; the folder appears once complete, still atomically)."""
 
     SECTION: ClassVar[str] = "checkpoint"
 
     save_every: int = 500
     keep_last: int = 2
+    asynchronous: bool = True
 
     def __post_init__(self):
         self._at_least(1, "save_every")

@@ -204,6 +204,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, optim.warmup_steps, max(config.max_steps, 1), optim.min_lr_ratio)
         self.trainable = [p for group in groups for p in group["params"]]
         self.reward_shift = RunningMean()
+        self.checkpoints = checkpointing.CheckpointWriter(config.output_dir, self.distributed, config.checkpoint.keep_last,
+                                                          config.checkpoint.asynchronous)
         self._build_loader()
 
     def _sharded(self, model: InternVL3, plan: ParallelPlan) -> ParallelState:
@@ -478,12 +480,10 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if step % config.checkpoint.save_every == 0 or step == config.max_steps:
-                    checkpointing.save_checkpoint(
-                        config.output_dir, step, self._trainer_state(step), self.model, self.optimizer,
-                        sharded=self.distributed, keep_last=config.checkpoint.keep_last,
-                    )
+                    self.checkpoints.save(step, self._trainer_state(step), self.model, self.optimizer)
             if bar is not None:
                 bar.close()
+            self.checkpoints.wait()  # the last checkpoint in place before the run reports and exports
             return self._finish(step, losses, skipped, log)
         finally:
             log.close()

@@ -210,7 +210,7 @@ def test_train_config_json_and_the_checkpoint_hold_the_nested_config_it_resumes_
     config = small_config(data_dir, tmp_path / "full", max_steps=2, checkpoint={"save_every": 1})
     full = run(config)
     saved = json.loads((tmp_path / "full" / "train_config.json").read_text())["train"]
-    assert saved["optim"]["lr"] == 3e-3 and saved["checkpoint"] == {"save_every": 1, "keep_last": 2} and "lr" not in saved
+    assert saved["optim"]["lr"] == 3e-3 and saved["checkpoint"] == {"save_every": 1, "keep_last": 2, "asynchronous": True} and "lr" not in saved
     assert TrainConfig(**saved) == config
     checkpoint = tmp_path / "full" / "checkpoints" / "step_00000001"
     assert TrainConfig(**torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)["config"]) == config
@@ -277,6 +277,46 @@ def test_the_demo_writes_tensorboard_events(data_dir, tmp_path):
     expected = jsonl_scalars(output / "metrics.jsonl")
     assert [step for step, _ in expected["train/loss"]] == [1, 2] and "train/data_wait_s" in expected
     assert tensorboard_scalars(output / "tensorboard") == as_float32(expected)
+
+
+def test_an_asynchronous_checkpoint_holds_the_state_at_its_step_and_appears_once_complete(tmp_path, monkeypatch):
+    """CheckpointWriter(asynchronous=True): save returns while the writer thread still writes; the parameters
+    changed right after do not reach the checkpoint; the folder appears only when complete (wait), and a
+    writer that fails leaves no folder."""
+    import threading
+
+    from model.train.checkpointing import CheckpointWriter
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    release, real_save = threading.Event(), torch.save
+
+    def slow_save(*args, **kwargs):
+        release.wait(timeout=60)
+        real_save(*args, **kwargs)
+
+    synchronous = CheckpointWriter(str(tmp_path / "sync"), sharded=False, keep_last=2, asynchronous=False)
+    assert os.path.isfile(os.path.join(synchronous.save(1, {"step": 1}, model, optimizer), "trainer.pt"))
+    monkeypatch.setattr(torch, "save", slow_save)
+    writer = CheckpointWriter(str(tmp_path), sharded=False, keep_last=2, asynchronous=True)
+    final = writer.save(5, {"step": 5}, model, optimizer)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on
+    assert not os.path.exists(final) and os.path.isdir(final + ".tmp") and list_checkpoints(str(tmp_path)) == []
+    release.set()
+    writer.wait()
+    state = torch.load(os.path.join(final, "trainer.pt"), weights_only=False)
+    assert state["step"] == 5 and all(torch.equal(state["model"][name], value) for name, value in saved.items())
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    writer.save(6, {"step": 6}, model, optimizer)
+    with pytest.raises(OSError, match="disk full"):
+        writer.wait()
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [5]
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "mpo"])
