@@ -78,6 +78,18 @@ def check_data_files(meta_path: str, eval_file: Optional[str]) -> None:
         _require_file(eval_file, "eval_file")
 
 
+def _anonymous_bytes() -> Optional[int]:
+    """This process's resident anonymous memory (RssAnon: allocations, not mapped files), on Linux; else None."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized():
         value = value.clone()
@@ -98,7 +110,7 @@ class TrainResult:
     final_weights: Optional[str] = None
     accuracy: Optional[dict] = None
     data_errors: Optional[DataErrors] = None
-    memory: Optional[list] = None  # a dry run's per-rank memory report (parameter, peak host and device bytes)
+    memory: Optional[list] = None  # a dry run's per-rank report (start.json): bytes held, peak memory, start time
 
 
 @dataclass
@@ -138,6 +150,7 @@ class Trainer:
             torch.set_num_threads(config.cpu_threads)
         self.autocast_dtype = getattr(torch, config.autocast_dtype) if self.device.type == "cuda" else None
         seed_everything(config.seed)
+        self._began = time.perf_counter()
         self._build()
 
     # ---- setup
@@ -587,8 +600,9 @@ class Trainer:
         import resource
 
         local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in self.model.parameters())
-        report = {"rank": self.rank, "parameter_bytes": local,
-                  "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        report = {"rank": self.rank, "parameter_bytes": local, "start_s": time.perf_counter() - self._began,
+                  "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "anon_bytes": _anonymous_bytes()}
         if self.device.type == "cuda":
             report["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
         reports = [report]
@@ -603,7 +617,11 @@ class Trainer:
                 self._say(f"rank {entry['rank']}: parameters {entry['parameter_bytes'] / gib:.3f} GiB, "
                           f"peak host memory {entry['peak_host_bytes'] / gib:.2f} GiB{device}")
             self._say(f"dry run (max_steps 0): built, {'loaded, ' if self.config.init else ''}"
-                      f"{'sharded over ' + str(self.world) + ' ranks' if self.distributed else 'one process'}; no step taken")
+                      f"{'sharded over ' + str(self.world) + ' ranks' if self.distributed else 'one process'} "
+                      f"in {report['start_s']:.1f} s; no step taken")
+            os.makedirs(self.config.output_dir, exist_ok=True)
+            with open(os.path.join(self.config.output_dir, "start.json"), "w", encoding="utf-8") as handle:
+                json.dump({"world": self.world, "ranks": reports}, handle, indent=2)
         return TrainResult(losses=[], final_step=start, skipped_steps=[], output_dir=self.config.output_dir,
                            data_errors=self.errors, memory=reports)
 

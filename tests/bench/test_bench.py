@@ -325,3 +325,22 @@ def test_attention_blocks_case_selection():
     for bad in ("LLM 8B", ","):
         with pytest.raises(argparse.ArgumentTypeError, match="choose among"):
             attention_blocks._case_names(bad)
+
+
+def test_start_benchmark_records_each_rank_at_each_world_size(tmp_path):
+    """python -m bench.start on the tiny preset at W = 1 and 2: every rank's report (parameters held, peak
+    and anonymous memory, start time), the sharded parameters falling with W, a JSON record and a table."""
+    import json
+
+    from bench import start
+
+    assert start.main(["--preset", "tiny", "--worlds", "1,2", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*_start-tiny.json")).read_text())
+    one, two = record["rows"]
+    assert [len(one["ranks"]), len(two["ranks"])] == [1, 2]
+    for rank in one["ranks"] + two["ranks"]:
+        assert rank["peak_host_bytes"] > 0 and rank["start_s"] > 0 and rank["anon_bytes"] > 0
+    whole = one["ranks"][0]["parameter_bytes"]
+    assert sum(rank["parameter_bytes"] for rank in two["ranks"]) >= whole  # the replicated projector twice
+    assert all(rank["parameter_bytes"] < 0.6 * whole for rank in two["ranks"])
+    assert "| 2 |" in next(tmp_path.glob("*_start-tiny.md")).read_text()

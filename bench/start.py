@@ -1,0 +1,128 @@
+"""Start time and memory per rank of the trainer's sharded start, at several world sizes.
+
+For each world size W, ``torchrun --standalone --nproc-per-node W -m model.train --init CKPT --plan {}
+--max-steps 0`` (the dry run: build on the meta device, parallelize, materialise and read each rank's
+shards) and read the per-rank report it writes (start.json): parameter bytes held, peak RSS, anonymous
+memory after the load, peak GPU memory on CUDA, seconds from the trainer's construction to the end of the
+load, beside the process's wall time. The checkpoint is made from the preset with random weights unless
+``--checkpoint`` gives one (transformers layout). Writes a JSON record and a markdown table.
+
+    python -m bench.start [--preset internvl3-1b] [--worlds 1,2,4] [--checkpoint DIR] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .harness import device_info, utc_now, versions
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+
+def make_checkpoint(preset: str, folder: Path) -> None:
+    """The preset's architecture with random weights (float32), saved in the transformers layout; its image
+    token id set to the byte tokenizer's, so the generated demo data trains on it."""
+    from model import InternVL3, InternVL3Config
+    from model.data import ByteTokenizer
+
+    config = InternVL3Config.preset(preset)
+    config.image_token_id = ByteTokenizer().img_context_id
+    with torch.device("meta"):
+        model = InternVL3(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.02)
+    model.save_pretrained(folder)
+
+
+def run_world(world: int, checkpoint: Path, data: Path, work: Path, device: str) -> dict:
+    """One dry run at world size ``world``: its ranks' reports and the launcher's wall time."""
+    output = work / f"w{world}"
+    plan = work / "plan.json"
+    plan.write_text("{}\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+               "-m", "model.train", "--preset", "tiny", "--init", str(checkpoint), "--plan", str(plan),
+               "--data", str(data), "--output-dir", str(output), "--max-steps", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    began = time.perf_counter()
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    if completed.returncode != 0:
+        return {"world": world, "status": "error", "error": (completed.stdout + completed.stderr)[-2000:]}
+    ranks = json.loads((output / "start.json").read_text())["ranks"]
+    return {"world": world, "status": "ok", "wall_s": wall, "ranks": ranks}
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"# Sharded start: {record['preset']} ({record['checkpoint_bytes'] / GIB:.2f} GiB float32 checkpoint)",
+        "",
+        f"{record['date']}, {record['device']['name']}, torch {record['versions']['internvl3_engine']['torch']}; "
+        f"`python -m bench.start --preset {record['preset']} --worlds {','.join(str(r['world']) for r in record['rows'])}`",
+        "",
+        "| W | parameters / rank (GiB) | peak RSS / rank (GiB) | anonymous after load (GiB) | peak GPU (GiB) | start (s) | wall (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['world']} | error: see the JSON | | | | | |")
+            continue
+
+        def spread(key: str, scale: float = GIB) -> str:
+            values = [rank[key] / scale for rank in row["ranks"] if rank.get(key) is not None]
+            return "-" if not values else f"{min(values):.2f}" if min(values) == max(values) else f"{min(values):.2f}-{max(values):.2f}"
+
+        lines.append(f"| {row['world']} | {spread('parameter_bytes')} | {spread('peak_host_bytes')} | "
+                     f"{spread('anon_bytes')} | {spread('peak_device_bytes')} | {spread('start_s', 1.0)} | {row['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.start", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="internvl3-1b", help="the architecture (a model preset)")
+    parser.add_argument("--worlds", default="1,2,4", type=lambda text: [int(w) for w in text.split(",")])
+    parser.add_argument("--checkpoint", type=Path, help="a transformers-layout checkpoint (default: made from --preset)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    if any(world < 1 for world in args.worlds):
+        parser.error("--worlds: positive integers")
+    from model.train.demo_data import DemoDataConfig, generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(temporary)
+        checkpoint = args.checkpoint or work / "checkpoint"
+        if args.checkpoint is None:
+            print(f"bench.start: writing a random {args.preset} checkpoint", file=sys.stderr)
+            make_checkpoint(args.preset, checkpoint)
+        generate(str(work / "data"), seed=0, config=DemoDataConfig(train_images=4, eval_images=1, preference_pairs=1, image_size=56))
+        rows = []
+        for world in args.worlds:
+            print(f"bench.start: W = {world}", file=sys.stderr)
+            rows.append(run_world(world, checkpoint, work / "data" / "meta.json", work, device))
+        size = sum(path.stat().st_size for path in Path(checkpoint).glob("*.safetensors"))
+    date = utc_now()
+    record = {"suite": "start", "preset": args.preset, "checkpoint_bytes": size, "date": date.strftime("%Y-%m-%d"),
+              "device": device_info(torch.device(device)), "versions": versions(), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{date.strftime('%Y%m%dT%H%M%SZ')}_{device}_start-{args.preset}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+    print(f"bench.start: wrote {stem}.json and .md", file=sys.stderr)
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
