@@ -93,7 +93,8 @@ def mpo_terms(
     beta: float = MPO_BETA,
 ) -> MPOTerms:
     """The MPO terms of a batch of pairs (all [P]); ``chosen_nll_sum`` is the summed token NLL of the chosen
-    responses (a scalar or [P]), ``reward_shift`` the BCO delta (already updated with this batch)."""
+    responses (a scalar or [P]), ``reward_shift`` the BCO delta (the trainer's: the mean reward of the packs of
+    earlier steps)."""
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
     preference = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
@@ -118,15 +119,17 @@ def batch_reward_mean(policy_chosen, policy_rejected, reference_chosen, referenc
 
 
 class RunningMean:
-    """The BCO reward shift: the mean of every value given to ``update`` so far (saved in checkpoints)."""
+    """The BCO reward shift: the mean of the values added so far, each pack's mean reward counting once
+    (saved in checkpoints)."""
 
     def __init__(self):
         self.total = 0.0
         self.count = 0
 
-    def update(self, value: float) -> float:
-        self.total += float(value)
-        self.count += 1
+    def add(self, total: float, count: int) -> float:
+        """Take in ``count`` values summing to ``total``; returns the new mean."""
+        self.total += float(total)
+        self.count += int(count)
         return self.mean
 
     @property

@@ -396,12 +396,14 @@ class Trainer:
         chosen_tokens = torch.stack([(batch.labels[self._chosen_mask(batch)] != IGNORE_INDEX).sum() for batch in batches]).sum().float()
         total = torch.zeros((), device=self.device)
         parts = {"preference": 0.0, "quality": 0.0, "nll": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0}
+        # The BCO shift: the mean reward of the packs of earlier steps (over all ranks), the same for every pack
+        # of this step whatever the world size and accumulation; this step's packs join it after the step.
+        shift = self.reward_shift.mean
+        reward_sum = torch.zeros((), device=self.device)
         for batch in batches:
             reference_chosen, reference_rejected = self._reference_logps(batch)
             policy = self._pair_logps(self.model, batch)
-            # The BCO shift takes in this pack's mean reward (over all ranks) before it is used.
-            mean_reward = _all_reduce(batch_reward_mean(policy.chosen, policy.rejected, reference_chosen, reference_rejected, beta)) / self.world
-            shift = self.reward_shift.update(mean_reward.item())
+            reward_sum += batch_reward_mean(policy.chosen, policy.rejected, reference_chosen, reference_rejected, beta).detach()
             terms = mpo_terms(policy.chosen, policy.rejected, reference_chosen, reference_rejected, -policy.chosen, policy.chosen_tokens, shift, beta)
             term = (
                 weights[0] * data_parallel_loss(terms.preference_sum, pairs)
@@ -416,6 +418,8 @@ class Trainer:
             parts["nll"] += terms.nll_sum.item() / chosen_tokens.item()
             parts["reward_accuracy"] += (terms.rewards_chosen > terms.rewards_rejected).float().sum().item() / pairs.item()
             parts["reward_margin"] += (terms.rewards_chosen - terms.rewards_rejected).sum().item() / pairs.item()
+        # Tensor-parallel peers (world / dp_world of them) hold the same packs: count them once.
+        self.reward_shift.add(_all_reduce(reward_sum).item() / (self.world // self.dp_world), len(batches) * self.dp_world)
         parts["reward_shift"] = self.reward_shift.mean
         return total, parts
 

@@ -80,8 +80,9 @@ def test_reward_shift_is_the_running_mean_of_batch_reward_means():
         rewards = [MPO_BETA * (a - b) for a, b in zip(pc, rc)] + [MPO_BETA * (a - b) for a, b in zip(pr, rr)]
         assert abs(value.item() - sum(rewards) / len(rewards)) < 1e-15
         means.append(value.item())
-        shift = running.update(value)
+        shift = running.add(value.item(), 1)
         assert abs(shift - sum(means) / len(means)) < 1e-15
+    assert RunningMean().add(sum(means), len(means)) == running.mean  # packs added together or one by one
     restored = RunningMean()
     restored.load_state_dict(json.loads(json.dumps(running.state_dict())))
     assert restored.mean == running.mean and restored.count == 2

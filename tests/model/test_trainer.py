@@ -608,6 +608,10 @@ def _torchrun(data_dir, tmp_path, plan_text: str, output, *arguments):
     return completed
 
 
+def single_metrics(output) -> list[dict]:
+    return [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
+
+
 def _init_checkpoint(folder) -> dict:
     """A tiny InternVL3 (the small settings' model) with random weights, saved in the transformers layout."""
     from model import InternVL3Config
@@ -642,20 +646,18 @@ def test_sharded_start_dry_run_reports_each_rank_and_exports_the_checkpoint(data
 @pytest.mark.parametrize("mode", ["pretrain", "mpo"])
 def test_sharded_start_trains_as_one_process(data_dir, tmp_path, mode):
     """From --init under a plan (the sharded start; in MPO the reference policy sharded the same way), 2 ranks
-    give the losses of one process accumulating their 2 packs from the same checkpoint. MPO is compared at
-    its first step only: its BCO reward shift is a running mean updated once per pack on one process but once
-    per accumulation index over the ranks, so later steps differ slightly by design; at step 1 the sharded
-    reference must equal the policy (preference term log 2)."""
+    give the losses of one process accumulating their 2 packs from the same checkpoint (MPO: its reward shift
+    is the same whatever the world size; at step 1 the sharded reference equals the policy, preference log 2)."""
     _init_checkpoint(tmp_path / "init")
     data = str(data_dir / ("meta_mpo.json" if mode == "mpo" else "meta.json"))
     entries = _torchrun_train(data_dir, tmp_path, "{}\n", tmp_path / "ranks", "--init", str(tmp_path / "init"),
                               "--max-steps", "2", "--mode", mode, "--data", data)
     single = run(small_config(data_dir, tmp_path / "single", init=str(tmp_path / "init"), max_steps=2, grad_accum=2,
                               mode=mode, data={"path": data}))
-    compared = 1 if mode == "mpo" else 2
-    assert [entry["loss"] for entry in entries][:compared] == pytest.approx(single.losses[:compared], rel=1e-5)
+    assert [entry["loss"] for entry in entries] == pytest.approx(single.losses, rel=1e-5)
     if mode == "mpo":
-        assert entries[0]["preference"] == pytest.approx(math.log(2), abs=1e-5) and math.isfinite(entries[1]["loss"])
+        assert entries[0]["preference"] == pytest.approx(math.log(2), abs=1e-5)
+        assert entries[1]["reward_shift"] == pytest.approx(single_metrics(tmp_path / "single")[1]["reward_shift"], rel=1e-5, abs=1e-9)
 
 
 def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
