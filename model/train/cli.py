@@ -37,8 +37,8 @@
 Flags given on the command line win over the config file, which wins over the preset. They set --data
 data.path, --save-every checkpoint.save_every, --keep-last checkpoint.keep_last, --log-every
 logging.log_every, --log logging.log, and the others their namesakes at the top. A bad setting, a
-missing input file (config, plan, meta file, annotation file, eval file) or a missing --log package ends the
-command with one line on stderr and exit status 2, before anything is built.
+missing input file (config, plan, meta file, annotation file, eval file, --resume checkpoint) or a missing
+--log package ends the command with one line on stderr and exit status 2, before anything is built.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import sys
 from typing import Optional
 
 from .metrics import MissingPackageError
+from .checkpointing import resolve_resume
 from .config import MODES, load_config_file
 from .presets import TRAIN_PRESETS, preset_config
 from .trainer import Trainer
@@ -136,6 +137,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         config = config_from_args(args)
         plan = load_plan(args.plan) if args.plan else None
+        resolve_resume(args.resume, config.output_dir)  # a --resume that is no checkpoint, named before the build
     except (FileNotFoundError, ValueError, TypeError) as error:  # a missing file or a bad setting
         return _fail(parser, error)
     try:

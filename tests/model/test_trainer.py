@@ -409,6 +409,9 @@ def test_cli_ends_with_one_line_for_a_missing_file_a_bad_setting_or_a_missing_pa
     monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without wandb imports
     assert main(base + ["--data", str(data_dir / "meta.json"), "--log", "tensorboard,wandb"]) == 2
     assert capsys.readouterr().err == "python -m model.train: error: --log wandb needs the wandb package: pip install wandb\n"
+    assert main(base + ["--data", str(data_dir / "meta.json"), "--resume", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == (f"python -m model.train: error: --resume {tmp_path / 'nowhere'}: not a checkpoint "
+                                       "folder (no trainer.pt)\n")
 
 
 # The scheduler warns that optimizer.step was replaced: that is this test's counting wrapper.
