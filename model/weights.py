@@ -254,11 +254,7 @@ def save_pretrained(model, path, *, layout: str = "hf", max_shard_size: int = 5 
 
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
-    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
-    config_dict = config.to_hf() if layout == "hf" else config.to_opengvlab()
-    config_dict["dtype"] = config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
-    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as handle:
-        json.dump(config_dict, handle, indent=2, sort_keys=True)
+    _write_config(folder, config, layout, next(iter(tensors.values())).dtype if tensors else torch.float32)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
@@ -300,6 +296,14 @@ def _check_names_and_shapes(folder: str, expected: dict, found: dict) -> None:
             raise ValueError(f"{name}: the checkpoint's shape {found[name]} is not the config's {shape}")
 
 
+def _write_config(folder: str, config: InternVL3Config, layout: str, dtype: torch.dtype) -> None:
+    """config.json of a checkpoint in ``layout`` whose tensors are ``dtype``."""
+    config_dict = config.to_hf() if layout == "hf" else config.to_opengvlab()
+    config_dict["dtype"] = config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as handle:
+        json.dump(config_dict, handle, indent=2, sort_keys=True)
+
+
 def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -338,10 +342,10 @@ def _sharded_state(model) -> dict[str, torch.Tensor]:
     return to_layout(state, "hf")
 
 
-def check_checkpoint_matches(model, path: Union[str, os.PathLike]) -> None:
+def check_checkpoint_matches(model, path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
     """ValueError, before anything is read, when the checkpoint's tensor names or shapes are not the model's:
     names the tensor (as the checkpoint spells it) and both shapes. Only the transformers ('hf') layout
-    loads into a sharded model."""
+    loads into a sharded model. Returns the checkpoint's shapes (checkpoint_shapes)."""
     folder = os.fspath(path)
     shapes = checkpoint_shapes(folder)
     if detect_layout(shapes) != "hf":
@@ -352,6 +356,7 @@ def check_checkpoint_matches(model, path: Union[str, os.PathLike]) -> None:
     if model.config.text.tie_word_embeddings:
         on_disk.pop(_HF_HEAD, None)  # compared with the embeddings when loaded (_check_tied_head)
     _check_names_and_shapes(folder, expected, on_disk)
+    return shapes
 
 
 def load_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
@@ -361,15 +366,14 @@ def load_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
     converting to the parameters' dtype. Names and shapes are checked first (check_checkpoint_matches).
     A checkpoint that stores a head beside the embeddings that the config ties must hold the same values
     (compared shard by shard; ValueError otherwise: untie them in its config.json)."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    import torch.distributed as dist
-
     folder = os.fspath(path)
-    check_checkpoint_matches(model, folder)
+    shapes = check_checkpoint_matches(model, folder)
     alone = not dist.is_initialized()
     dcp.load(_sharded_state(model), storage_reader=dcp.HuggingFaceStorageReader(folder), no_dist=alone)
-    if model.config.text.tie_word_embeddings and _HF_HEAD in checkpoint_shapes(folder):
+    if model.config.text.tie_word_embeddings and _HF_HEAD in shapes:
         _check_tied_head(model, folder, alone)
 
 
@@ -410,10 +414,6 @@ def save_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
     dcp.save(_sharded_state(model), storage_writer=writer, no_dist=not dist.is_initialized())
     if first:
         shutil.rmtree(os.path.join(folder, "sharded"), ignore_errors=True)
-        config_dict = model.config.to_hf()
-        dtype = next(iter(model.parameters())).dtype
-        config_dict["dtype"] = config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
-        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as handle:
-            json.dump(config_dict, handle, indent=2, sort_keys=True)
+        _write_config(folder, model.config, "hf", next(iter(model.parameters())).dtype)
     if dist.is_initialized():
         dist.barrier()

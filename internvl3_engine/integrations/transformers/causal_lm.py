@@ -12,8 +12,6 @@ import internvl3_engine as engine
 
 from .attention import _cu_seqlens_kwarg, _max_seqlen_kwarg, _packing
 
-# ---- loss
-
 
 _LOSS_KEYWORDS = ("num_items_in_batch", "shift_labels", "ignore_index", "loss_weights")
 
@@ -22,17 +20,6 @@ def _shifted(x: torch.Tensor, fill) -> torch.Tensor:
     """x [B, S] moved one step left within each row (position t takes t + 1's value; the last takes ``fill``):
     the causal LM's targets from labels given at their tokens."""
     return F.pad(x, (0, 1), value=fill)[..., 1:]
-
-
-def _token_weights(loss_weights, targets: torch.Tensor, ignore_index: int, boundaries) -> torch.Tensor:
-    """float32 [B*S] weights of the shifted targets [B, S]: a mode of ``engine.loss_weights`` ("token", "sample",
-    "square") over the samples that ``boundaries()`` (int32 cu_seqlens over the B*S tokens) delimits, or a
-    tensor of the labels' shape, given at the labels' (unshifted) positions and shifted with them."""
-    if isinstance(loss_weights, str):
-        return engine.loss_weights(targets.reshape(-1), boundaries(), loss_weights, ignore_index)
-    if not isinstance(loss_weights, torch.Tensor):
-        raise TypeError(f"loss_weights must be a mode name or a tensor, got {type(loss_weights).__name__}")
-    return loss_weights.to(device=targets.device, dtype=torch.float32).reshape(-1)
 
 
 def _fused_loss(self, hidden: torch.Tensor, named: dict, loss_keys: dict) -> Optional[torch.Tensor]:
@@ -53,17 +40,21 @@ def _fused_loss(self, hidden: torch.Tensor, named: dict, loss_keys: dict) -> Opt
                 "weights: leave num_items_in_batch out (with transformers' Trainer, set model.accepts_loss_kwargs "
                 "= False)"
             )
-        if isinstance(weights, torch.Tensor):
+        if isinstance(weights, str):
+            # A mode of engine.loss_weights over the samples: rows, or the packed samples found as for attention.
+            batch, seq = targets.shape[:2]
+            samples = _packing(batch, seq, hidden.device, None, named.get("position_ids"), _cu_seqlens_kwarg(named),
+                               _max_seqlen_kwarg(named)).cu_seqlens
+            weights = engine.loss_weights(targets.reshape(-1), samples, weights, ignore_index)
+        elif isinstance(weights, torch.Tensor):
+            # Given at the labels' (unshifted) positions: shifted with them.
             if weights.shape != targets.shape:
                 raise ValueError(f"loss_weights must have the labels' shape {tuple(targets.shape)}, got {tuple(weights.shape)}")
             if shift_labels is None:
                 weights = _shifted(weights, 0.0)
-        batch, seq = targets.shape[:2]
-        weights = _token_weights(
-            weights, targets, ignore_index,
-            lambda: _packing(batch, seq, hidden.device, None, named.get("position_ids"), _cu_seqlens_kwarg(named),
-                             _max_seqlen_kwarg(named)).cu_seqlens,
-        )
+            weights = weights.to(device=targets.device, dtype=torch.float32).reshape(-1)
+        else:
+            raise TypeError(f"loss_weights must be a mode name or a tensor, got {type(weights).__name__}")
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=hidden.device, dtype=torch.float32).reshape(())
     elif normalizer is not None:

@@ -8,8 +8,6 @@ import torch
 
 import internvl3_engine as engine
 
-# ---- projector
-
 
 def _unshuffled(self, vision_features: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
     """InternVLModel.pixel_shuffle, patched: the features pass through unshuffled; the patched projector

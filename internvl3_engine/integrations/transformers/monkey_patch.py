@@ -31,8 +31,6 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, _padding_mask)
 
 
-# ---- patching
-
 
 def _patch_method(module, name: str, function) -> None:
     setattr(module, name, types.MethodType(function, module))
