@@ -1,11 +1,13 @@
 """The data pipeline: InternVL's formats, dynamic tiling, tokenizers, packing with V2PE and loss weights,
-and the resumable language/multimodal mixing stream."""
+the resumable language/multimodal mixing stream, the data index and per-rank loading."""
 
-from .conversation import IGNORE_INDEX, ConversationEncoder, DataError, PreferencePair, Sample, num_image_tokens
+from .conversation import IGNORE_INDEX, ConversationEncoder, DataError, PreferencePair, Sample, SampleShape, num_image_tokens
 from .datasets import DataErrors, DatasetSpec, JsonlFile, RecordDataset, load_meta
-from .mixing import MixedStream, PackedLoader
-from .packing import DELTA_CHOICES, PackedBatch, Packer, PackingConfig, collate, shift_labels
-from .tiling import IMAGENET_MEAN, IMAGENET_STD, ImageTiler, candidate_grids, closest_grid, load_image, tile_image
+from .index import DatasetIndex, load_or_build_index
+from .loading import PackDecoder, StepData, StepPlanner, StepShare, build_loader
+from .mixing import MixedStream
+from .packing import DELTA_CHOICES, PackedBatch, Packer, PackingConfig, PackPlan, collate, shift_labels
+from .tiling import IMAGENET_MEAN, IMAGENET_STD, ImageTiler, candidate_grids, closest_grid, image_size, load_image, tile_image
 from .tokenizer import (
     INTERNVL3_SYSTEM_MESSAGE,
     ByteTokenizer,
@@ -26,26 +28,35 @@ __all__ = [
     "ConversationEncoder",
     "DataError",
     "DataErrors",
+    "DatasetIndex",
     "DatasetSpec",
     "HFTokenizer",
     "ImageTiler",
     "JsonlFile",
     "MixedStream",
+    "PackDecoder",
+    "PackPlan",
     "PackedBatch",
-    "PackedLoader",
     "Packer",
     "PackingConfig",
     "PreferencePair",
     "RecordDataset",
     "Sample",
+    "SampleShape",
+    "StepData",
+    "StepPlanner",
+    "StepShare",
     "Tokenizer",
+    "build_loader",
     "candidate_grids",
     "chat_turn",
     "closest_grid",
     "collate",
     "format_chat",
+    "image_size",
     "load_image",
     "load_meta",
+    "load_or_build_index",
     "load_tokenizer",
     "num_image_tokens",
     "shift_labels",

@@ -72,21 +72,68 @@ class Sample:
         return [(start - 1, end + 1) for start, end in zip(starts, ends)]
 
     def truncated(self, max_tokens: int, max_tiles: int) -> "Sample":
-        """The longest prefix with at most max_tokens tokens and max_tiles tiles that cuts no image: the
-        cut moves back to the start of the first image that does not fit whole."""
-        cut = min(len(self), max_tokens)
-        kept_images = 0
-        tiles = 0
-        for (start, end), image_tiles in zip(self.image_spans(), self.tiles_per_image):
-            if end > cut or tiles + image_tiles > max_tiles:
-                cut = min(cut, start)
-                break
-            kept_images += 1
-            tiles += image_tiles
+        """The longest prefix with at most max_tokens tokens and max_tiles tiles that cuts no image (see
+        truncation_cut)."""
+        cut, kept_images = truncation_cut(len(self), self.image_spans(), self.tiles_per_image, max_tokens, max_tiles)
+        tiles = sum(self.tiles_per_image[:kept_images])
         pixel_values = self.pixel_values[:tiles] if self.pixel_values is not None and tiles > 0 else None
         return Sample(
             self.input_ids[:cut], self.labels[:cut], self.is_visual[:cut], pixel_values, self.tiles_per_image[:kept_images], self.source
         )
+
+    def has_target(self) -> bool:
+        """Whether some token after the first is supervised (a next-token target exists)."""
+        return bool((self.labels[1:] != IGNORE_INDEX).any())
+
+    def shape(self) -> "SampleShape":
+        """What packing needs to know of this sample, without its tokens and pixels."""
+        supervised = torch.nonzero(self.labels[1:] != IGNORE_INDEX).flatten()
+        first_target = int(supervised[0]) + 1 if supervised.numel() else -1
+        return SampleShape(len(self), first_target, self.image_spans(), list(self.tiles_per_image), self.source)
+
+
+def truncation_cut(length: int, spans, tiles_per_image, max_tokens: int, max_tiles: int) -> tuple[int, int]:
+    """(tokens kept, images kept) of a sample of ``length`` tokens whose images occupy ``spans`` ([start, end)
+    with <img> and </img>) and have ``tiles_per_image`` tiles, cut to at most max_tokens tokens and max_tiles
+    tiles without cutting an image: the cut moves back to the start of the first image that does not fit whole."""
+    cut = min(length, max_tokens)
+    kept_images = 0
+    tiles = 0
+    for (start, end), image_tiles in zip(spans, tiles_per_image):
+        if end > cut or tiles + image_tiles > max_tiles:
+            cut = min(cut, start)
+            break
+        kept_images += 1
+        tiles += image_tiles
+    return cut, kept_images
+
+
+@dataclass
+class SampleShape:
+    """A Sample's size without its tokens and pixels (from the data index): ``length`` tokens, the first
+    supervised position after the first token (-1: none), each image's token span and tiles. Packing plans
+    on shapes; the ranks then decode only the samples of their own packs."""
+
+    length: int
+    first_target: int
+    spans: list = field(default_factory=list)
+    tiles_per_image: list = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(self.tiles_per_image)
+
+    def truncated(self, max_tokens: int, max_tiles: int) -> "SampleShape":
+        cut, kept_images = truncation_cut(self.length, self.spans, self.tiles_per_image, max_tokens, max_tiles)
+        first_target = self.first_target if 0 < self.first_target < cut else -1
+        return SampleShape(cut, first_target, self.spans[:kept_images], self.tiles_per_image[:kept_images], self.source)
+
+    def has_target(self) -> bool:
+        return self.first_target > 0
 
 
 @dataclass
@@ -103,6 +150,9 @@ class PreferencePair:
     @property
     def num_tiles(self) -> int:
         return self.chosen.num_tiles + self.rejected.num_tiles
+
+    def shape(self) -> "PreferencePair":
+        return PreferencePair(self.chosen.shape(), self.rejected.shape(), self.source)
 
 
 class ConversationEncoder:
@@ -149,11 +199,16 @@ class ConversationEncoder:
         return ids, visual
 
     def encode_conversation(
-        self, conversations, pixel_values: Sequence[torch.Tensor] = (), source: str = ""
+        self, conversations, pixel_values: Sequence[torch.Tensor] = (), source: str = "", tiles_per_image: Optional[Sequence[int]] = None
     ) -> Sample:
         """A Sample from InternVL turns ([{'from': 'human'|'gpt', 'value': str}, ...]) and one pixel tensor
         [tiles, 3, H, W] per image, in order of the <image> placeholders. Without placeholders, one
-        ``<image>\\n`` per image is prepended to the first human turn (InternVL's rule)."""
+        ``<image>\\n`` per image is prepended to the first human turn (InternVL's rule).
+        ``tiles_per_image`` instead of pixel_values: the tokens only (a Sample without pixels), as the data
+        index measures samples without decoding their images."""
+        if tiles_per_image is not None and pixel_values:
+            raise ValueError("give pixel_values or tiles_per_image, not both")
+        image_tiles = [int(tiles) for tiles in tiles_per_image] if tiles_per_image is not None else [int(p.shape[0]) for p in pixel_values]
         if not isinstance(conversations, list) or not conversations:
             raise DataError("'conversations' must be a non-empty list of turns")
         turns = []
@@ -170,15 +225,14 @@ class ConversationEncoder:
             raise DataError("the conversation has no gpt turn (nothing to learn)")
 
         placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-        if placeholders == 0 and pixel_values:
+        if placeholders == 0 and image_tiles:
             first_user = next((turn for turn in turns if turn[0] == "user"), None)
             if first_user is None:
                 raise DataError("images given but the conversation has no human turn to hold them")
-            first_user[1] = f"{IMAGE_PLACEHOLDER}\n" * len(pixel_values) + first_user[1]
-        elif placeholders != len(pixel_values):
-            raise DataError(f"{placeholders} <image> placeholders for {len(pixel_values)} images")
+            first_user[1] = f"{IMAGE_PLACEHOLDER}\n" * len(image_tiles) + first_user[1]
+        elif placeholders != len(image_tiles):
+            raise DataError(f"{placeholders} <image> placeholders for {len(image_tiles)} images")
 
-        image_tiles = [int(pixels.shape[0]) for pixels in pixel_values]
         next_image = [0]
         ids: list[int] = []
         labels: list[int] = []
@@ -226,11 +280,12 @@ class ConversationEncoder:
         return Sample(input_ids, input_ids.clone(), torch.zeros(len(ids), dtype=torch.bool), None, [], source)
 
     def encode_preference(
-        self, prompt, chosen, rejected, pixel_values: Sequence[torch.Tensor] = (), source: str = ""
+        self, prompt, chosen, rejected, pixel_values: Sequence[torch.Tensor] = (), source: str = "", tiles_per_image: Optional[Sequence[int]] = None
     ) -> PreferencePair:
-        """An MPO pair: the conversation (human: prompt, gpt: chosen) and (human: prompt, gpt: rejected)."""
+        """An MPO pair: the conversation (human: prompt, gpt: chosen) and (human: prompt, gpt: rejected)
+        (``tiles_per_image``: as for encode_conversation)."""
         pair = []
         for response in (chosen, rejected):
             conversation = [{"from": "human", "value": prompt}, {"from": "gpt", "value": response}]
-            pair.append(self.encode_conversation(conversation, pixel_values, source))
+            pair.append(self.encode_conversation(conversation, pixel_values, source, tiles_per_image))
         return PreferencePair(pair[0], pair[1], source)

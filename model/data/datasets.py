@@ -23,10 +23,10 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 from .conversation import ConversationEncoder, DataError, PreferencePair, Sample
-from .tiling import ImageTiler, load_image
+from .tiling import ImageTiler, image_size, load_image
 
 KINDS = ("conversation", "text", "preference")
 MODALITIES = ("language", "multimodal")
@@ -51,8 +51,11 @@ class DataErrors:
     by_reason: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
     records: dict = field(default_factory=dict)  # file -> the set of its bad line numbers
+    journal: Optional[list] = None  # when a list: every skip appended as (file, line, reason), for the owner to pass on
 
     def record(self, file: str, line: int, reason: str) -> None:
+        if self.journal is not None:
+            self.journal.append((file, line, reason))
         self.occurrences += 1
         lines = self.records.setdefault(file, set())
         if line in lines:
@@ -65,6 +68,13 @@ class DataErrors:
 
     def __len__(self) -> int:
         return self.total
+
+    def take_journal(self) -> list:
+        """The skips journaled since the last call (journaling must be on: ``journal=[]``)."""
+        if self.journal is None:
+            raise ValueError("this DataErrors keeps no journal (create it with journal=[])")
+        taken, self.journal = self.journal, []
+        return taken
 
     def summary(self) -> str:
         if not self.total:
@@ -145,13 +155,16 @@ def load_meta(path: str) -> list[DatasetSpec]:
 
 
 class JsonlFile:
-    """Random access to the lines of a JSONL file through their byte offsets (the file is scanned once;
-    records are parsed when read). Blank lines are skipped but keep the numbering of the others."""
+    """Random access to the lines of a JSONL file through their byte offsets (the file is scanned once,
+    unless the offsets and line numbers are given, e.g. from the data index; records are parsed when read).
+    Blank lines are skipped but keep the numbering of the others."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, offsets: Optional[Sequence[int]] = None, line_numbers: Optional[Sequence[int]] = None):
         self.path = path
-        self._offsets: list[int] = []
-        self._line_numbers: list[int] = []
+        if offsets is not None and line_numbers is not None:
+            self._offsets, self._line_numbers = offsets, line_numbers
+            return
+        self._offsets, self._line_numbers = [], []
         with open(path, "rb") as handle:
             offset = 0
             for number, raw in enumerate(handle, start=1):
@@ -160,16 +173,24 @@ class JsonlFile:
                     self._line_numbers.append(number)
                 offset += len(raw)
 
+    @property
+    def offsets(self) -> Sequence[int]:
+        return self._offsets
+
+    @property
+    def line_numbers(self) -> Sequence[int]:
+        return self._line_numbers
+
     def __len__(self) -> int:
         return len(self._offsets)
 
     def line_number(self, index: int) -> int:
-        return self._line_numbers[index]
+        return int(self._line_numbers[index])
 
     def read(self, index: int) -> dict:
         """The record at ``index``; DataError if the line is not a JSON object."""
         with open(self.path, "rb") as handle:
-            handle.seek(self._offsets[index])
+            handle.seek(int(self._offsets[index]))
             raw = handle.readline()
         try:
             record = json.loads(raw.decode("utf-8"))
@@ -206,6 +227,9 @@ class RecordDataset:
 
     ``augment``: the JPEG augmentation, when the spec's data_augment also asks for it (training); the
     augmentation of a record is seeded from (seed, name, epoch, position), so it is the same after a resume.
+    ``index`` (a DatasetIndex of the annotation file): the line offsets come from it (no scan of the file),
+    and ``get_shape`` gives an item's shape without reading the record. ``images_decoded`` counts the
+    image files this object has decoded.
     """
 
     def __init__(
@@ -217,6 +241,7 @@ class RecordDataset:
         seed: int = 0,
         augment: bool = True,
         shuffle: bool = True,
+        index=None,
     ):
         self.spec = spec
         self.name = spec.name
@@ -226,7 +251,9 @@ class RecordDataset:
         self.seed = seed
         self.augment = augment and spec.data_augment
         self.shuffle = shuffle
-        self.file = JsonlFile(spec.annotation)
+        self.index = index
+        self.file = JsonlFile(spec.annotation, index.offsets, index.line_numbers) if index is not None else JsonlFile(spec.annotation)
+        self.images_decoded = 0
         self.kind = spec.kind or self._infer_kind()
         self.modality = spec.modality or self._infer_modality()
         self._base_order = self._repeated_indices()
@@ -283,42 +310,63 @@ class RecordDataset:
     def source(self, index: int) -> str:
         return f"{self.file.path}:{self.file.line_number(index)}"
 
-    def get(self, epoch: int, position: int) -> Optional[Item]:
-        """The item at ``position`` of ``epoch``'s order, or None when the record is bad (then counted)."""
+    def _read(self, epoch: int, position: int, read: Callable[[int], Item]) -> Optional[Item]:
         index = self.epoch_order(epoch)[position]
-        rng = seeded_rng(self.seed, self.name, "augment", epoch, position) if self.augment else None
         try:
-            return self.load_record(index, rng)
+            return read(index)
         except DataError as error:
             self.errors.record(self.file.path, self.file.line_number(index), str(error))
             return None
 
-    def load_record(self, index: int, augment_rng: Optional[random.Random] = None) -> Item:
-        """The item of record ``index``; DataError when it cannot be built."""
+    def get(self, epoch: int, position: int) -> Optional[Item]:
+        """The item at ``position`` of ``epoch``'s order, or None when the record is bad (then counted)."""
+        rng = seeded_rng(self.seed, self.name, "augment", epoch, position) if self.augment else None
+        return self._read(epoch, position, lambda index: self.load_record(index, rng))
+
+    def get_shape(self, epoch: int, position: int):
+        """The shape (SampleShape, or a PreferencePair of them) of the item ``get`` would return, from the
+        index, or None when the index found the record bad (then counted)."""
+        if self.index is None:
+            raise ValueError(f"dataset {self.name!r} has no index: shapes come from a DatasetIndex")
+        return self._read(epoch, position, self.index.item_shape)
+
+    def load_record(self, index: int, augment_rng: Optional[random.Random] = None, measure: bool = False) -> Item:
+        """The item of record ``index``; DataError when it cannot be built. ``measure``: its shape only (the
+        tokens are encoded, each image's tile count comes from its file's header, no pixel is decoded)."""
         record = self.file.read(index)
         source = self.source(index)
         kind = record_kind(record)
-        pixel_values = [self._load_tiles(path, augment_rng) for path in record_images(record)]
+        paths = record_images(record)
+        if measure:
+            images = {"tiles_per_image": [self._open_image(path, lambda full: self.tiler.num_tiles(*image_size(full))) for path in paths]}
+        else:
+            images = {"pixel_values": [self._open_image(path, lambda full: self._decode(full, augment_rng)) for path in paths]}
         if kind == "text":
-            if pixel_values:
+            if paths:
                 raise DataError("malformed record: a text record has images")
-            return self.encoder.encode_text(record["text"], source)
-        if kind == "conversation":
-            return self.encoder.encode_conversation(record["conversations"], pixel_values, source)
-        prompt = record.get("question", record.get("prompt"))
-        if prompt is None or "chosen" not in record or "rejected" not in record:
-            raise DataError("malformed record: a preference record needs 'question' (or 'prompt'), 'chosen' and 'rejected'")
-        return self.encoder.encode_preference(prompt, record["chosen"], record["rejected"], pixel_values, source)
+            item = self.encoder.encode_text(record["text"], source)
+        elif kind == "conversation":
+            item = self.encoder.encode_conversation(record["conversations"], source=source, **images)
+        else:
+            prompt = record.get("question", record.get("prompt"))
+            if prompt is None or "chosen" not in record or "rejected" not in record:
+                raise DataError("malformed record: a preference record needs 'question' (or 'prompt'), 'chosen' and 'rejected'")
+            item = self.encoder.encode_preference(prompt, record["chosen"], record["rejected"], source=source, **images)
+        return item.shape() if measure else item
 
-    def _load_tiles(self, path: str, augment_rng: Optional[random.Random]):
+    def _decode(self, full_path: str, augment_rng: Optional[random.Random]):
+        self.images_decoded += 1
+        return self.tiler(load_image(full_path), augment_rng)
+
+    def _open_image(self, path: str, read: Callable[[str], object]):
+        """read(full path of ``path``), its failures as DataErrors (missing or corrupt image)."""
         full_path = os.path.join(self.spec.root, path)
         try:
-            image = load_image(full_path)
+            return read(full_path)
         except FileNotFoundError:
             raise DataError(f"missing image: {full_path}") from None
         except Exception as error:  # PIL raises many types for corrupt files
             raise DataError(f"corrupt image: {full_path} ({type(error).__name__}: {error})") from None
-        return self.tiler(image, augment_rng)
 
     def iterate(self, epoch: int = 0) -> Iterator[Item]:
         """The valid items of one epoch, in order (bad records counted and skipped)."""

@@ -1,14 +1,13 @@
-"""A deterministic, resumable stream mixing language-only and multimodal datasets by token weight, and
-the loader that packs it.
+"""A deterministic, resumable stream mixing language-only and multimodal datasets by token weight.
 
 Mixing rule (deterministic, weighted round robin on tokens): the next item comes from the modality whose
 tokens so far divided by its weight is smallest (default weights language 1, multimodal 3, InternVL3's
 1:3 in tokens), and inside it from the dataset whose tokens so far divided by its weight is smallest
 (the meta's "weight", else its epoch size). Each dataset walks its own seeded epoch orders; its cursor is
 (epoch, position). Randomness lives in those per-epoch shuffles and in counter-seeded draws (augmentation,
-V2PE deltas), so the whole state is a small JSON-able dict: cursors, token counters, error counts.
-Restoring it continues the identical sequence and reads no consumed record again (only the few items
-that sat in the packer's open buffers are re-read).
+V2PE deltas), so the whole state is a small JSON-able dict of cursors and token counters. Restoring it
+continues the identical sequence and reads no consumed record again. With ``shapes=True`` the stream
+gives the items' shapes from the datasets' indexes (planning) instead of decoded items.
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ from __future__ import annotations
 from typing import Iterator, Optional, Sequence
 
 from .datasets import MODALITIES, DataErrors, Item, RecordDataset
-from .packing import PackedBatch, Packer
 
 
 class MixedStream:
-    """An endless stream of (key, item) from ``datasets``; key = (dataset name, epoch, position)."""
+    """An endless stream of (key, item) from ``datasets``; key = (dataset name, epoch, position). Bad records
+are counted in ``errors`` (the caller's to save: the stream's state holds its position only)."""
 
     def __init__(
         self,
@@ -28,6 +27,7 @@ class MixedStream:
         language_weight: float = 1.0,
         multimodal_weight: float = 3.0,
         errors: Optional[DataErrors] = None,
+        shapes: bool = False,
     ):
         if not datasets:
             raise ValueError("a mixed stream needs at least one dataset")
@@ -37,6 +37,7 @@ class MixedStream:
         if not (language_weight >= 0 and multimodal_weight >= 0):
             raise ValueError(f"modality weights must be >= 0, got {language_weight}, {multimodal_weight}")
         self.datasets = {dataset.name: dataset for dataset in datasets}
+        self.shapes = shapes
         self.errors = errors if errors is not None else datasets[0].errors
         for dataset in datasets:
             dataset.errors = self.errors
@@ -69,12 +70,16 @@ class MixedStream:
         self.cursors[name] = [epoch, position]
         return key
 
+    def _read(self, name: str, epoch: int, position: int):
+        dataset = self.datasets[name]
+        return dataset.get_shape(epoch, position) if self.shapes else dataset.get(epoch, position)
+
     def next(self) -> tuple[tuple, Item]:
         name = self._choose()
         dataset = self.datasets[name]
         for _ in range(len(dataset)):
             key = self._advance(name)
-            item = dataset.get(key[1], key[2])
+            item = self._read(*key)
             if item is not None:
                 self.dataset_tokens[name] += len(item)
                 self.modality_tokens[dataset.modality] += len(item)
@@ -87,9 +92,9 @@ class MixedStream:
             yield self.next()
 
     def fetch(self, key) -> Item:
-        """The item at ``key`` again (for items a checkpoint saw in the packer's buffers)."""
+        """The item (or shape) at ``key`` again (for items a checkpoint saw in the packer's buffers)."""
         name, epoch, position = key
-        item = self.datasets[name].get(int(epoch), int(position))
+        item = self._read(name, int(epoch), int(position))
         if item is None:
             raise RuntimeError(f"dataset {name!r}: the record at epoch {epoch}, position {position} could not be re-read")
         return item
@@ -104,7 +109,6 @@ class MixedStream:
             "dataset_tokens": dict(self.dataset_tokens),
             "modality_tokens": dict(self.modality_tokens),
             "items": self.items,
-            "errors": self.errors.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -114,42 +118,3 @@ class MixedStream:
         self.dataset_tokens = {name: int(tokens) for name, tokens in state["dataset_tokens"].items()}
         self.modality_tokens = {m: int(tokens) for m, tokens in state["modality_tokens"].items()}
         self.items = int(state["items"])
-        self.errors.load_state_dict(state["errors"])
-
-
-class PackedLoader:
-    """PackedBatches from a MixedStream through a Packer, endlessly; ``state_dict``/``load_state_dict``
-    save and restore the position (stream cursors, the packer's open buffers as keys, batches emitted
-    but not yet returned)."""
-
-    def __init__(self, stream: MixedStream, packer: Packer):
-        self.stream = stream
-        self.packer = packer
-        self.pending: list[PackedBatch] = []
-
-    def __iter__(self) -> "PackedLoader":
-        return self
-
-    def __next__(self) -> PackedBatch:
-        while not self.pending:
-            key, item = self.stream.next()
-            self.pending.extend(self.packer.add(item, key))
-        return self.pending.pop(0)
-
-    def state_dict(self) -> dict:
-        return {
-            "stream": self.stream.state_dict(),
-            "packer": self.packer.state_dict(),
-            "pending": [{"batch_index": batch.batch_index, "keys": [list(key) for key in batch.keys]} for batch in self.pending],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state["stream"])
-        buffers = [[(tuple(key), self.stream.fetch(key)) for key in keys] for keys in state["packer"]["buffered_keys"]]
-        self.packer.restore(state["packer"], buffers)
-        self.pending = [
-            self.packer.collate_entries(
-                pending["batch_index"], [(tuple(key), self.packer.refit(self.stream.fetch(key))) for key in pending["keys"]]
-            )
-            for pending in state["pending"]
-        ]

@@ -102,12 +102,19 @@ class PackedBatch:
     def num_tiles(self) -> int:
         return sum(self.tiles_per_image)
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        moved = {}
+    def _map_tensors(self, function) -> "PackedBatch":
+        values = {}
         for entry in fields(self):
             value = getattr(self, entry.name)
-            moved[entry.name] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
-        return PackedBatch(**moved)
+            values[entry.name] = function(value) if isinstance(value, torch.Tensor) else value
+        return PackedBatch(**values)
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedBatch":
+        """A copy in page-locked host memory (the DataLoader's pin_memory thread calls it)."""
+        return self._map_tensors(lambda tensor: tensor.pin_memory())
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -171,8 +178,26 @@ def collate(items: Sequence[Item], config: PackingConfig, rng: Optional[random.R
     )
 
 
-def _has_target(sample: Sample) -> bool:
-    return bool((sample.labels[1:] != IGNORE_INDEX).any())
+@dataclass
+class PackPlan:
+    """A pack before collation: the ``batch_index``-th of its Packer, its items' stream keys and the items,
+    fitted to the budgets. The items may be shapes (SampleShape, pairs of them): a plan made from the data
+    index says which records a pack holds and how big it is before any of them is decoded."""
+
+    batch_index: int
+    keys: list
+    items: list
+
+    def sample_lengths(self) -> list[int]:
+        return [len(sample) for item in self.items for sample, _ in _samples_of(item)]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(item) for item in self.items)
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(item.num_tiles for item in self.items)
 
 
 @dataclass(eq=False)  # buffers are compared by identity (list.remove)
@@ -188,8 +213,8 @@ class _Buffer:
 
 
 class Packer:
-    """Greedy open-buffer packing (see the module docstring). ``add`` returns the batches it completes;
-    ``flush`` returns the rest. Items may carry a ``key`` (any value, e.g. the data stream's position):
+    """Greedy open-buffer packing (see the module docstring). ``add`` returns the plans of the packs it
+    completes, ``flush`` the rest; ``collate`` makes a plan of samples a PackedBatch. Items may carry a ``key`` (any value, e.g. the data stream's position):
     ``buffered_keys`` lists the keys of the items in open buffers, so a checkpoint can record them and
     ``restore`` can put the re-read items back. The V2PE deltas of the n-th emitted batch are drawn from
     (seed, n): resuming reproduces them."""
@@ -235,29 +260,29 @@ class Packer:
         if isinstance(item, PreferencePair):
             tokens, tiles = config.max_packed_tokens // 2, config.max_tiles // 2
             pair = PreferencePair(item.chosen.truncated(tokens, tiles), item.rejected.truncated(tokens, tiles), item.source)
-            return pair if _has_target(pair.chosen) and _has_target(pair.rejected) else None
+            return pair if pair.chosen.has_target() and pair.rejected.has_target() else None
         sample = item.truncated(config.max_packed_tokens, config.max_tiles)
-        return sample if _has_target(sample) else None
+        return sample if sample.has_target() else None
 
     def refit(self, item: Item) -> Item:
         """A re-read item fitted to the budgets as it was when first added (no warning, no count)."""
         return self._fit_budget(item, report=False)
 
-    def _emit(self, buffer: _Buffer) -> PackedBatch:
+    def _emit(self, buffer: _Buffer) -> PackPlan:
         self.buffers.remove(buffer)
         self.batches_emitted += 1
-        return self.collate_entries(self.batches_emitted - 1, buffer.entries)
+        return PackPlan(self.batches_emitted - 1, [key for key, _ in buffer.entries], [item for _, item in buffer.entries])
 
-    def collate_entries(self, batch_index: int, entries: Sequence[tuple[Any, Item]]) -> PackedBatch:
-        """The batch_index-th batch of (key, item) entries (its V2PE deltas drawn from (seed, batch_index));
-        also rebuilds an emitted batch from its re-read entries."""
-        rng = seeded_rng(self.seed, "v2pe", batch_index) if self.config.delta is None else None
-        batch = collate([item for _, item in entries], self.config, rng)
-        batch.batch_index = batch_index
-        batch.keys = [key for key, _ in entries]
+    def collate(self, plan: PackPlan) -> PackedBatch:
+        """The PackedBatch of a plan whose items are samples (its V2PE deltas drawn from (seed, batch_index),
+        so a plan collated again, on any rank, gives the same batch)."""
+        rng = seeded_rng(self.seed, "v2pe", plan.batch_index) if self.config.delta is None else None
+        batch = collate(plan.items, self.config, rng)
+        batch.batch_index = plan.batch_index
+        batch.keys = list(plan.keys)
         return batch
 
-    def add(self, item: Item, key: Any = None) -> list[PackedBatch]:
+    def add(self, item: Item, key: Any = None) -> list[PackPlan]:
         item = self._fit_budget(item)
         if item is None:
             return []
@@ -280,7 +305,7 @@ class Packer:
             emitted.append(self._emit(target))
         return emitted
 
-    def flush(self) -> list[PackedBatch]:
+    def flush(self) -> list[PackPlan]:
         """Every open buffer as a batch, fullest first."""
         ordered = sorted(self.buffers, key=lambda buffer: (buffer.tokens, buffer.tiles), reverse=True)
         return [self._emit(buffer) for buffer in ordered]

@@ -98,6 +98,12 @@ def jpeg_reencode(image: Image.Image, rng: random.Random) -> Image.Image:
         return decoded.convert("RGB")
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file, from its header (the pixels are not decoded)."""
+    with Image.open(path) as opened:
+        return opened.size
+
+
 def load_image(path: str) -> Image.Image:
     """An RGB copy of the image file (the file is closed on return; corrupt files raise)."""
     with Image.open(path) as opened:
@@ -118,6 +124,11 @@ class ImageTiler:
         if self.tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {self.tile_size}")
         candidate_grids(self.min_num, self.max_num)  # validates the range
+
+    def num_tiles(self, width: int, height: int) -> int:
+        """Tiles of an image of width x height pixels (its grid, plus the thumbnail), without decoding it."""
+        cols, rows = closest_grid(width, height, candidate_grids(self.min_num, self.max_num), self.tile_size)
+        return cols * rows + (1 if self.use_thumbnail and cols * rows > 1 else 0)
 
     def max_tiles_per_image(self) -> int:
         return self.max_num + (1 if self.use_thumbnail and self.max_num > 1 else 0)

@@ -8,6 +8,7 @@ the count of visual tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterable, Optional, Sequence
@@ -68,6 +69,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """Text that changes whenever the tokenization could (keys the data index's cache)."""
+        raise NotImplementedError
+
     def special_id(self, token: str) -> int:
         token_id = self.token_to_id(token)
         if token_id is None:
@@ -119,6 +124,9 @@ class ByteTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return 256 + len(SPECIAL_TOKENS)
+
+    def fingerprint(self) -> str:
+        return "bytes:" + ",".join(SPECIAL_TOKENS)
 
     def token_to_id(self, token: str) -> Optional[int]:
         if token in self._special_to_id:
@@ -210,6 +218,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def fingerprint(self) -> str:
+        return "hf:" + hashlib.sha256(self._tokenizer.to_str().encode()).hexdigest()
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)

@@ -102,7 +102,9 @@ class DataConfig(_Settings):
     ``<output_dir>/data``. ``tokenizer``: a Hugging Face tokenizer folder; None is the embedded byte
     tokenizer. ``system_message``: "internvl3" (InternVL3's), None (no system turn) or the text itself.
     ``max_num`` / ``min_num``: tiles per image (dynamic tiling), a thumbnail added when more than one.
-    ``language_weight`` / ``multimodal_weight``: the mix of text-only and image datasets."""
+    ``language_weight`` / ``multimodal_weight``: the mix of text-only and image datasets. ``num_workers``:
+    DataLoader worker processes decoding each rank's packs (0: in the training process), each holding
+    ``prefetch_factor`` steps ahead."""
 
     SECTION: ClassVar[str] = "data"
 
@@ -120,6 +122,8 @@ class DataConfig(_Settings):
     language_weight: float = 1.0
     multimodal_weight: float = 3.0
     augment: bool = True
+    num_workers: int = 2
+    prefetch_factor: int = 2
 
     def __post_init__(self):
         try:  # the packer's and the tiler's own checks, run now
@@ -129,6 +133,8 @@ class DataConfig(_Settings):
             raise ValueError(f"{self.SECTION}: {error}") from None
         for name in ("language_weight", "multimodal_weight"):
             self._require(name, getattr(self, name) >= 0, ">= 0")
+        self._at_least(0, "num_workers")
+        self._at_least(1, "prefetch_factor")
 
     def packing(self, blank_tile_size: Optional[int] = None) -> PackingConfig:
         return PackingConfig(max_packed_tokens=self.max_packed_tokens, max_tiles=self.max_tiles, max_buffers=self.max_buffers,

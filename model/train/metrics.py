@@ -228,7 +228,8 @@ def plot_loss_curve(metrics_path: str, png_path: str, title: str = "training los
     return png_path
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool, items=None, description: Optional[str] = None, unit: str = "step"):
+    """A tqdm bar (over ``items`` when given)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5)
+    return tqdm(items, total=total, initial=initial, disable=not enabled, unit=unit, desc=description, dynamic_ncols=True, mininterval=0.5)

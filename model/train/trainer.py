@@ -6,9 +6,10 @@ weighted sum goes through internvl3_engine.parallel.data_parallel_loss with the 
 step, so the gradients are the global loss's whatever the accumulation and world size. A step whose loss
 or gradient norm is not finite is skipped (no optimizer update) and reported.
 
-Under a parallel plan (torchrun) every rank reads the same deterministic packed stream, and each step's
-world x grad_accum packs are shared out by the vision-aware balancer (internvl3_engine.parallel.balance):
-the data position is the same on every rank, so a checkpoint resumes at any world size.
+Data (model.data.loading): every rank plans the same packs from the data index (token counts and tiles,
+measured once per annotation file and cached beside it), the vision-aware balancer shares each step's
+dp_world x grad_accum packs out, and each rank decodes only its own, in DataLoader worker processes ahead
+of the step. The planned position is the same on every rank, so a checkpoint resumes at any world size.
 
 Trainer: ``forward_backward_step`` runs a step's packs through the loss (LM or MPO) with backward;
 ``train_step`` is one optimizer step (its packs, forward_backward_step, the loss over the ranks, gradient
@@ -30,15 +31,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from internvl3_engine.parallel import (
-    ParallelPlan,
-    ParallelState,
-    balance,
-    checkpoint_blocks,
-    clip_grad_norm_,
-    naive_split,
-    parallelize,
-)
+from internvl3_engine.parallel import ParallelPlan, ParallelState, checkpoint_blocks, clip_grad_norm_, parallelize
 from internvl3_engine.planner import ModelShape, training_flops
 
 from ..data import (
@@ -46,10 +39,13 @@ from ..data import (
     IGNORE_INDEX,
     DataErrors,
     MixedStream,
-    PackedLoader,
+    PackDecoder,
     Packer,
     RecordDataset,
+    StepPlanner,
+    build_loader,
     load_meta,
+    load_or_build_index,
     load_tokenizer,
 )
 from ..modeling import InternVL3
@@ -123,8 +119,10 @@ class StepResult:
     skipped: bool  # True: the loss or the gradient norm was not finite, no update
     parts: dict  # the loss's parts (MPO's terms and reward statistics; {} for the LM loss)
     balance: Optional[dict]  # the step's load balance under a plan (imbalance, imbalance_naive)
-    data_wait_s: float  # reading, packing and balancing the step's packs
+    data_wait_s: float  # how long the step waited for its packs (0 when the workers had them ready)
     batches: list  # this rank's packs of the step
+    images_decoded: int = 0  # image files decoded for this rank's packs
+    decode_s: float = 0.0  # the worker's time on this rank's packs
 
 
 # ---- the trainer
@@ -264,50 +262,82 @@ class Trainer:
         return reference if reference.complete and reference.values else None
 
     def _build_loader(self) -> None:
+        """The data: the datasets' indexes (cached), this rank's StepPlanner and the PackDecoder its
+        workers run (model.data.loading)."""
         config, data, model_config = self.config, self.config.data, self.model_config
         self.errors = DataErrors()
         self.encoder = ConversationEncoder(self.tokenizer, num_image_token=model_config.tokens_per_tile, system_message=data.system_text())
         self.tiler = data.tiler(model_config.vision.image_size)
-        datasets = [
-            RecordDataset(spec, self.encoder, self.tiler, self.errors, seed=config.seed, augment=data.augment)
-            for spec in load_meta(self.meta_path)
-        ]
-        if config.mode == "mpo":
-            datasets = [dataset for dataset in datasets if dataset.kind == "preference"]
-            if not datasets:
-                raise ValueError(f"{self.meta_path}: --mode mpo needs preference datasets (records with chosen/rejected)")
-        else:
-            datasets = [dataset for dataset in datasets if dataset.kind != "preference"]
-        self.stream = MixedStream(datasets, data.language_weight, data.multimodal_weight, self.errors)
+        specs = load_meta(self.meta_path)
+        show = self.is_main and self.show_progress
+        indexes = {
+            spec.name: load_or_build_index(spec, self.encoder, self.tiler,
+                                           lambda items, total, what: progress_bar(total, 0, show, items, what, unit="record"))
+            for spec in specs
+        }
+
+        def datasets():
+            built = [RecordDataset(spec, self.encoder, self.tiler, seed=config.seed, augment=data.augment, index=indexes[spec.name])
+                     for spec in specs]
+            if config.mode == "mpo":
+                built = [dataset for dataset in built if dataset.kind == "preference"]
+                if not built:
+                    raise ValueError(f"{self.meta_path}: --mode mpo needs preference datasets (records with chosen/rejected)")
+                return built
+            return [dataset for dataset in built if dataset.kind != "preference"]
+
         # Every rank must run the ViT at every step (FSDP's collectives): text-only packs get a blank tile.
         self.packing = data.packing(blank_tile_size=model_config.vision.image_size if self.distributed else None)
-        self.packer = Packer(self.packing, seed=config.seed)
-        self.loader = PackedLoader(self.stream, self.packer)
-        self.batches_read = 0
+        stream = MixedStream(datasets(), data.language_weight, data.multimodal_weight, DataErrors(journal=[]), shapes=True)
+        self.planner = StepPlanner(stream, Packer(self.packing, seed=config.seed), config.grad_accum, self.dp_rank, self.dp_world,
+                                   cost=self._plan_flops)
+        decoder = PackDecoder({dataset.name: dataset for dataset in datasets()}, self.packing, config.seed)
+        self.loader = build_loader(self.planner, decoder, data.num_workers, data.prefetch_factor, self.device.type == "cuda", config.seed)
+        self._steps = None  # the loader's iterator, started at the first step (after a resume restored the loader)
+        self._decode_errors: list = []  # this rank's decoding skips not yet recorded by the other ranks
+        self.images_decoded = 0  # by this rank's workers, since this process started
+
+    def _plan_flops(self, plan) -> float:
+        """Forward + backward model FLOPs of a planned pack (the engine's formula; a pack without images
+        runs the ViT on one blank tile under a plan, which costs time too)."""
+        tiles = plan.num_tiles or (1 if self.packing.blank_tile_size is not None else 0)
+        return training_flops(self.model_shape, plan.num_tokens, tiles, plan.sample_lengths())["total"]
 
     def _pack_flops(self, pack, tiles: int) -> float:
         """Forward + backward model FLOPs of ``pack`` with ``tiles`` ViT tiles (the engine's formula)."""
         lengths = (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist()
         return training_flops(self.model_shape, pack.num_tokens, tiles, lengths)["total"]
 
-    def _step_batches(self) -> tuple[list, Optional[dict]]:
-        """This rank's packs for one optimizer step, and (under a plan) the step's load balance.
+    def _next_step_data(self):
+        """This rank's decoded packs of the next step (model.data.loading), its skips recorded: the
+        planning's are the same on every rank, the decoding's this rank's until _share_errors."""
+        if self._steps is None:
+            self._steps = iter(self.loader)
+        data = next(self._steps)
+        for file, line, reason in data.errors + data.decode_errors:
+            self.errors.record(file, line, reason)
+        self._decode_errors += data.decode_errors
+        self.images_decoded += data.images_decoded
+        return data
 
-        Every rank reads the same dp_world x grad_accum packs; internvl3_engine.parallel.balance gives each
-        data-parallel rank grad_accum of them so as to minimise the largest rank's FLOPs (ViT tiles, LLM
-        tokens, attention's sum of L^2), instead of taking them in turn. The balance is reported as max/mean rank cost, with the
-        naive split's beside it.
-        """
-        count = self.config.grad_accum * self.dp_world
-        packs = [next(self.loader) for _ in range(count)]
-        self.batches_read += count
-        if self.dp_world == 1:
-            return [pack.to(self.device, non_blocking=True) for pack in packs], None
-        # Blank tiles (text-only packs) run the ViT too: they cost time, so the balance counts them.
-        costs = [self._pack_flops(pack, 0 if pack.pixel_values is None else pack.pixel_values.shape[0]) for pack in packs]
-        assignment = balance(costs, self.dp_world)
-        report = {"imbalance": assignment.imbalance, "imbalance_naive": naive_split(costs, self.dp_world).imbalance}
-        return [packs[index].to(self.device, non_blocking=True) for index in assignment.ranks[self.dp_rank]], report
+    def _stop_loader(self) -> None:
+        """End the loader's worker processes now: left to the garbage collector, they would be shut down in
+        whichever thread collects the trainer (e.g. a checkpoint writer's), waiting out a timeout each."""
+        if self._steps is not None and hasattr(self._steps, "_shutdown_workers"):  # num_workers 0: no workers
+            self._steps._shutdown_workers()  # what the iterator's __del__ runs; DataLoader has no public close
+        self._steps = None
+
+    def _share_errors(self) -> None:
+        """Every rank's decoding skips recorded on every rank (a collective: call it on all ranks)."""
+        if not self.distributed:
+            return
+        shares = [None] * self.world
+        dist.all_gather_object(shares, self._decode_errors)
+        for rank, share in enumerate(shares):
+            if rank != self.rank:
+                for file, line, reason in share:
+                    self.errors.record(file, line, reason)
+        self._decode_errors = []
 
     # ---- state
 
@@ -316,8 +346,7 @@ class Trainer:
             "step": step,
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpointing.rng_state(),
-            "loader": self.loader.state_dict(),
-            "batches_read": self.batches_read,
+            "data": {"loader": self.loader.state_dict(), "errors": self.errors.state_dict(), "num_workers": self.config.data.num_workers},
             "reward_shift": self.reward_shift.state_dict(),
             "config": dataclasses.asdict(self.config),
             "model_config": self.model_config.to_dict(),
@@ -327,11 +356,21 @@ class Trainer:
     def _restore(self, path: str) -> int:
         state = checkpointing.load_checkpoint(path, self.model, self.optimizer, sharded=self.distributed)
         self._resume_schedule(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
-        self.batches_read = int(state["batches_read"])
+        self._restore_data(state)
         self.reward_shift.load_state_dict(state["reward_shift"])
         checkpointing.set_rng_state(state["rng"])
         return int(state["step"])
+
+    def _restore_data(self, state: dict) -> None:
+        if "data" not in state:
+            raise ValueError("the checkpoint was written by an older trainer (its data position is not a loader state): "
+                             "it cannot be resumed by this one")
+        saved = state["data"]
+        if saved["num_workers"] != self.config.data.num_workers:
+            raise ValueError(f"the checkpoint's run loaded data with data.num_workers {saved['num_workers']}, this one with "
+                             f"{self.config.data.num_workers}: resume with the same number of workers")
+        self.loader.load_state_dict(saved["loader"])
+        self.errors.load_state_dict(saved["errors"])
 
     def _resume_schedule(self, saved: dict) -> None:
         """The learning-rate schedule from the checkpoint's step on under this run's settings, so that a
@@ -401,6 +440,13 @@ class Trainer:
         shift = self.reward_shift.mean
         reward_sum = torch.zeros((), device=self.device)
         for batch in batches:
+            if "chosen" not in batch.roles:
+                # A pack whose records all failed to decode: no pair, but the ranks' collectives still run.
+                if self.reference is not None:
+                    with torch.no_grad():
+                        self._forward(self.reference, batch, labels=batch.labels, loss_reduction="none")
+                (self._forward(self.model, batch, labels=batch.labels, loss_reduction="none").loss.sum() * 0).backward()
+                continue
             reference_chosen, reference_rejected = self._reference_logps(batch)
             policy = self._pair_logps(self.model, batch)
             reward_sum += batch_reward_mean(policy.chosen, policy.rejected, reference_chosen, reference_rejected, beta).detach()
@@ -436,8 +482,9 @@ class Trainer:
         gradient clipping, then the update unless the loss or the gradient norm is not finite on some rank
         (the step is skipped), and the learning-rate schedule's step."""
         began = time.perf_counter()
-        batches, balance_report = self._step_batches()
-        data_wait = time.perf_counter() - began  # reading, packing and balancing this step's packs
+        data = self._next_step_data()
+        batches = [batch.to(self.device, non_blocking=True) for batch in data.batches]
+        data_wait = time.perf_counter() - began
         loss, parts = self.forward_backward_step(batches)
         loss = _all_reduce(loss) / self.world
         grad_norm = clip_grad_norm_(self.trainable, self.config.optim.grad_clip)
@@ -449,7 +496,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepResult(loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, skipped=skipped, parts=parts,
-                          balance=balance_report, data_wait_s=data_wait, batches=batches)
+                          balance=data.balance, data_wait_s=data_wait, batches=batches, images_decoded=data.images_decoded,
+                          decode_s=data.decode_s)
 
     def train(self) -> TrainResult:
         """Steps from the checkpoint resumed (or 1) to max_steps: train_step, then the metrics (every
@@ -488,7 +536,11 @@ class Trainer:
                 tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in result.batches)), device=self.device)).item() / tensor_parallel
                 window_tokens += tokens
                 window_time += elapsed
-                if step % config.logging.log_every == 0 or step == config.max_steps or step == start + 1:
+                saving = step % config.checkpoint.save_every == 0 or step == config.max_steps
+                logging = step % config.logging.log_every == 0 or step == config.max_steps or step == start + 1
+                if saving or logging:
+                    self._share_errors()
+                if logging:
                     entry = self._step_entry(step, result, tokens, window_tokens / max(window_time, 1e-9), elapsed, peak, tensor_parallel)
                     log.write(entry)
                     window_tokens, window_time = 0, 0.0
@@ -496,13 +548,15 @@ class Trainer:
                         bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
                 if bar is not None:
                     bar.update(1)
-                if step % config.checkpoint.save_every == 0 or step == config.max_steps:
+                if saving:
                     self.checkpoints.save(step, self._trainer_state(step), self.model, self.optimizer)
             if bar is not None:
                 bar.close()
             self.checkpoints.wait()  # the last checkpoint in place before the run reports and exports
+            self._stop_loader()
             return self._finish(step, losses, skipped, log)
         finally:
+            self._stop_loader()
             log.close()
 
     def _resume_point(self) -> tuple[int, Optional[str]]:
@@ -529,14 +583,33 @@ class Trainer:
             "step": step, "loss": float("nan") if result.skipped else result.loss, "lr": result.lr,
             "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
             "tokens": int(tokens), "tiles": sum(b.num_tiles for b in batches), "samples": sum(b.num_samples for b in batches),
-            "data_errors": self.errors.total, "step_time_s": elapsed, "data_wait_s": result.data_wait_s,
+            "data_errors": self.errors.total, "step_time_s": elapsed,
         }
+        entry.update(self._data_timing(result, elapsed))
         entry.update(result.parts)
         entry.update(result.balance or {})
         if peak is not None:
             flops = sum(self._pack_flops(b, b.num_tiles) for b in batches)
             entry["mfu"] = flops / tensor_parallel / elapsed / peak
         return entry
+
+    def _data_timing(self, result: StepResult, elapsed: float) -> dict:
+        """The step's data loading over the ranks (a collective): the longest wait for packs and its rank,
+        whether the step waited (that wait over 1% of the step), the slowest worker's decoding time, and the
+        image files decoded by all ranks' workers so far."""
+        local = torch.tensor([result.data_wait_s, result.decode_s, float(self.images_decoded)], dtype=torch.float64)
+        ranks = [local]
+        if self.distributed:
+            ranks = [torch.zeros_like(local) for _ in range(self.world)]
+            dist.all_gather(ranks, local.to(self.device) if self.device.type == "cuda" else local)
+            ranks = [entry.cpu() for entry in ranks]
+        waits = [float(entry[0]) for entry in ranks]
+        slowest = max(range(len(waits)), key=waits.__getitem__)
+        return {
+            "data_wait_s": waits[slowest], "data_wait_rank": slowest, "data_waited": int(waits[slowest] > 0.01 * elapsed),
+            "decode_s": max(float(entry[1]) for entry in ranks),
+            "images_decoded": int(sum(float(entry[2]) for entry in ranks)) // (self.world // self.dp_world),
+        }
 
     def _chosen_mask(self, batch) -> torch.Tensor:
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
@@ -556,8 +629,10 @@ class Trainer:
     def _finish(self, step: int, losses: list, skipped: list, log: MetricsLog) -> TrainResult:
         config, metrics_path = self.config, log.path
         result = TrainResult(losses=losses, final_step=step, skipped_steps=skipped, output_dir=config.output_dir, data_errors=self.errors)
+        # The planner's counts run a few steps ahead of training (the workers' prefetch).
+        packer, stream = self.planner.packer, self.planner.stream
         summary = {"event": "summary", "step": step, "skipped_steps": skipped, "data_errors": self.errors.state_dict(),
-                   "truncated": self.packer.truncated, "dropped": self.packer.dropped, "mix": self.stream.token_fractions()}
+                   "truncated": packer.truncated, "dropped": packer.dropped, "mix": stream.token_fractions()}
         result.final_weights = os.path.join(config.output_dir, "final")
         self.export(result.final_weights)
         if self.eval_file:
@@ -570,11 +645,11 @@ class Trainer:
             log.write(summary)
             png = plot_loss_curve(metrics_path, os.path.join(config.output_dir, "loss.png"), f"{config.mode} loss ({self.model_config.name})")
             self.echo(self.errors.summary())
-            if self.packer.truncated or self.packer.dropped:
-                self.echo(f"overlong samples: {self.packer.truncated} truncated, {self.packer.dropped} dropped (policy: {config.data.overlong})")
+            if packer.truncated or packer.dropped:
+                self.echo(f"overlong samples: {packer.truncated} truncated, {packer.dropped} dropped (policy: {config.data.overlong})")
             if skipped:
                 self.echo(f"skipped steps (non-finite loss or gradients): {skipped}")
-            fractions = self.stream.token_fractions()
+            fractions = stream.token_fractions()
             self.echo("token mix: " + ", ".join(f"{name} {fraction:.1%}" for name, fraction in fractions.items()))
             finite = [value for value in losses if value is not None]
             if finite:

@@ -1,5 +1,5 @@
-"""Packing invariants (budgets, cu_seqlens, labels shift, V2PE positions, loss weights) and the resumable
-language/multimodal mixing stream."""
+"""Packing invariants (budgets, cu_seqlens, labels shift, V2PE positions, loss weights) and the
+language/multimodal mixing stream (its resume: tests/model/test_data_loading.py)."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import torch
 
 from model.data.conversation import IGNORE_INDEX, ConversationEncoder
 from model.data.datasets import DataErrors, DatasetSpec, RecordDataset
-from model.data.mixing import MixedStream, PackedLoader
+from model.data.mixing import MixedStream
 from model.data.packing import DELTA_CHOICES, Packer, PackingConfig, collate, shift_labels
 from model.data.tiling import ImageTiler
 from model.data.tokenizer import ByteTokenizer
@@ -53,6 +53,10 @@ def _check_batch(batch, config):
     assert all(delta in DELTA_CHOICES for delta in batch.deltas) and len(batch.deltas) == len(batch.tiles_per_image)
 
 
+def _collated(packer, plans):
+    return [packer.collate(plan) for plan in plans]
+
+
 def test_pack_invariants(encoder):
     rng = random.Random(0)
     config = PackingConfig(max_packed_tokens=160, max_tiles=6, max_buffers=4)
@@ -60,8 +64,8 @@ def test_pack_invariants(encoder):
     samples = [_random_sample(encoder, rng, source=str(i)) for i in range(60)]
     batches = []
     for index, sample in enumerate(samples):
-        batches += packer.add(sample, key=index)
-    batches += packer.flush()
+        batches += _collated(packer, packer.add(sample, key=index))
+    batches += _collated(packer, packer.flush())
     assert not packer.buffers and packer.truncated == packer.dropped == 0
     for batch in batches:
         _check_batch(batch, config)
@@ -116,7 +120,7 @@ def test_random_deltas_seeded(encoder):
 
     def run():
         packer = Packer(config, seed=5)
-        batches = [b for s in samples for b in packer.add(s)] + packer.flush()
+        batches = _collated(packer, [b for s in samples for b in packer.add(s)] + packer.flush())
         return [(b.deltas, b.positions) for b in batches]
 
     first, second = run(), run()
@@ -133,7 +137,7 @@ def test_overlong_policies(encoder):
     config = PackingConfig(max_packed_tokens=64, max_tiles=4, overlong="truncate", delta=1.0)
     packer = Packer(config)
     with pytest.warns(UserWarning, match="f.jsonl:7: truncated"):
-        batches = packer.add(long_sample) + packer.flush()
+        batches = _collated(packer, packer.add(long_sample) + packer.flush())
     assert packer.truncated == 1 and len(batches) == 1 and batches[0].num_tokens == 64
     assert batches[0].tiles_per_image == [2]
 
@@ -160,8 +164,8 @@ def test_preference_pair_stays_together(encoder):
     batches = []
     for index in range(6):
         pair = encoder.encode_preference("<image>q", "good" * (index + 1), "bad", [pixels], source=f"p:{index}")
-        batches += packer.add(pair, key=index)
-    batches += packer.flush()
+        batches += _collated(packer, packer.add(pair, key=index))
+    batches += _collated(packer, packer.flush())
     for batch in batches:
         _check_batch(batch, config)
         assert batch.roles == ["chosen", "rejected"] * (len(batch.roles) // 2)
@@ -203,55 +207,6 @@ def _mixing_datasets(tmp_path, errors, seed=0):
         DatasetSpec("mm2", str(tmp_path / "mm2.jsonl"), root=str(tmp_path / "img"), repeat_time=0.5, weight=1.0),
     ]
     return [RecordDataset(spec, encoder, tiler, errors, seed=seed) for spec in specs]
-
-
-def _loader(tmp_path, errors=None):
-    errors = errors if errors is not None else DataErrors()
-    stream = MixedStream(_mixing_datasets(tmp_path, errors), language_weight=1, multimodal_weight=3)
-    return PackedLoader(stream, Packer(PackingConfig(max_packed_tokens=200, max_tiles=8, max_buffers=3), seed=3))
-
-
-def _same_batch(a, b):
-    return (
-        a.sources == b.sources
-        and a.deltas == b.deltas
-        and all(torch.equal(getattr(a, name), getattr(b, name)) for name in ("input_ids", "labels", "cu_seqlens", "positions", "loss_weights", "image_flags"))
-        and (a.pixel_values is None) == (b.pixel_values is None)
-        and (a.pixel_values is None or torch.equal(a.pixel_values, b.pixel_values))
-    )
-
-
-def test_resume_is_exact_and_reads_nothing_consumed(tmp_path):
-    uninterrupted = _loader(tmp_path)
-    expected = [next(uninterrupted) for _ in range(30)]
-
-    first = _loader(tmp_path)
-    head = [next(first) for _ in range(13)]
-    state = json.loads(json.dumps(first.state_dict()))  # a checkpoint is JSON-able
-
-    resumed = _loader(tmp_path)
-    reads = []
-    for dataset in resumed.stream.datasets.values():
-        original = dataset.get
-
-        def recording(epoch, position, original=original, name=dataset.name):
-            reads.append((name, epoch, position))
-            return original(epoch, position)
-
-        dataset.get = recording
-    resumed.load_state_dict(state)
-    tail = [next(resumed) for _ in range(17)]
-    assert all(_same_batch(a, b) for a, b in zip(head + tail, expected))
-    # Re-read on resume: only the items sitting in the packer's buffers or pending batches.
-    held = {tuple(key) for keys in state["packer"]["buffered_keys"] for key in keys}
-    held |= {tuple(key) for pending in state["pending"] for key in pending["keys"]}
-    cursors = state["stream"]["cursors"]
-    for name, epoch, position in reads:
-        if (name, epoch, position) not in held:
-            assert [epoch, position] >= cursors[name]  # never a consumed record
-    # The malformed record was reported once in each run, with its line (the resumed count comes from the state).
-    assert resumed.stream.errors.total == uninterrupted.stream.errors.total >= 1
-    assert any(line == 12 for _, line, _ in resumed.stream.errors.examples)
 
 
 def test_mixing_ratio(tmp_path):

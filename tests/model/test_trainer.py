@@ -676,6 +676,30 @@ def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_pa
     assert distributed == pytest.approx(single, rel=1e-5)
     assert (output / "checkpoints" / "step_00000003" / "model").is_dir()
     assert (output / "final" / "config.json").is_file()
+    # Each rank decoded only its own packs: the two together decoded the images one process did.
+    assert entries[-1]["images_decoded"] == single_metrics(tmp_path / "single")[-1]["images_decoded"] > 0
+
+
+def test_a_checkpoint_of_two_ranks_resumes_in_one_process(data_dir, tmp_path, monkeypatch):
+    """The data position is the same on every rank and at every world size: a plan's checkpoint of step 3
+    written by 2 ranks resumes under a one-process plan (accumulating the 2 packs) to the losses of one
+    process run through."""
+    import torch.distributed as dist
+    from internvl3_engine.parallel import ParallelPlan
+
+    plan = "vision: {sharding: zero3}\nlanguage: {sharding: zero3}\n"
+    _torchrun_train(data_dir, tmp_path, plan, tmp_path / "ranks", "--max-steps", "3", "--save-every", "3")
+    straight = run(small_config(data_dir, tmp_path / "straight", max_steps=5, grad_accum=2)).losses
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        resumed = run(small_config(data_dir, tmp_path / "ranks", max_steps=5, grad_accum=2),
+                      plan=ParallelPlan.from_dict({"vision": {"sharding": "zero3"}, "language": {"sharding": "zero3"}}),
+                      resume=str(tmp_path / "ranks" / "checkpoints" / "step_00000003"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert resumed.losses == pytest.approx(straight[3:], rel=1e-5)
 
 
 def test_tensor_parallel_plan_matches_one_process_and_resumes_from_its_sharded_checkpoint(data_dir, tmp_path):

@@ -1,0 +1,217 @@
+"""The data index: what packing needs to know of every record of an annotation file, measured once and
+cached beside the file, so that a run plans its packs without decoding an image.
+
+For each line of the file: its byte offset and line number, then either the shape of the record's sample
+(or of a preference pair's two samples: tokens, first supervised position, each image's token span and
+tiles) or the reason the record cannot become one (malformed, missing image, unreadable image header).
+Measuring tokenizes the record with the run's encoder and reads each image file's header (its size gives
+the tile count); no pixel is decoded. A corrupt image whose header reads is found later, by the rank that
+decodes it.
+
+Cache: ``<annotation>.index-<fingerprint>.npz``, the fingerprint covering the file (path, size,
+modification time), the tokenizer, the encoder's and the tiler's settings and the image root: changing any
+of them builds a new index. When the annotation's folder is not writable the index goes to
+``$INTERNVL3_INDEX_CACHE`` (default ``~/.cache/internvl3-engine/index``). Under torch.distributed the
+ranks measure interleaved shares of the records, gather them, and rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from typing import Callable, Optional
+
+import numpy as np
+import torch.distributed as dist
+
+from .conversation import ConversationEncoder, DataError, PreferencePair, SampleShape
+from .datasets import DatasetSpec, JsonlFile, RecordDataset
+from .tiling import ImageTiler
+
+FORMAT = 1
+KIND_CODES = {"sample": 0, "pair": 1}
+BAD = -1
+
+
+def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler) -> str:
+    status = os.stat(spec.annotation)
+    settings = {
+        "format": FORMAT,
+        "annotation": os.path.realpath(spec.annotation),
+        "size": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+        "root": os.path.realpath(spec.root),
+        "tokenizer": encoder.tokenizer.fingerprint(),
+        "num_image_token": encoder.num_image_token,
+        "system_message": encoder.system_message,
+        "tiler": asdict(tiler),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(spec: DatasetSpec, fingerprint: str) -> str:
+    """Where the index of ``spec``'s annotation file with this fingerprint lives (beside the file when its
+    folder is writable)."""
+    folder, name = os.path.split(os.path.abspath(spec.annotation))
+    filename = f"{name}.index-{fingerprint}.npz"
+    if os.access(folder, os.W_OK):
+        return os.path.join(folder, filename)
+    cache = os.environ.get("INTERNVL3_INDEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "internvl3-engine", "index"))
+    return os.path.join(cache, filename)
+
+
+class DatasetIndex:
+    """The measured records of one annotation file (see the module docstring); ``item_shape(i)`` is record
+    i's SampleShape (or PreferencePair of shapes), or a DataError with the reason it is bad."""
+
+    def __init__(self, path: str, arrays: dict, fingerprint: str):
+        self.path = path  # the annotation file
+        self.fingerprint = fingerprint
+        self.offsets = arrays["offsets"]
+        self.line_numbers = arrays["line_numbers"]
+        self.kinds = arrays["kinds"]  # KIND_CODES, or BAD
+        self.record_samples = arrays["record_samples"]  # [N + 1]: the records' first sample
+        self.sample_length = arrays["sample_length"]
+        self.sample_first_target = arrays["sample_first_target"]
+        self.sample_images = arrays["sample_images"]  # [S + 1]: the samples' first image
+        self.image_span = arrays["image_span"]  # [I, 2]
+        self.image_tiles = arrays["image_tiles"]
+        self.reasons = {int(row): reason for row, reason in json.loads(str(arrays["reasons"])).items()}
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+    @property
+    def bad_records(self) -> int:
+        return len(self.reasons)
+
+    def _sample(self, sample: int, source: str) -> SampleShape:
+        first, last = int(self.sample_images[sample]), int(self.sample_images[sample + 1])
+        spans = [tuple(int(v) for v in span) for span in self.image_span[first:last]]
+        tiles = [int(t) for t in self.image_tiles[first:last]]
+        return SampleShape(int(self.sample_length[sample]), int(self.sample_first_target[sample]), spans, tiles, source)
+
+    def item_shape(self, record: int):
+        if int(self.kinds[record]) == BAD:
+            raise DataError(self.reasons[record])
+        source = f"{self.path}:{int(self.line_numbers[record])}"
+        first = int(self.record_samples[record])
+        if int(self.kinds[record]) == KIND_CODES["pair"]:
+            return PreferencePair(self._sample(first, source), self._sample(first + 1, source), source)
+        return self._sample(first, source)
+
+    def save(self, target: str) -> None:
+        """Written atomically (a temporary file renamed), replacing older indexes of the same file."""
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        arrays = {name: getattr(self, name) for name in ("offsets", "line_numbers", "kinds", "record_samples", "sample_length",
+                                                          "sample_first_target", "sample_images", "image_span", "image_tiles")}
+        handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, reasons=np.array(json.dumps({str(k): v for k, v in self.reasons.items()})),
+                     fingerprint=np.array(self.fingerprint), **arrays)
+        os.replace(temporary, target)
+        prefix = os.path.basename(target).split(".index-")[0] + ".index-"
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(".npz") and os.path.join(folder, name) != target:
+                os.remove(os.path.join(folder, name))
+
+    @classmethod
+    def load(cls, path: str, annotation: str, fingerprint: str) -> Optional["DatasetIndex"]:
+        """The cached index at ``path``, or None when absent or not of this fingerprint."""
+        if not os.path.isfile(path):
+            return None
+        try:
+            with np.load(path) as stored:
+                if str(stored["fingerprint"]) != fingerprint:
+                    return None
+                arrays = {name: stored[name] for name in stored.files}
+        except (OSError, ValueError, KeyError):
+            return None  # unreadable or from another format: rebuilt
+        return cls(annotation, arrays, fingerprint)
+
+
+def _measure(dataset: RecordDataset, records) -> list:
+    """(record, shape or the reason it is bad) for ``records`` of ``dataset``."""
+    measured = []
+    for record in records:
+        try:
+            measured.append((record, dataset.load_record(record, measure=True)))
+        except DataError as error:
+            measured.append((record, str(error)))
+    return measured
+
+
+def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str) -> DatasetIndex:
+    measured = sorted(measured, key=lambda entry: entry[0])
+    kinds, record_samples, reasons = [], [0], {}
+    lengths, first_targets, sample_images, spans, tiles = [], [], [0], [], []
+    for record, shape in measured:
+        if isinstance(shape, str):
+            kinds.append(BAD)
+            reasons[record] = shape
+            samples = []
+        elif isinstance(shape, PreferencePair):
+            kinds.append(KIND_CODES["pair"])
+            samples = [shape.chosen, shape.rejected]
+        else:
+            kinds.append(KIND_CODES["sample"])
+            samples = [shape]
+        for sample in samples:
+            lengths.append(sample.length)
+            first_targets.append(sample.first_target)
+            spans.extend(sample.spans)
+            tiles.extend(sample.tiles_per_image)
+            sample_images.append(len(tiles))
+        record_samples.append(len(lengths))
+    arrays = {
+        "offsets": np.asarray(file.offsets, dtype=np.int64),
+        "line_numbers": np.asarray(file.line_numbers, dtype=np.int64),
+        "kinds": np.asarray(kinds, dtype=np.int8),
+        "record_samples": np.asarray(record_samples, dtype=np.int64),
+        "sample_length": np.asarray(lengths, dtype=np.int64),
+        "sample_first_target": np.asarray(first_targets, dtype=np.int64),
+        "sample_images": np.asarray(sample_images, dtype=np.int64),
+        "image_span": np.asarray(spans, dtype=np.int64).reshape(-1, 2),
+        "image_tiles": np.asarray(tiles, dtype=np.int64),
+        "reasons": np.array(json.dumps({str(k): v for k, v in reasons.items()})),
+    }
+    return DatasetIndex(annotation, arrays, fingerprint)
+
+
+def load_or_build_index(
+    spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, progress: Optional[Callable] = None
+) -> DatasetIndex:
+    """The index of ``spec``'s annotation file: from the cache when it matches, else measured (split over
+    the ranks under torch.distributed; call it on every rank) and cached. ``progress(iterable, total,
+    description)`` wraps the measuring loop (e.g. a tqdm bar); None: silent."""
+    fingerprint = _fingerprint(spec, encoder, tiler)
+    path = cache_path(spec, fingerprint)
+    index = DatasetIndex.load(path, spec.annotation, fingerprint)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:  # every rank takes the cached index, or all of them build it together
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, index is not None)
+        if not all(found):
+            index = None
+    if index is not None:
+        return index
+    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    records = range(rank, len(dataset.file), world)
+    if progress is not None:
+        records = progress(records, len(records), f"indexing {spec.name}")
+    measured = _measure(dataset, records)
+    if distributed:
+        shares = [None] * world
+        dist.all_gather_object(shares, measured)
+        measured = [entry for share in shares for entry in share]
+    index = _assemble(spec.annotation, dataset.file, measured, fingerprint)
+    if rank == 0:
+        index.save(path)
+    if distributed:
+        dist.barrier()
+    return index

@@ -1,0 +1,184 @@
+"""Per-rank data loading: every rank plans the same packs from the data index and decodes only its own.
+
+StepPlanner (the loader's sampler, in each rank's main process): the MixedStream walks the datasets'
+shapes (from the data index: nothing is decoded), the Packer packs them into PackPlans, and each optimizer
+step's dp_world x packs_per_rank plans are shared out by the vision-aware balancer on their cost; it yields
+the rank's StepShare. Its state (stream cursors, the packer's open buffers and the plans not yet shared
+out, as stream keys) is the same on every rank and at every world size.
+
+PackDecoder (the loader's dataset, in the worker processes): a StepShare's records are read, decoded,
+tiled and tokenized, fitted to the budgets as planned and collated into StepData. A record that fails
+here (a corrupt image whose header read, a file changed since it was indexed) leaves its pack and is
+reported with the step; a pack left with no record becomes a one-token pack with no target, so the rank
+still takes part in the step's collectives.
+
+build_loader: torchdata's StatefulDataLoader over the two (worker processes, prefetch, pinned memory on
+GPU) with a snapshot every step: its state_dict is the position after the last step taken from it, and a
+resume reads no record again but the open buffers' shapes (from the index).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional
+
+import torch
+from internvl3_engine.parallel import balance, naive_split
+
+from .datasets import DataErrors, RecordDataset
+from .mixing import MixedStream
+from .packing import PackedBatch, Packer, PackingConfig, PackPlan
+
+
+@dataclass
+class StepShare:
+    """One rank's part of an optimizer step, as planned: ``plans`` (items are shapes), the step's load
+    balance over the ranks (None on one rank) and the bad records its planning skipped (file, line, reason)."""
+
+    step: int
+    plans: list
+    balance: Optional[dict] = None
+    errors: list = field(default_factory=list)
+
+
+@dataclass
+class StepData:
+    """One rank's packs of a step, decoded: ``errors`` are the planning's skips (the same on every rank),
+    ``decode_errors`` this rank's decoding's, ``images_decoded`` the image files decoded for it,
+    ``decode_s`` the worker's time on it."""
+
+    step: int
+    batches: list
+    balance: Optional[dict] = None
+    errors: list = field(default_factory=list)
+    decode_errors: list = field(default_factory=list)
+    images_decoded: int = 0
+    decode_s: float = 0.0
+
+    def pin_memory(self) -> "StepData":
+        return replace(self, batches=[batch.pin_memory() for batch in self.batches])
+
+
+class StepPlanner(torch.utils.data.Sampler):
+    """The endless StepShares of one data-parallel rank (see the module docstring). ``cost(plan)``: a pack's
+    cost for the balancer (e.g. its training FLOPs); with one rank no balancing is done."""
+
+    def __init__(self, stream: MixedStream, packer: Packer, packs_per_rank: int, dp_rank: int = 0, dp_world: int = 1,
+                 cost: Optional[Callable[[PackPlan], float]] = None):
+        if packs_per_rank < 1:
+            raise ValueError(f"packs_per_rank must be at least 1, got {packs_per_rank}")
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank must lie in [0, dp_world={dp_world}), got {dp_rank}")
+        if dp_world > 1 and cost is None:
+            raise ValueError("balancing packs over several ranks needs their cost")
+        if stream.errors.journal is None:
+            stream.errors.journal = []
+        self.stream = stream
+        self.packer = packer
+        self.packs_per_rank = packs_per_rank
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.cost = cost
+        self.pending: list[PackPlan] = []
+        self.steps = 0
+
+    def _next_plan(self) -> PackPlan:
+        while not self.pending:
+            key, shape = self.stream.next()
+            self.pending.extend(self.packer.add(shape, key))
+        return self.pending.pop(0)
+
+    def plan_step(self) -> StepShare:
+        plans = [self._next_plan() for _ in range(self.packs_per_rank * self.dp_world)]
+        self.steps += 1
+        errors = self.stream.errors.take_journal()
+        if self.dp_world == 1:
+            return StepShare(self.steps, plans, None, errors)
+        costs = [self.cost(plan) for plan in plans]
+        assignment = balance(costs, self.dp_world)
+        report = {"imbalance": assignment.imbalance, "imbalance_naive": naive_split(costs, self.dp_world).imbalance}
+        return StepShare(self.steps, [plans[index] for index in assignment.ranks[self.dp_rank]], report, errors)
+
+    def __iter__(self):
+        while True:
+            yield self.plan_step()
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "stream": self.stream.state_dict(),
+            "packer": self.packer.state_dict(),
+            "pending": [{"batch_index": plan.batch_index, "keys": [list(key) for key in plan.keys]} for plan in self.pending],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to ``state``: the open buffers' and pending plans' shapes are read from the index again."""
+        stream = self.stream
+        stream.load_state_dict(state["stream"])
+        buffers = [[(tuple(key), stream.fetch(key)) for key in keys] for keys in state["packer"]["buffered_keys"]]
+        self.packer.restore(state["packer"], buffers)
+        self.pending = [
+            PackPlan(pending["batch_index"], [tuple(key) for key in pending["keys"]],
+                     [self.packer.refit(stream.fetch(key)) for key in pending["keys"]])
+            for pending in state["pending"]
+        ]
+        self.steps = int(state["steps"])
+        stream.errors.take_journal()  # a record met again while restoring was reported when first met
+
+
+class PackDecoder(torch.utils.data.Dataset):
+    """StepShare -> StepData (see the module docstring). ``datasets``: by name, the RecordDatasets the plans'
+    keys name (this object's own: their errors are journaled here)."""
+
+    def __init__(self, datasets: Mapping[str, RecordDataset], packing: PackingConfig, seed: int):
+        self.datasets = dict(datasets)
+        self.errors = DataErrors(journal=[])
+        for dataset in self.datasets.values():
+            dataset.errors = self.errors
+        self.packer = Packer(packing, seed=seed)
+
+    def __getitem__(self, share: StepShare) -> StepData:
+        began = time.perf_counter()
+        decoded = sum(dataset.images_decoded for dataset in self.datasets.values())
+        batches = [self.decode(plan) for plan in share.plans]
+        return StepData(share.step, batches, share.balance, list(share.errors), self.errors.take_journal(),
+                        sum(dataset.images_decoded for dataset in self.datasets.values()) - decoded, time.perf_counter() - began)
+
+    def decode(self, plan: PackPlan) -> PackedBatch:
+        keys, items = [], []
+        for key, shape in zip(plan.keys, plan.items):
+            name, epoch, position = key
+            dataset = self.datasets[name]
+            item = dataset.get(int(epoch), int(position))
+            if item is None:
+                continue  # counted by the dataset
+            item = self.packer.refit(item)
+            if item is None or (len(item), item.num_tiles) != (len(shape), shape.num_tiles):
+                index = dataset.epoch_order(int(epoch))[int(position)]
+                self.errors.record(dataset.file.path, dataset.file.line_number(index),
+                                   "changed since indexed: the record's size differs from the data index's")
+                continue
+            keys.append(key)
+            items.append(item)
+        if not items:
+            encoder = next(iter(self.datasets.values())).encoder
+            items = [encoder.encode_text("", source="(empty pack)")]
+        return self.packer.collate(PackPlan(plan.batch_index, keys, items))
+
+
+def _as_is(data):
+    return data
+
+
+def build_loader(planner: StepPlanner, decoder: PackDecoder, num_workers: int, prefetch_factor: int, pin_memory: bool, seed: int):
+    """torchdata's StatefulDataLoader yielding this rank's StepData, one per optimizer step."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    with warnings.catch_warnings():  # torchdata calls torch.set_vital, deprecated since torch 2.13
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(
+            decoder, batch_size=None, sampler=planner, num_workers=num_workers, collate_fn=_as_is, pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers else None, snapshot_every_n_steps=1,
+            generator=torch.Generator().manual_seed(seed),  # the workers' seeds, without drawing from the global RNG
+        )

@@ -1,0 +1,290 @@
+"""The data index and per-rank loading: shapes measured without decoding equal the decoded items', the
+index is cached and rebuilt when its inputs change, the planned packs equal packing the decoded stream,
+ranks decode only their own packs, and the StatefulDataLoader resumes exactly (at another world size too)
+without decoding anything again."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from model.data import (
+    ConversationEncoder,
+    DataErrors,
+    DatasetIndex,
+    DatasetSpec,
+    ImageTiler,
+    MixedStream,
+    PackDecoder,
+    Packer,
+    PackingConfig,
+    RecordDataset,
+    StepPlanner,
+    build_loader,
+    load_or_build_index,
+)
+from model.data import index as index_module
+from model.data.tokenizer import ByteTokenizer
+
+TOKENS_PER_TILE = 4
+PACKING = PackingConfig(max_packed_tokens=160, max_tiles=8, max_buffers=3)
+SEED = 3
+
+
+def _write_data(folder):
+    """Three datasets: text, images of several sizes (one record malformed, one image missing, one corrupt
+    after a valid header), and preference pairs."""
+    images = folder / "img"
+    images.mkdir(exist_ok=True)
+    for index in range(5):
+        Image.new("RGB", (20 + 17 * index, 30 + 9 * (index % 3)), (index * 50, 90, 0)).save(images / f"{index}.png")
+    header = (images / "0.png").read_bytes()[:60]  # a PNG whose header reads but whose pixels do not
+    (images / "corrupt.png").write_bytes(header)
+    with open(folder / "text.jsonl", "w") as handle:
+        for index in range(31):
+            handle.write(json.dumps({"text": "words " * (1 + index % 9)}) + "\n")
+    with open(folder / "mm.jsonl", "w") as handle:
+        for index in range(29):
+            record = {"image": f"{index % 5}.png", "conversations": [{"from": "human", "value": "q" * (index % 4)},
+                                                                   {"from": "gpt", "value": "x" * (index % 7 + 1)}]}
+            if index == 11:
+                handle.write("{broken\n")
+                continue
+            if index == 17:
+                record["image"] = "absent.png"
+            if index == 23:
+                record["image"] = "corrupt.png"
+            if index == 5:
+                record["image"] = ["1.png", "3.png"]
+                record["conversations"][0]["value"] = "<image> and <image>"
+            handle.write(json.dumps(record) + "\n")
+        handle.write("\n")  # a blank line keeps the numbering
+    with open(folder / "pairs.jsonl", "w") as handle:
+        for index in range(13):
+            handle.write(json.dumps({"image": f"{index % 5}.png", "question": "which?", "chosen": "good" * (1 + index % 3),
+                                     "rejected": "bad"}) + "\n")
+    return [
+        DatasetSpec("text", str(folder / "text.jsonl")),
+        DatasetSpec("mm", str(folder / "mm.jsonl"), root=str(images), data_augment=True),
+        DatasetSpec("pairs", str(folder / "pairs.jsonl"), root=str(images)),
+    ]
+
+
+@pytest.fixture
+def data(tmp_path):
+    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=TOKENS_PER_TILE, system_message=None)
+    tiler = ImageTiler(tile_size=28, max_num=4)
+    return _write_data(tmp_path), encoder, tiler
+
+
+def _datasets(specs, encoder, tiler, indexes=None, kinds=("conversation", "text")):
+    built = [RecordDataset(spec, encoder, tiler, seed=SEED, index=indexes[spec.name] if indexes else None) for spec in specs]
+    return [dataset for dataset in built if dataset.kind in kinds]
+
+
+def _indexes(specs, encoder, tiler):
+    return {spec.name: load_or_build_index(spec, encoder, tiler) for spec in specs}
+
+
+def _planner(specs, encoder, tiler, indexes, dp_rank=0, dp_world=1, packs_per_rank=2):
+    stream = MixedStream(_datasets(specs, encoder, tiler, indexes), 1, 3, DataErrors(journal=[]), shapes=True)
+    return StepPlanner(stream, Packer(PACKING, seed=SEED), packs_per_rank, dp_rank, dp_world, cost=lambda plan: float(plan.num_tokens))
+
+
+def _decoder(specs, encoder, tiler, indexes):
+    return PackDecoder({d.name: d for d in _datasets(specs, encoder, tiler, indexes)}, PACKING, SEED)
+
+
+def _same_batch(a, b):
+    return (
+        a.sources == b.sources and a.deltas == b.deltas and a.batch_index == b.batch_index
+        and all(torch.equal(getattr(a, name), getattr(b, name))
+                for name in ("input_ids", "labels", "cu_seqlens", "positions", "loss_weights", "image_flags"))
+        and (a.pixel_values is None) == (b.pixel_values is None)
+        and (a.pixel_values is None or torch.equal(a.pixel_values, b.pixel_values))
+    )
+
+
+def test_index_shapes_equal_the_decoded_items(data):
+    specs, encoder, tiler = data
+    for spec in specs:
+        index = load_or_build_index(spec, encoder, tiler)
+        dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False)
+        assert len(index) == len(dataset.file)
+        for record in range(len(index)):
+            try:
+                item = dataset.load_record(record)
+            except Exception as error:  # noqa: BLE001 - the index must give the same verdict
+                if "corrupt image" in str(error):  # its header reads: found when decoded
+                    continue
+                with pytest.raises(type(error), match=str(error).split(":")[0]):
+                    index.item_shape(record)
+                continue
+            assert index.item_shape(record) == item.shape()
+    mm = load_or_build_index(specs[1], encoder, tiler)
+    reasons = {int(mm.line_numbers[row]): reason for row, reason in mm.reasons.items()}
+    assert set(reasons) == {12, 18}
+    assert reasons[12].startswith("malformed JSON") and reasons[18].startswith("missing image")
+    assert mm.item_shape(5).tiles_per_image == [tiler.num_tiles(37, 39), tiler.num_tiles(71, 30)]
+
+
+def test_shapes_truncate_as_the_samples_do(data):
+    specs, encoder, tiler = data
+    dataset = RecordDataset(specs[1], encoder, tiler, augment=False, shuffle=False)
+    sample = dataset.load_record(5)
+    shape = sample.shape()
+    for tokens in range(1, len(sample) + 2):
+        for tiles in range(0, sample.num_tiles + 2):
+            cut = sample.truncated(tokens, tiles)
+            assert shape.truncated(tokens, tiles) == cut.shape()
+            assert shape.truncated(tokens, tiles).has_target() == cut.has_target()
+
+
+def test_index_is_cached_and_rebuilt_when_its_inputs_change(data, monkeypatch):
+    specs, encoder, tiler = data
+    first = load_or_build_index(specs[0], encoder, tiler)
+    cached = [name for name in os.listdir(os.path.dirname(specs[0].annotation)) if ".index-" in name]
+    assert cached == [os.path.basename(index_module.cache_path(specs[0], first.fingerprint))]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(index_module, "_measure", fail)
+    again = load_or_build_index(specs[0], encoder, tiler)
+    assert again.fingerprint == first.fingerprint and (again.sample_length == first.sample_length).all()
+    with pytest.raises(AssertionError, match="measured again"):  # other settings, another index
+        load_or_build_index(specs[0], ConversationEncoder(ByteTokenizer(), num_image_token=TOKENS_PER_TILE), tiler)
+    monkeypatch.undo()
+    with open(specs[0].annotation, "a") as handle:
+        handle.write(json.dumps({"text": "one more"}) + "\n")
+    changed = load_or_build_index(specs[0], encoder, tiler)
+    assert len(changed) == len(first) + 1 and changed.fingerprint != first.fingerprint
+    names = [name for name in os.listdir(os.path.dirname(specs[0].annotation)) if ".index-" in name]
+    assert len(names) == 1  # the stale index was replaced
+
+
+def test_index_of_a_read_only_folder_goes_to_the_cache_folder(data, tmp_path, monkeypatch):
+    specs, encoder, tiler = data
+    monkeypatch.setenv("INTERNVL3_INDEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(index_module.os, "access", lambda path, mode: False)
+    index = load_or_build_index(specs[0], encoder, tiler)
+    assert os.path.isfile(tmp_path / "cache" / os.path.basename(index_module.cache_path(specs[0], index.fingerprint)))
+
+
+def test_planned_packs_equal_packing_the_decoded_stream(data):
+    """The old way (every record decoded, then packed) and the planned way give the same batches."""
+    specs, encoder, tiler = data
+    images = os.path.dirname(specs[1].root + "/")
+    with open(os.path.join(images, "0.png"), "rb") as source, open(os.path.join(images, "corrupt.png"), "wb") as target:
+        target.write(source.read())  # readable now: both ways see the same records
+    indexes = _indexes(specs, encoder, tiler)
+    stream = MixedStream(_datasets(specs, encoder, tiler), 1, 3, DataErrors())
+    packer = Packer(PACKING, seed=SEED)
+    expected = []
+    while len(expected) < 24:
+        key, item = stream.next()
+        expected += [packer.collate(plan) for plan in packer.add(item, key)]
+    planner, decoder = _planner(specs, encoder, tiler, indexes), _decoder(specs, encoder, tiler, indexes)
+    got = [batch for _ in range(12) for batch in decoder[planner.plan_step()].batches]
+    assert all(_same_batch(a, b) for a, b in zip(got, expected[:24]))
+    assert stream.errors.total == planner.stream.errors.total == 2  # the malformed record and the missing image
+
+
+def test_ranks_decode_only_their_own_packs(data):
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    single, single_decoder = _planner(specs, encoder, tiler, indexes, packs_per_rank=4), _decoder(specs, encoder, tiler, indexes)
+    ranks = [_planner(specs, encoder, tiler, indexes, rank, 2, packs_per_rank=2) for rank in range(2)]
+    decoders = [_decoder(specs, encoder, tiler, indexes) for _ in range(2)]
+    for _ in range(6):
+        whole = single_decoder[single.plan_step()]
+        parts = [decoder[planner.plan_step()] for planner, decoder in zip(ranks, decoders)]
+        by_index = {batch.batch_index: batch for part in parts for batch in part.batches}
+        assert sorted(by_index) == sorted(batch.batch_index for batch in whole.batches)
+        assert all(_same_batch(by_index[batch.batch_index], batch) for batch in whole.batches)
+        assert sum(part.images_decoded for part in parts) == whole.images_decoded
+        assert parts[0].balance == parts[1].balance and parts[0].balance["imbalance"] <= parts[0].balance["imbalance_naive"]
+    assert sum(d.images_decoded for d in decoders[0].datasets.values()) < sum(d.images_decoded for d in single_decoder.datasets.values())
+
+
+def test_a_record_failing_to_decode_leaves_its_pack_and_is_reported(data):
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    planner, decoder = _planner(specs, encoder, tiler, indexes), _decoder(specs, encoder, tiler, indexes)
+    for _ in range(20):
+        share = planner.plan_step()
+        step = decoder[share]
+        planned = [source for plan in share.plans for item in plan.items for source in [item.source]]
+        if any(source.endswith("mm.jsonl:24") for source in planned):
+            break
+    else:
+        pytest.fail("the corrupt image's record was never planned")
+    assert [line for _, line, _ in step.decode_errors] == [24] and "corrupt image" in step.decode_errors[0][2]
+    decoded = [source for batch in step.batches for source in batch.sources]
+    assert not any(source.endswith("mm.jsonl:24") for source in decoded)
+    # A pack with no record left is a one-token pack with no target.
+    plan = next(plan for plan in share.plans if any(item.source.endswith(":24") for item in plan.items))
+    plan.keys, plan.items = [key for key, item in zip(plan.keys, plan.items) if item.source.endswith(":24")], \
+        [item for item in plan.items if item.source.endswith(":24")]
+    empty = decoder.decode(plan)
+    assert empty.num_tokens == 1 and float(empty.loss_weights.sum()) == 0.0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resumes_exactly_without_decoding_again(data, num_workers):
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+
+    def loader(planner=None):
+        planner = planner or _planner(specs, encoder, tiler, indexes)
+        return build_loader(planner, _decoder(specs, encoder, tiler, indexes), num_workers, 2, False, SEED)
+
+    expected = [step for step, _ in zip(loader(), range(14))]
+    first = loader()
+    steps = iter(first)
+    head = [next(steps) for _ in range(6)]
+    state = first.state_dict()
+    del steps
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    tail = [step for step, _ in zip(resumed, range(8))]
+    for got, want in zip(head + tail, expected):
+        assert got.step == want.step and got.errors == want.errors and got.decode_errors == want.decode_errors
+        assert all(_same_batch(a, b) for a, b in zip(got.batches, want.batches))
+    # Decoded after the resume: the images of its steps only (the restore decodes nothing).
+    assert sum(step.images_decoded for step in tail) == sum(step.images_decoded for step in expected[6:])
+
+
+def test_a_resume_at_another_world_size_continues_the_same_packs(data):
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    single = _planner(specs, encoder, tiler, indexes, packs_per_rank=4)
+    for _ in range(5):
+        single.plan_step()
+    state = json.loads(json.dumps(single.state_dict()))  # JSON-able
+    ranks = [_planner(specs, encoder, tiler, indexes, rank, 2) for rank in range(2)]
+    for planner in ranks:
+        planner.load_state_dict(state)
+    for _ in range(4):
+        whole = single.plan_step()
+        parts = [planner.plan_step() for planner in ranks]
+        assert sorted(plan.batch_index for part in parts for plan in part.plans) == sorted(plan.batch_index for plan in whole.plans)
+        assert {tuple(map(tuple, plan.keys)) for part in parts for plan in part.plans} == {tuple(map(tuple, plan.keys)) for plan in whole.plans}
+
+
+def test_planner_arguments_are_checked(data):
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    stream = MixedStream(_datasets(specs, encoder, tiler, indexes), 1, 3, DataErrors(journal=[]), shapes=True)
+    with pytest.raises(ValueError, match="packs_per_rank"):
+        StepPlanner(stream, Packer(PACKING), 0)
+    with pytest.raises(ValueError, match="dp_rank"):
+        StepPlanner(stream, Packer(PACKING), 1, 2, 2, cost=len)
+    with pytest.raises(ValueError, match="cost"):
+        StepPlanner(stream, Packer(PACKING), 1, 0, 2)
+    with pytest.raises(ValueError, match="no index"):
+        RecordDataset(specs[0], encoder, tiler).get_shape(0, 0)
+    assert isinstance(indexes["text"], DatasetIndex)
