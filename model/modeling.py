@@ -3,12 +3,14 @@ placed over the ``<IMG_CONTEXT>`` embeddings and V2PE positions."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import internvl3_engine as engine
 
@@ -54,26 +56,67 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(rows)))
 
 
+INIT_BLOCK_ROWS = 128  # rows of a parameter drawn from one generator in init_weights
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}:{block}".encode()).digest()[:8], "little")
+
+
+@torch.no_grad()
+def seeded_normal_(parameter: torch.Tensor, name: str, seed: int, std: float) -> None:
+    """Fill ``parameter`` with normal(0, std) values that depend only on (seed, name) and the element's place
+    in the whole tensor: rows are drawn in blocks of INIT_BLOCK_ROWS, each from a CPU generator seeded by
+    (seed, name, block). A DTensor shard (FSDP2, tensor parallel) draws just the blocks its rows touch and
+    takes its slice, so a sharded model gets the values of the whole model initialised in one process."""
+    if parameter.device.type == "meta":
+        return
+    if isinstance(parameter, DTensor):
+        local = parameter.to_local()
+        chunks = parameter.__create_chunk_list__()  # this rank's piece: its offsets in the whole tensor
+        offsets = list(chunks[0].offsets) if chunks else [0] * parameter.dim()
+    else:
+        local, offsets = parameter, [0] * parameter.dim()
+    if local.numel() == 0:
+        return
+    shape = tuple(parameter.shape)
+    start, stop = offsets[0], offsets[0] + local.shape[0]
+    blocks = []
+    for block in range(start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS + 1):
+        rows = min(INIT_BLOCK_ROWS, shape[0] - block * INIT_BLOCK_ROWS)
+        generator = torch.Generator().manual_seed(_block_seed(seed, name, block))
+        blocks.append(torch.empty((rows, *shape[1:]), dtype=torch.float32).normal_(0.0, std, generator=generator))
+    first = start // INIT_BLOCK_ROWS * INIT_BLOCK_ROWS
+    values = torch.cat(blocks)[start - first: stop - first]
+    for dim in range(1, parameter.dim()):
+        values = values.narrow(dim, offsets[dim], local.shape[dim])
+    local.copy_(values)
+
+
 class InternVL3(nn.Module):
     """The InternVL3 model. A client of internvl3_engine's public API; build big presets on the meta device
-    (``with torch.device("meta"): InternVL3(config)``) to inspect them without allocating."""
+    (``with torch.device("meta"): InternVL3(config)``) to inspect them without allocating, or to shard them
+    before materialising (then ``to_empty`` and ``init_weights`` or a checkpoint load). ``init_seed``: the
+    seed of init_weights (None: drawn from torch's global generator)."""
 
-    def __init__(self, config: InternVL3Config):
+    def __init__(self, config: InternVL3Config, init_seed: Optional[int] = None):
         super().__init__()
         self.config = config
         self.vision = InternViT(config.vision)
         self.projector = Projector(config)
         self.language = LanguageModel(config.text)
-        self.init_weights()
+        self.init_weights(seed=int(torch.randint(2**62, (), device="cpu")) if init_seed is None else init_seed)
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
         """A fresh initialization for training from scratch: normal(0, std) weights of linear, convolution and
-        embedding layers, zero biases and CLS token, normal(0, std) position embedding, unit norms, layer
-        scale at its configured value."""
-        for module in self.modules():
+        embedding layers and the position embedding (drawn by seeded_normal_ from (seed, parameter name): the
+        same values whether the model is whole or sharded), zero biases and CLS token, unit norms, layer
+        scale at its configured value. Parameters on the meta device are left alone."""
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                module.weight.normal_(0.0, std)
+                seeded_normal_(module.weight, prefix + "weight", seed, std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -82,7 +125,7 @@ class InternVL3(nn.Module):
                     module.bias.zero_()
         embeddings = self.vision.embeddings
         embeddings.cls_token.zero_()
-        embeddings.position_embedding.normal_(0.0, std)
+        seeded_normal_(embeddings.position_embedding, "vision.embeddings.position_embedding", seed, std)
         for layer in self.vision.layers:
             layer.ls1.fill_(self.config.vision.layer_scale_init)
             layer.ls2.fill_(self.config.vision.layer_scale_init)

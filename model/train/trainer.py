@@ -165,11 +165,11 @@ class Trainer:
         self.sinks = build_sinks(config.logging.log, config.output_dir, dataclasses.asdict(config)) if self.is_main else []
         self.tokenizer = load_tokenizer(config.data.tokenizer)
 
-        # Under a plan with --init, the model is built on the meta device and each rank materialises and reads
-        # only its shards after parallelize (the sharded start); otherwise it is built whole, then sharded.
-        self.sharded_start = self.distributed and config.init is not None
-        if self.sharded_start:
-            self.model_config = read_config(config.init)
+        # Under a plan the model is built on the meta device and each rank materialises only its shards after
+        # parallelize, then reads them from --init or initialises them (the sharded start, _sharded); in one
+        # process it is built whole. Both initialise from config.seed with the same values (init_weights).
+        if self.distributed:
+            self.model_config = read_config(config.init) if config.init else config.model_config()
             with torch.device("meta"):
                 self.model = InternVL3(self.model_config)
         elif config.init:
@@ -177,7 +177,7 @@ class Trainer:
             self.model_config = self.model.config
         else:
             self.model_config = config.model_config()
-            self.model = InternVL3(self.model_config)
+            self.model = InternVL3(self.model_config, init_seed=config.seed)
         self._check_tokenizer()
         self.parameter_counts = self.model.num_parameters()
         self.model_shape = ModelShape.from_modules(self.model_config.to_hf(), self.model)  # for FLOPs: before sharding
@@ -220,14 +220,14 @@ class Trainer:
         self._build_loader()
 
     def _sharded(self, model: InternVL3, plan: ParallelPlan) -> ParallelState:
-        """parallelize ``model`` under ``plan``; in a sharded start, then materialise its shards on this rank's
-        device and read them from the --init checkpoint."""
-        if not self.sharded_start:
-            model.to(self.device)
+        """parallelize ``model`` (on the meta device) under ``plan``, then materialise its shards on this rank's
+        device and read them from the --init checkpoint, or initialise them as one process would."""
         state = parallelize(model, plan)
-        if self.sharded_start:
-            model.to_empty(device=self.device)
+        model.to_empty(device=self.device)
+        if self.config.init:
             load_weights_distributed(model, self.config.init)
+        else:
+            model.init_weights(seed=self.config.seed)
         return state
 
     def _data_paths(self) -> tuple[str, Optional[str]]:

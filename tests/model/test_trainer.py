@@ -646,6 +646,29 @@ def test_sharded_start_dry_run_reports_each_rank_and_exports_the_checkpoint(data
         assert torch.equal(exported[name], tensor), name
 
 
+@pytest.mark.parametrize("plan", ["language: {sharding: zero3}\nvision: {sharding: zero3}\n", "language: {sharding: zero3}\ntp: 2\n"])
+def test_a_sharded_start_from_scratch_initialises_as_one_process(data_dir, tmp_path, plan):
+    """Without --init under a plan, each rank materialises and initialises only its shards (FSDP2 shards,
+    tensor-parallel slices): the exported weights equal the single process's initialisation exactly."""
+    from model import InternVL3Config
+    from model.weights import read_tensors
+
+    completed = _torchrun(data_dir, tmp_path, plan, tmp_path / "out", "--max-steps", "0", "--export", str(tmp_path / "export"))
+    assert "no step taken" in completed.stdout + completed.stderr
+    config = small_config(data_dir, tmp_path / "single")
+    single = InternVL3(config.model_config(), init_seed=config.seed)
+    exported = dict(read_tensors(tmp_path / "export"))
+    expected = dict(read_tensors(_saved(single, tmp_path / "single")))
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def _saved(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("mode", ["pretrain", "mpo"])
 def test_sharded_start_trains_as_one_process(data_dir, tmp_path, mode):
     """From --init under a plan (the sharded start; in MPO the reference policy sharded the same way), 2 ranks
