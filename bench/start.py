@@ -4,7 +4,8 @@ For each world size W, ``torchrun --standalone --nproc-per-node W -m model.train
 --max-steps 0`` (the dry run: build on the meta device, parallelize, materialise and read each rank's
 shards) and read the per-rank report it writes (start.json): parameter bytes held, peak RSS, anonymous
 memory after the load, peak GPU memory on CUDA, seconds from the trainer's construction to the end of the
-load, beside the process's wall time. The checkpoint is made from the preset with random weights unless
+load, beside the process's wall time, and the planner's prediction of the parameter bytes per rank
+(internvl3_engine.planner.start_memory_bytes for the plan ``{}``). The checkpoint is made from the preset with random weights unless
 ``--checkpoint`` gives one (transformers layout). Writes a JSON record and a markdown table.
 
     python -m bench.start [--preset internvl3-1b] [--worlds 1,2,4] [--checkpoint DIR] [--out bench/results]
@@ -71,19 +72,19 @@ def markdown(record: dict) -> str:
         f"{record['date']}, {record['device']['name']}, torch {record['versions']['internvl3_engine']['torch']}; "
         f"`python -m bench.start --preset {record['preset']} --worlds {','.join(str(r['world']) for r in record['rows'])}`",
         "",
-        "| W | parameters / rank (GiB) | peak RSS / rank (GiB) | anonymous after load (GiB) | peak GPU (GiB) | start (s) | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| W | parameters / rank (GiB) | planner's prediction (GiB) | peak RSS / rank (GiB) | anonymous after load (GiB) | peak GPU (GiB) | start (s) | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in record["rows"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['world']} | error: see the JSON | | | | | |")
+            lines.append(f"| {row['world']} | error: see the JSON | | | | | | |")
             continue
 
         def spread(key: str, scale: float = GIB) -> str:
             values = [rank[key] / scale for rank in row["ranks"] if rank.get(key) is not None]
             return "-" if not values else f"{min(values):.2f}" if min(values) == max(values) else f"{min(values):.2f}-{max(values):.2f}"
 
-        lines.append(f"| {row['world']} | {spread('parameter_bytes')} | {spread('peak_host_bytes')} | "
+        lines.append(f"| {row['world']} | {spread('parameter_bytes')} | {row['predicted_parameter_bytes'] / GIB:.2f} | {spread('peak_host_bytes')} | "
                      f"{spread('anon_bytes')} | {spread('peak_device_bytes')} | {spread('start_s', 1.0)} | {row['wall_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -107,10 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.start: writing a random {args.preset} checkpoint", file=sys.stderr)
             make_checkpoint(args.preset, checkpoint)
         generate(str(work / "data"), seed=0, config=DemoDataConfig(train_images=4, eval_images=1, preference_pairs=1, image_size=56))
+        from internvl3_engine.parallel import ParallelPlan
+        from internvl3_engine.planner import model_shape, start_memory_bytes
+
+        shape = model_shape(Path(checkpoint) / "config.json")
         rows = []
         for world in args.worlds:
             print(f"bench.start: W = {world}", file=sys.stderr)
-            rows.append(run_world(world, checkpoint, work / "data" / "meta.json", work, device))
+            row = run_world(world, checkpoint, work / "data" / "meta.json", work, device)
+            row["predicted_parameter_bytes"] = start_memory_bytes(shape, ParallelPlan(), world)
+            rows.append(row)
         size = sum(path.stat().st_size for path in Path(checkpoint).glob("*.safetensors"))
     date = utc_now()
     record = {"suite": "start", "preset": args.preset, "checkpoint_bytes": size, "date": date.strftime("%Y-%m-%d"),

@@ -125,12 +125,17 @@ def build_meshes(plan: ParallelPlan, device_type: str) -> Meshes:
     )
 
 
-def _shard(module: nn.Module, component: ComponentPlan, meshes: Meshes) -> None:
+def _shard(module: nn.Module, component: ComponentPlan, meshes: Meshes, cast_inputs: bool) -> None:
+    """fully_shard ``module``; ``cast_inputs``: its floating inputs are cast to param_dtype (the vision tower's
+    pixels). The LLM's units and the root keep theirs: V2PE positions, loss weights and normalisers must stay
+    float32 (in bfloat16 a visual step of 1/256 vanishes past position 2 and 1/sqrt(x) keeps 3 digits), and
+    the hidden states reach the blocks in param_dtype from the embeddings anyway."""
     fully_shard(
         module,
         mesh=meshes.data_parallel(component.sharding),
         reshard_after_forward=component.sharding == "zero3",
-        mp_policy=MixedPrecisionPolicy(param_dtype=component.param_dtype, reduce_dtype=component.reduce_dtype),
+        mp_policy=MixedPrecisionPolicy(param_dtype=component.param_dtype, reduce_dtype=component.reduce_dtype,
+                                       cast_forward_inputs=cast_inputs),
     )
 
 
@@ -189,14 +194,14 @@ def parallelize(
         if blocks is not None:
             _prepare_blocks(blocks, component)
             for block in blocks:
-                _shard(block, component, meshes)
+                _shard(block, component, meshes, cast_inputs=name != "language")
         if not (name == "language" and language_with_root):
-            _shard(module, component, meshes)
+            _shard(module, component, meshes, cast_inputs=name != "language")
             # The component's own parameters (embeddings, first norms) are gathered when it starts, before its blocks.
             order.append(module)
         order.extend(blocks or [])
     if model not in found.values():
-        _shard(model, plan.language, meshes)
+        _shard(model, plan.language, meshes, cast_inputs=False)
     if plan.prefetch:
         set_prefetch(order, plan.prefetch)
     return ParallelState(meshes=meshes, modules=order, plan=plan)

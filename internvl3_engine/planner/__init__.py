@@ -2,7 +2,7 @@
 of memory per GPU and step time (``python -m internvl3_engine.planner``)."""
 
 from .calibration import DEFAULT_EFFICIENCY, Calibration, calibrate
-from .cost import Assumptions, ComponentCost, PlanCost, Workload, estimate
+from .cost import Assumptions, ComponentCost, PlanCost, Workload, estimate, start_memory_bytes
 from .flops import training_flops
 from .hardware import GPU, GPUS, datasheet_bf16_flops
 from ..architectures import PRESETS, preset_config
@@ -28,5 +28,6 @@ __all__ = [
     "model_shape",
     "preset_config",
     "recommend",
+    "start_memory_bytes",
     "training_flops",
 ]

@@ -187,15 +187,30 @@ def _latency(gpu: GPU, ranks: int, span: int, assumptions: Assumptions) -> float
     return assumptions.collective_latency_s if span <= gpu.gpus_per_node else assumptions.network_latency_s
 
 
+def _data_parallel_shards(plan: ParallelPlan, gpus: int) -> int:
+    if gpus % (plan.tp * plan.dp_replicate):
+        raise ValueError(f"gpus ({gpus}) must be a multiple of tp * dp_replicate ({plan.tp} * {plan.dp_replicate})")
+    return gpus // plan.tp // plan.dp_replicate
+
+
+def start_memory_bytes(shape: ModelShape, plan: ParallelPlan, gpus: int) -> float:
+    """Bytes of parameters one GPU holds after a sharded start (model.train's --max-steps 0): its float32
+    shards of every component, before any gradient, optimizer state or gathered compute copy exists."""
+    dp_shard = _data_parallel_shards(plan, gpus)
+    total = 0.0
+    for name in COMPONENTS:
+        local, _, _ = _local_parameters(shape, name, plan.tp)
+        total += local / (1 if plan.component(name).sharding == "replicate" else dp_shard) * MASTER_PARAM_BYTES
+    return total
+
+
 def estimate(
     shape: ModelShape, plan: ParallelPlan, gpus: int, gpu: GPU, workload: Workload, assumptions: Assumptions
 ) -> PlanCost:
     """Memory per GPU and step time of ``plan`` training ``shape`` on ``gpus`` GPUs of kind ``gpu``."""
     tp, replicas = plan.tp, plan.dp_replicate
-    if gpus % (tp * replicas):
-        raise ValueError(f"gpus ({gpus}) must be a multiple of tp * dp_replicate ({tp} * {replicas})")
+    dp_shard = _data_parallel_shards(plan, gpus)
     data_parallel = gpus // tp
-    dp_shard = data_parallel // replicas
     flops = training_flops(shape, workload.tokens_per_pack, workload.tiles_per_pack, workload.sample_lengths())
     component_flops = {
         "vision": flops["vit_matmuls"] + flops["vit_attention"],

@@ -424,3 +424,46 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
         torch.testing.assert_close(mine.grad, reference.grad)
     with pytest.raises(ValueError, match="max_norm must be > 0"):
         clip_grad_norm_(ours.parameters(), 0.0)
+
+
+def test_bfloat16_parameters_keep_the_llms_positions_and_loss_weights_in_float32(monkeypatch):
+    """Under a plan whose components compute in bfloat16 (the planner's), the vision tower's pixels are cast
+    to bfloat16 but the LLM's V2PE positions and loss weights reach its kernels in float32 (FSDP2 casts a
+    unit's floating inputs to param_dtype unless told not to)."""
+    import internvl3_engine as engine
+    from model import InternVL3, InternVL3Config
+    from model.data import ByteTokenizer
+
+    seen = {}
+    attention, cross_entropy = engine.v2pe_attention, engine.linear_cross_entropy
+
+    def recording_attention(q, k, v, cu_seqlens, max_seqlen, positions, **kwargs):
+        if positions is not None:  # the LLM's (the ViT's attention has none)
+            seen["q"], seen["positions"] = q.dtype, positions.dtype
+        return attention(q, k, v, cu_seqlens, max_seqlen, positions, **kwargs)
+
+    def recording_cross_entropy(hidden, weight, labels, loss_weights=None, **kwargs):
+        seen["loss_weights"] = loss_weights.dtype
+        return cross_entropy(hidden, weight, labels, loss_weights=loss_weights, **kwargs)
+
+    monkeypatch.setattr(engine, "v2pe_attention", recording_attention)
+    monkeypatch.setattr(engine, "linear_cross_entropy", recording_cross_entropy)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = InternVL3Config.preset("tiny")
+        model = InternVL3(config, init_seed=0)
+        bf16 = ComponentPlan(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        parallelize(model, ParallelPlan(vision=bf16, projector=bf16, language=bf16))
+        image = ByteTokenizer().img_context_id
+        tokens = config.tokens_per_tile
+        input_ids = torch.tensor([5, 6] + [image] * tokens + [7, 8, 9])
+        positions = torch.arange(input_ids.shape[0], dtype=torch.float32) * 0.5
+        labels = torch.roll(input_ids, -1)
+        output = model(input_ids, torch.randn(1, 3, config.vision.image_size, config.vision.image_size),
+                       torch.tensor([0, input_ids.shape[0]], dtype=torch.int32), positions, labels,
+                       torch.full((input_ids.shape[0],), 0.25), input_ids.shape[0])
+        output.loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen == {"q": torch.bfloat16, "positions": torch.float32, "loss_weights": torch.float32}
+    assert torch.isfinite(output.loss)
