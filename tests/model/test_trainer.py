@@ -587,21 +587,22 @@ def test_a_plan_runs_in_one_process_without_torchrun(data_dir, tmp_path, monkeyp
     assert planned.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
-def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments):
-    _torchrun(data_dir, tmp_path, plan_text, output, *arguments)
+def _torchrun_train(data_dir, tmp_path, plan_text: str, output, *arguments, ranks: int = 2, settings=None):
+    _torchrun(data_dir, tmp_path, plan_text, output, *arguments, ranks=ranks, settings=settings)
     return [entry for entry in read_metrics(str(output / "metrics.jsonl")) if "event" not in entry]
 
 
-def _torchrun(data_dir, tmp_path, plan_text: str, output, *arguments):
-    """python -m model.train on 2 gloo ranks (torchrun) with the small settings; returns the completed process."""
+def _torchrun(data_dir, tmp_path, plan_text: str, output, *arguments, ranks: int = 2, settings=None):
+    """python -m model.train on ``ranks`` gloo ranks (torchrun) with the small settings (and ``settings``'
+    top-level fields); returns the completed process."""
     import subprocess
     import sys
 
     config_file = tmp_path / "run.json"
-    config_file.write_text(json.dumps({**SMALL, "data": {**SMALL["data"], "path": str(data_dir / "meta.json")}}))
+    config_file.write_text(json.dumps({**SMALL, "data": {**SMALL["data"], "path": str(data_dir / "meta.json")}, **(settings or {})}))
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(plan_text)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "model.train",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone", "-m", "model.train",
                "--preset", "tiny", "--config", str(config_file), "--plan", str(plan_file), "--output-dir", str(output),
                "--log-every", "1", "--no-progress", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -684,6 +685,35 @@ def test_sharded_start_trains_as_one_process(data_dir, tmp_path, mode):
     if mode == "mpo":
         assert entries[0]["preference"] == pytest.approx(math.log(2), abs=1e-5)
         assert entries[1]["reward_shift"] == pytest.approx(single_metrics(tmp_path / "single")[1]["reward_shift"], rel=1e-5, abs=1e-9)
+
+
+# Each component under each sharding over the three modes.
+FOUR_RANK_PLANS = {
+    "pretrain": "vision: {sharding: zero3}\nprojector: {sharding: zero2}\nlanguage: {sharding: replicate}\n",
+    "sft": "vision: {sharding: replicate}\nprojector: {sharding: zero3}\nlanguage: {sharding: zero2}\n",
+    "mpo": "vision: {sharding: zero2}\nprojector: {sharding: replicate}\nlanguage: {sharding: zero3}\n",
+}
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "sft", "mpo"])
+def test_four_ranks_from_a_sharded_start_train_as_one_process(data_dir, tmp_path, mode):
+    """W = 4 from --init (the sharded start) gives the losses of one process accumulating the 4 packs, in
+    every mode; in pretraining, its checkpoint of step 2 resumes at W = 2 (accumulating 2) to step 3's loss."""
+    _init_checkpoint(tmp_path / "init")
+    data = str(data_dir / ("meta_mpo.json" if mode == "mpo" else "meta.json"))
+    steps = 3 if mode == "pretrain" else 2
+    output = tmp_path / "ranks"
+    entries = _torchrun_train(data_dir, tmp_path, FOUR_RANK_PLANS[mode], output, "--init", str(tmp_path / "init"),
+                              "--max-steps", str(steps), "--save-every", "2", "--mode", mode, "--data", data, ranks=4)
+    single = run(small_config(data_dir, tmp_path / "single", init=str(tmp_path / "init"), max_steps=steps, grad_accum=4,
+                              mode=mode, data={"path": data}))
+    assert [entry["loss"] for entry in entries] == pytest.approx(single.losses, rel=1e-5)
+    assert entries[-1]["images_decoded"] == single_metrics(tmp_path / "single")[-1]["images_decoded"]
+    if mode == "pretrain":
+        resumed = _torchrun_train(data_dir, tmp_path, FOUR_RANK_PLANS[mode], tmp_path / "two", "--init", str(tmp_path / "init"),
+                                  "--max-steps", "3", "--resume", str(output / "checkpoints" / "step_00000002"),
+                                  settings={"grad_accum": 2})
+        assert [entry["loss"] for entry in resumed] == pytest.approx(single.losses[2:], rel=1e-5)
 
 
 def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
