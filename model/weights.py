@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 
 from .config import InternVL3Config
+from .slice_reader import SliceReader
 
 LAYOUTS = ("hf", "opengvlab")
 CONFIG_NAME = "config.json"
@@ -362,7 +363,8 @@ def check_checkpoint_matches(model, path: Union[str, os.PathLike]) -> dict[str, 
 def load_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
     """Fill a model whose parameters are sharded (DTensors after internvl3_engine.parallel.parallelize, on
     their devices; plain tensors load too) from a transformers-layout checkpoint folder: each rank reads
-    only the slices it holds (torch.distributed.checkpoint's HuggingFaceStorageReader over safetensors),
+    only the slices it holds (torch.distributed.checkpoint with model.slice_reader.SliceReader: DCP's
+    HuggingFaceStorageReader reading the slices with positional reads instead of a memory map),
     converting to the parameters' dtype. Names and shapes are checked first (check_checkpoint_matches).
     A checkpoint that stores a head beside the embeddings that the config ties must hold the same values
     (compared shard by shard; ValueError otherwise: untie them in its config.json)."""
@@ -372,7 +374,7 @@ def load_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
     folder = os.fspath(path)
     shapes = check_checkpoint_matches(model, folder)
     alone = not dist.is_initialized()
-    dcp.load(_sharded_state(model), storage_reader=dcp.HuggingFaceStorageReader(folder), no_dist=alone)
+    dcp.load(_sharded_state(model), storage_reader=SliceReader(folder), no_dist=alone)
     if model.config.text.tie_word_embeddings and _HF_HEAD in shapes:
         _check_tied_head(model, folder, alone)
 
@@ -384,7 +386,7 @@ def _check_tied_head(model, folder: str, alone: bool) -> None:
 
     embeddings = model.language.embed_tokens.weight.detach()
     head = torch.empty_like(embeddings)
-    dcp.load({_HF_HEAD: head}, storage_reader=dcp.HuggingFaceStorageReader(folder), no_dist=alone)
+    dcp.load({_HF_HEAD: head}, storage_reader=SliceReader(folder), no_dist=alone)
     local = [t.to_local() if isinstance(t, DTensor) else t for t in (head, embeddings)]
     same = torch.tensor(float(torch.equal(*local)), device=embeddings.device)
     if not alone:

@@ -146,3 +146,39 @@ def test_a_tied_head_that_differs_from_the_embeddings_is_refused(tmp_path):
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="differs from its embeddings"):
         load_weights_distributed(model, tmp_path / "ckpt")
+
+
+def test_the_slice_reader_reads_what_safetensors_maps(tmp_path):
+    """read_slice (positional reads of the rows a slice spans) gives safetensors' own slices, for every
+    dtype the checkpoints use, scalars and empty slices included; a truncated file is an error naming it."""
+    import random
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from model.slice_reader import read_header, read_slice
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(7, 5, 3, generator=generator),
+        "bf16": torch.randn(9, 4, generator=generator).to(torch.bfloat16),
+        "f16": torch.randn(6, generator=generator).to(torch.float16),
+        "i64": torch.randint(-10**12, 10**12, (5, 2), generator=generator),
+        "scalar": torch.tensor(3.5),
+    }
+    path = str(tmp_path / "x.safetensors")
+    save_file(tensors, path)
+    data_start, header = read_header(path)
+    rng = random.Random(0)
+    with safe_open(path, framework="pt") as mapped, open(path, "rb", buffering=0) as handle:
+        for name, tensor in tensors.items():
+            for _ in range(20):
+                offsets = [rng.randint(0, size) for size in tensor.shape]
+                lengths = [rng.randint(0, size - offset) for size, offset in zip(tensor.shape, offsets)]
+                expected = mapped.get_slice(name)[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+                got = read_slice(handle, data_start, header[name], offsets, lengths)
+                assert got.dtype == tensor.dtype and torch.equal(got, expected), (name, offsets, lengths)
+    with open(path, "r+b") as handle:
+        handle.truncate(data_start + 16)
+    with open(path, "rb", buffering=0) as handle, pytest.raises(OSError, match="truncated"):
+        read_slice(handle, data_start, header["f32"], [0, 0, 0], [7, 5, 3])
