@@ -7,7 +7,7 @@ from .config import TrainConfig
 
 
 # The demo: a tiny InternVL3 (the "tiny" preset widened, 112-pixel tiles of 16 tokens) on the generated
-# shapes data mixed 1:3 with the embedded corpus, sized to learn in about seven minutes on 2 CPU cores
+# shapes data mixed 1:3 with the embedded corpus, sized to learn in about five minutes on 2 CPU cores
 # (single-threaded). What it learns and what did not help: bench/results/README.md, "Demo training run".
 DEMO = {
     "model": {

@@ -595,8 +595,9 @@ class Trainer:
 
     def _data_timing(self, result: StepResult, elapsed: float) -> dict:
         """The step's data loading over the ranks (a collective): the longest wait for packs and its rank,
-        whether the step waited (that wait over 1% of the step), the slowest worker's decoding time, and the
-        image files decoded by all ranks' workers so far."""
+        whether the step waited for data (that wait over 10% of the step: receiving ready packs from the
+        workers takes a few milliseconds), the slowest worker's decoding time, and the image files decoded by
+        all ranks' workers so far."""
         local = torch.tensor([result.data_wait_s, result.decode_s, float(self.images_decoded)], dtype=torch.float64)
         ranks = [local]
         if self.distributed:
@@ -606,7 +607,7 @@ class Trainer:
         waits = [float(entry[0]) for entry in ranks]
         slowest = max(range(len(waits)), key=waits.__getitem__)
         return {
-            "data_wait_s": waits[slowest], "data_wait_rank": slowest, "data_waited": int(waits[slowest] > 0.01 * elapsed),
+            "data_wait_s": waits[slowest], "data_wait_rank": slowest, "data_waited": int(waits[slowest] > 0.1 * elapsed),
             "decode_s": max(float(entry[1]) for entry in ranks),
             "images_decoded": int(sum(float(entry[2]) for entry in ranks)) // (self.world // self.dp_world),
         }
