@@ -115,8 +115,7 @@ def root_holds_parameters(model: nn.Module, found: dict[str, nn.Module]) -> bool
 
 def build_meshes(plan: ParallelPlan, device_type: str) -> Meshes:
     world = dist.get_world_size()
-    if world % (plan.dp_replicate * plan.tp):
-        raise ValueError(f"dp_replicate * tp = {plan.dp_replicate} * {plan.tp} must divide the world size {world}")
+    plan.check_world_size(world)
     dp_shard = world // (plan.dp_replicate * plan.tp)
     names = ("dp_replicate", "dp_shard", "tp")
     return Meshes(

@@ -74,6 +74,11 @@ class ParallelPlan:
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "prefetch" else 1):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'prefetch' else 1}, got {value!r}")
 
+    def check_world_size(self, world: int) -> None:
+        """ValueError unless ``world`` ranks can hold the plan (dp_replicate * tp must divide it)."""
+        if world % (self.dp_replicate * self.tp):
+            raise ValueError(f"dp_replicate * tp = {self.dp_replicate} * {self.tp} must divide the world size {world}")
+
     def component(self, name: str) -> ComponentPlan:
         return getattr(self, name)
 

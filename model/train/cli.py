@@ -137,6 +137,8 @@ def main(argv: Optional[list] = None) -> int:
     try:
         config = config_from_args(args)
         plan = load_plan(args.plan) if args.plan else None
+        if plan is not None:
+            plan.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))  # refused before anything is built
         resolve_resume(args.resume, config.output_dir)  # a --resume that is no checkpoint, named before the build
     except (FileNotFoundError, ValueError, TypeError) as error:  # a missing file or a bad setting
         return _fail(parser, error)

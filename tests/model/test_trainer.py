@@ -767,3 +767,13 @@ def test_tensor_parallel_plan_matches_one_process_and_resumes_from_its_sharded_c
     resumed = _torchrun_train(data_dir, tmp_path, plan, output, "--max-steps", "3", "--resume",
                               str(output / "checkpoints" / "step_00000002"))
     assert [entry["loss"] for entry in resumed] == [entry["loss"] for entry in entries]
+
+
+def test_a_plan_the_world_size_cannot_hold_is_refused_with_the_reason_before_anything_is_built(data_dir, tmp_path, capsys, monkeypatch):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("tp: 4\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["--preset", "tiny", "--data", str(data_dir / "meta.json"), "--plan", str(plan), "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("dp_replicate * tp = 1 * 4 must divide the world size 2")
+    assert not (tmp_path / "out").exists()
