@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import device_info, utc_now, versions
+from .harness import device_info, utc_now, versions, write_record_and_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,12 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"suite": "data_loading", "date": date.strftime("%Y-%m-%d"), "device": device_info(torch.device("cpu")),
               "versions": versions(), "command": "python -m bench.data_loading " + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps, "packs": args.packs, "decoding": decoding, "resume": resume}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{date.strftime('%Y%m%dT%H%M%SZ')}_cpu_data-loading"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(record))
-    print(markdown(record))
-    print(f"bench.data_loading: wrote {stem}.json and .md", file=sys.stderr)
+    write_record_and_table(record, markdown(record), args.out / f"{date.strftime('%Y%m%dT%H%M%SZ')}_cpu_data-loading",
+                           "bench.data_loading")
     return 0 if all(row["status"] == "ok" for row in decoding) else 1
 
 

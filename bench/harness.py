@@ -250,6 +250,15 @@ def write_record(record: dict, path: Path) -> Path:
     return path
 
 
+def write_record_and_table(record: dict, table: str, stem: Path, prog: str) -> None:
+    """A measurement script's record as ``stem``.json and its markdown ``table`` as ``stem``.md; the table is
+    printed, and where both went (on stderr, as ``prog``)."""
+    write_record(record, stem.with_suffix(".json"))
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"{prog}: wrote {stem}.json and .md", file=sys.stderr)
+
+
 # ---- the declarative case model: an op (OpSpec), its sizes (Case), the ways to compute it (Implementation)
 
 def randn(shape, dtype: torch.dtype, device, generator) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import device_info, utc_now, versions
+from .harness import device_info, utc_now, versions, write_record_and_table
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -122,12 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     date = utc_now()
     record = {"suite": "start", "preset": args.preset, "checkpoint_bytes": size, "date": date.strftime("%Y-%m-%d"),
               "device": device_info(torch.device(device)), "versions": versions(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{date.strftime('%Y%m%dT%H%M%SZ')}_{device}_start-{args.preset}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(record))
-    print(markdown(record))
-    print(f"bench.start: wrote {stem}.json and .md", file=sys.stderr)
+    write_record_and_table(record, markdown(record), args.out / f"{date.strftime('%Y%m%dT%H%M%SZ')}_{device}_start-{args.preset}",
+                           "bench.start")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 

@@ -651,7 +651,6 @@ def test_sharded_start_dry_run_reports_each_rank_and_exports_the_checkpoint(data
 def test_a_sharded_start_from_scratch_initialises_as_one_process(data_dir, tmp_path, plan):
     """Without --init under a plan, each rank materialises and initialises only its shards (FSDP2 shards,
     tensor-parallel slices): the exported weights equal the single process's initialisation exactly."""
-    from model import InternVL3Config
     from model.weights import read_tensors
 
     completed = _torchrun(data_dir, tmp_path, plan, tmp_path / "out", "--max-steps", "0", "--export", str(tmp_path / "export"))
