@@ -53,13 +53,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=True)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor,
+                context_parallel=None) -> torch.Tensor:
+        """``context_parallel`` (an internvl3_engine.parallel.ContextParallel): ``x`` holds this rank's tokens
+        of a pack split over ranks, and attention runs over the whole pack (its cu_seqlens and positions)."""
         tokens = x.shape[0]
         # -1: the local head counts when the projections are split by tensor parallelism
         q = self.q_proj(x).view(tokens, -1, self.head_dim)
         k = self.k_proj(x).view(tokens, -1, self.head_dim)
         v = self.v_proj(x).view(tokens, -1, self.head_dim)
-        out = engine.v2pe_attention(q, k, v, cu_seqlens, max_seqlen, positions, theta=self.theta, causal=True)
+        if context_parallel is not None:
+            out = context_parallel.attention(q, k, v, theta=self.theta, causal=True)
+        else:
+            out = engine.v2pe_attention(q, k, v, cu_seqlens, max_seqlen, positions, theta=self.theta, causal=True)
         return self.o_proj(out.reshape(tokens, -1))
 
 
@@ -85,8 +91,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_norm(x), cu_seqlens, max_seqlen, positions)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor,
+                context_parallel=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_norm(x), cu_seqlens, max_seqlen, positions, context_parallel)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -112,11 +119,12 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def decode(
-        self, inputs_embeds: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor
+        self, inputs_embeds: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor,
+        context_parallel=None,
     ) -> torch.Tensor:
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cu_seqlens, max_seqlen, positions)
+            x = layer(x, cu_seqlens, max_seqlen, positions, context_parallel=context_parallel)
         return self.norm(x)
 
     def forward(
@@ -133,12 +141,13 @@ class LanguageModel(nn.Module):
         loss_normalizer: float | torch.Tensor | None = None,
         loss_reduction: str = "mean",
         return_logits: bool = False,
+        context_parallel=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(hidden states [T, H], loss or None, logits [T, V] or None) of a pack; see InternVL3.forward."""
         embeds = self.embed_tokens(input_ids)
         if visual_rows is not None:
             embeds = engine.scatter_visual(embeds, visual_rows.to(embeds.dtype), is_visual)
-        hidden = self.decode(embeds, cu_seqlens, max_seqlen, positions)
+        hidden = self.decode(embeds, cu_seqlens, max_seqlen, positions, context_parallel)
         loss = None
         if labels is not None:
             loss = engine.linear_cross_entropy(

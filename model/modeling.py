@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 import internvl3_engine as engine
+from internvl3_engine.parallel import ContextParallel
 
 from .config import InternVL3Config
 from .language import LanguageModel, RMSNorm, activation
@@ -170,6 +171,7 @@ class InternVL3(nn.Module):
         return_logits: Optional[bool] = None,
         loss_normalizer: Union[float, torch.Tensor, None] = None,
         loss_reduction: str = "mean",
+        context_parallel_group=None,
     ) -> InternVL3Output:
         """One pack of T tokens.
 
@@ -190,6 +192,13 @@ class InternVL3(nn.Module):
         without the [T, V] logits).
 
         return_logits: compute ``logits`` [T, V]; None means only when no labels are given.
+
+        context_parallel_group: a process group over which the pack's tokens are split (context parallelism;
+        every rank of it passes the same whole pack): this rank runs the LLM on its contiguous share of the
+        tokens (internvl3_engine.parallel.ContextParallel), attention over the whole pack by Ulysses
+        all-to-all. The loss is then this rank's share, sum(w * CE) over its tokens divided by the whole
+        pack's normaliser (the group's losses and gradients sum to the pack's); hidden states, logits and
+        per-token losses are its tokens'. The vision tower encodes every tile on every rank of the group.
         """
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D [T] (a pack), got shape {tuple(input_ids.shape)}")
@@ -206,6 +215,18 @@ class InternVL3(nn.Module):
         visual_rows = self.encode_images(pixel_values, image_flags) if pixel_values is not None else None
         if positions is None:
             positions = engine.v2pe_position_ids(is_visual, cu_seqlens, 1.0)
+        context = None
+        if context_parallel_group is not None:
+            context = ContextParallel.split(context_parallel_group, cu_seqlens, max_seqlen, positions)
+            if labels is not None and loss_normalizer is None and loss_reduction == "mean":
+                # The whole pack's normaliser: sum(w), or the supervised tokens when no weights are given.
+                loss_normalizer = (loss_weights.sum() if loss_weights is not None else (labels != -100).sum()).float()
+            if visual_rows is not None:  # this rank's tokens hold a contiguous run of the image rows
+                before = int(is_visual[: context.shard.start].sum())
+                visual_rows = visual_rows[before: before + int(context.local(is_visual, False).sum())]
+            input_ids, is_visual, positions = context.local(input_ids), context.local(is_visual, False), context.local(positions)
+            labels = context.local(labels, -100) if labels is not None else None
+            loss_weights = context.local(loss_weights, 0.0) if loss_weights is not None else None
         hidden, loss, logits = self.language(
             input_ids,
             cu_seqlens,
@@ -218,6 +239,7 @@ class InternVL3(nn.Module):
             loss_normalizer=loss_normalizer,
             loss_reduction=loss_reduction,
             return_logits=bool(return_logits or (return_logits is None and labels is None)),
+            context_parallel=context,
         )
         return InternVL3Output(logits=logits, loss=loss, hidden_states=hidden, positions=positions)
 

@@ -149,3 +149,31 @@ def ulysses_attention(
     whole = [_SequenceToHeads.apply(x, group) for x in (q, k, v)]
     out = v2pe_attention(*whole, cu_seqlens, max_seqlen, positions, **kwargs)
     return _HeadsToSequence.apply(out, group)
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """One pack's split over the ranks of ``group`` for a forward: this rank's ContextShard and the whole
+    (padded) pack's attention metadata, which ``attention`` gives to ulysses_attention. Made by ``split``
+    from the whole pack's cu_seqlens, max_seqlen and positions."""
+
+    group: object
+    shard: ContextShard
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    positions: torch.Tensor | None
+
+    @classmethod
+    def split(cls, group, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor | None = None) -> "ContextParallel":
+        total = int(cu_seqlens[-1])
+        shard = ContextShard.of(total, dist.get_rank(group), dist.get_world_size(group))
+        positions = shard.pad(positions, 0.0) if positions is not None else None
+        return cls(group, shard, shard.padded_cu_seqlens(cu_seqlens), max(max_seqlen, shard.padded - total), positions)
+
+    def local(self, values: torch.Tensor, fill=0) -> torch.Tensor:
+        """This rank's tokens of a per-token tensor of the whole pack (the padding filled with ``fill``)."""
+        return self.shard.local(values, fill)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        """v2pe_attention of this rank's q, k, v [T/cp, heads, D] over the whole pack (ulysses_attention)."""
+        return ulysses_attention(q, k, v, self.cu_seqlens, self.max_seqlen, self.positions, self.group, **kwargs)

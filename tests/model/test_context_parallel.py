@@ -1,0 +1,88 @@
+"""The reference model under context parallelism: a pack with images, V2PE positions (per-image deltas),
+several samples (one of a single token) and square-averaged loss weights, split over cp gloo ranks by
+``context_parallel_group``, gives the single process's loss and every parameter's gradient (summed over the
+ranks), at cp 2 and 4 (GQA key-value heads split, then repeated); a pack shorter than cp trains too."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import internvl3_engine as engine
+from model import InternVL3, InternVL3Config
+
+IMAGE_TOKEN = 261  # the tiny preset's <IMG_CONTEXT>
+
+
+def _pack(config):
+    """Samples of 9, 1, 14 and 6 tokens; the first and third hold an image of 1 and 2 tiles."""
+    generator = torch.Generator().manual_seed(3)
+    per_tile = config.tokens_per_tile
+
+    def text(n):
+        return torch.randint(0, 256, (n,), generator=generator)
+
+    image = torch.full((per_tile,), IMAGE_TOKEN)
+    samples = [torch.cat([text(2), image, text(3)]), text(1), torch.cat([text(1), image, image, text(5)]), text(6)]
+    input_ids = torch.cat(samples)
+    lengths = [len(sample) for sample in samples]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    is_visual = input_ids == IMAGE_TOKEN
+    positions = engine.v2pe_position_ids(is_visual, cu_seqlens, torch.tensor([0.25, 0.5]))
+    labels = torch.roll(input_ids, -1).masked_fill(is_visual, -100)
+    labels[cu_seqlens[1:].long() - 1] = -100
+    weights = engine.loss_weights(labels, cu_seqlens, mode="square")
+    pixels = torch.randn(3, 3, config.vision.image_size, config.vision.image_size, generator=generator)
+    return dict(input_ids=input_ids, pixel_values=pixels, cu_seqlens=cu_seqlens, positions=positions, labels=labels,
+                loss_weights=weights, max_seqlen=max(lengths))
+
+
+def _loss_and_grads(model, pack, **kwargs):
+    loss = model(**pack, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank: int, cp: int, init_file: str, errors):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cp)
+        config = InternVL3Config.preset("tiny")
+        single_loss, single_grads = _loss_and_grads(InternVL3(config, init_seed=0), _pack(config))
+        loss, grads = _loss_and_grads(InternVL3(config, init_seed=0), _pack(config), context_parallel_group=dist.group.WORLD)
+        dist.all_reduce(loss)
+        torch.testing.assert_close(loss, single_loss, rtol=1e-5, atol=0)
+        assert grads.keys() == single_grads.keys()
+        for name, grad in grads.items():
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, single_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        # A pack shorter than the degree: the padding fills the other ranks' shares, and it still trains.
+        short = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([6, 7, -100]), "max_seqlen": 3,
+                 "cu_seqlens": torch.tensor([0, 3], dtype=torch.int32)}
+        single_loss, _ = _loss_and_grads(InternVL3(config, init_seed=0), short)
+        loss, _ = _loss_and_grads(InternVL3(config, init_seed=0), short, context_parallel_group=dist.group.WORLD)
+        dist.all_reduce(loss)
+        torch.testing.assert_close(loss, single_loss, rtol=1e-5, atol=0)
+        dist.destroy_process_group()
+    except Exception:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_a_pack_split_over_cp_ranks_trains_as_one_process(cp):
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            mp.start_processes(_worker, args=(cp, os.path.join(folder, "init"), errors), nprocs=cp, join=True, start_method="spawn")
+        except mp.ProcessRaisedException:
+            messages = []
+            while not errors.empty():
+                messages.append(errors.get())
+            pytest.fail("\n".join(messages))
