@@ -34,6 +34,18 @@ def check_context_parallel_heads(cp: int, heads: int, kv_heads: int) -> None:
         raise ValueError(f"context parallel degree {cp} and the key-value heads ({kv_heads}) must divide one another")
 
 
+def check_context_parallel_blocks(blocks, cp: int, tp: int = 1) -> None:
+    """ValueError unless the LLM's decoder blocks (Qwen2 attention: self_attn.q_proj / k_proj and head_dim)
+    hold head counts that Ulysses attention over ``cp`` ranks can split, after tensor parallelism's ``tp``."""
+    attention = blocks[0].get_submodule("self_attn") if blocks is not None and len(blocks) else None
+    head_dim = getattr(attention, "head_dim", None)
+    if not isinstance(head_dim, int):
+        raise ValueError("cp > 1 needs the language component's decoder blocks with Qwen2 attention (self_attn.head_dim)")
+    heads = attention.q_proj.out_features // head_dim // tp
+    kv_heads = attention.k_proj.out_features // head_dim // tp
+    check_context_parallel_heads(cp, heads, kv_heads)
+
+
 @dataclass(frozen=True)
 class ContextShard:
     """This rank's share of a pack of ``total`` tokens padded to ``padded`` (a multiple of cp): tokens

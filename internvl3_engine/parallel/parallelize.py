@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .activation_checkpoint import checkpoint_blocks
+from .context import check_context_parallel_blocks
 from .plan import COMPONENTS, ComponentPlan, ParallelPlan
 from .tensor_parallel import apply_tensor_parallel
 
@@ -34,15 +35,19 @@ TRANSFORMERS_NAMES = {"vision": "vision_tower", "projector": "multi_modal_projec
 
 @dataclass(frozen=True)
 class Meshes:
-    """The device meshes, laid out (dp_replicate, dp_shard, tp) with tp innermost.
+    """The device meshes over the world laid out (dp_replicate, dp_shard, cp, tp), tp innermost.
 
     ``shard``: zero2 / zero3 components, FSDP over its (dp_replicate, dp_shard) dims (HSDP when
-    dp_replicate > 1). ``replicate``: replicated components, the same ranks as (all data-parallel ranks, 1),
-    so FSDP2 keeps whole copies and all-reduces gradients. Both have the same tp dim.
+    dp_replicate > 1), where its "dp_shard" dim spans the data-parallel and context-parallel ranks together
+    (dp_shard x cp: cp ranks hold different shards, and FSDP's gradient reduction sums their partial
+    gradients). ``replicate``: replicated components, the same ranks as (all of them but tp, 1), so FSDP2
+    keeps whole copies and all-reduces gradients. Both have the same tp dim. ``layout``: the 4-D mesh whose
+    "cp" dim is the context-parallel group (None when cp is 1).
     """
 
     shard: DeviceMesh
     replicate: DeviceMesh
+    layout: DeviceMesh | None = None
 
     def root(self, sharding: str) -> DeviceMesh:
         return self.replicate if sharding == "replicate" else self.shard
@@ -65,13 +70,18 @@ class ParallelState:
     @property
     def dp_world_size(self) -> int:
         """Data-parallel ranks: the number of different micro-batches a step trains on."""
-        return self.meshes.shard.size() // self.plan.tp
+        return self.meshes.shard.size() // (self.plan.tp * self.plan.cp)
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel index (tensor-parallel peers share it, and their micro-batches)."""
+        """This rank's data-parallel index (tensor- and context-parallel peers share it, and their micro-batches)."""
         replicate, shard, _ = self.meshes.shard.get_coordinate()
-        return replicate * self.meshes.shard.size(1) + shard
+        return (replicate * self.meshes.shard.size(1) + shard) // self.plan.cp
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        """The ranks this rank splits its packs' tokens with (None without context parallelism)."""
+        return self.meshes.layout["cp"].get_group() if self.meshes.layout is not None else None
 
 
 def find_components(model: nn.Module, components: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
@@ -116,11 +126,16 @@ def root_holds_parameters(model: nn.Module, found: dict[str, nn.Module]) -> bool
 def build_meshes(plan: ParallelPlan, device_type: str) -> Meshes:
     world = dist.get_world_size()
     plan.check_world_size(world)
-    dp_shard = world // (plan.dp_replicate * plan.tp)
+    dp_shard = world // (plan.dp_replicate * plan.cp * plan.tp)
     names = ("dp_replicate", "dp_shard", "tp")
+    layout = None
+    if plan.cp > 1:  # the same row-major rank order: the 3-D meshes' dp_shard index is dp_shard_index * cp + cp_index
+        layout = init_device_mesh(device_type, (plan.dp_replicate, dp_shard, plan.cp, plan.tp),
+                                  mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
     return Meshes(
-        shard=init_device_mesh(device_type, (plan.dp_replicate, dp_shard, plan.tp), mesh_dim_names=names),
-        replicate=init_device_mesh(device_type, (plan.dp_replicate * dp_shard, 1, plan.tp), mesh_dim_names=names),
+        shard=init_device_mesh(device_type, (plan.dp_replicate, dp_shard * plan.cp, plan.tp), mesh_dim_names=names),
+        replicate=init_device_mesh(device_type, (plan.dp_replicate * dp_shard * plan.cp, 1, plan.tp), mesh_dim_names=names),
+        layout=layout,
     )
 
 
@@ -174,6 +189,8 @@ def parallelize(
     if not isinstance(plan, ParallelPlan):
         raise TypeError(f"plan must be a ParallelPlan, got {type(plan).__name__}")
     found = find_components(model, components)
+    if plan.cp > 1:
+        check_context_parallel_blocks(find_blocks(found["language"]), plan.cp, plan.tp)
     device = next(model.parameters()).device
     meshes = mesh if mesh is not None else build_meshes(plan, "cuda" if device.type == "cuda" else "cpu")
     if meshes.shard.size(2) != plan.tp:

@@ -48,9 +48,13 @@ class ParallelPlan:
     dp_replicate: number of replica groups (HSDP: FSDP shards within a group of world/dp_replicate ranks
       and replicates across groups); 1 shards over the whole world.
     tp: tensor-parallel degree of the LLM's blocks (Megatron-style: q/k/v and gate/up split by output
-      columns, o/down by input rows; it must divide the LLM's query and key-value head counts). The
-      world is laid out (dp_replicate, dp_shard, tp) with tp innermost, so tensor-parallel peers are
-      neighbouring ranks (one node) and hold the same micro-batches.
+      columns, o/down by input rows; it must divide the LLM's query and key-value head counts).
+    cp: context-parallel degree: each pack's tokens are split over cp ranks, the LLM's attention by
+      Ulysses all-to-all (parallel/context.py; cp must divide the LLM's query heads per tensor-parallel
+      rank, and it and the key-value heads must divide one another). The weights are sharded over the
+      data-parallel and cp ranks together, so cp ranks hold no duplicate shards.
+    The world is laid out (dp_replicate, dp_shard, cp, tp) with tp innermost, so tensor-parallel peers are
+    neighbouring ranks (one node); tensor- and context-parallel peers hold the same micro-batches.
     prefetch: how many FSDP modules ahead (in forward and backward execution order, across component
       boundaries) to all-gather explicitly; 0 leaves FSDP2's default (the next module in backward only).
 
@@ -63,21 +67,22 @@ class ParallelPlan:
     language: ComponentPlan = field(default_factory=lambda: ComponentPlan(sharding="zero3"))
     dp_replicate: int = 1
     tp: int = 1
+    cp: int = 1
     prefetch: int = 1
 
     def __post_init__(self):
         for name in COMPONENTS:
             if not isinstance(getattr(self, name), ComponentPlan):
                 raise TypeError(f"{name} must be a ComponentPlan, got {type(getattr(self, name)).__name__}")
-        for name in ("dp_replicate", "tp", "prefetch"):
+        for name in ("dp_replicate", "tp", "cp", "prefetch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "prefetch" else 1):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'prefetch' else 1}, got {value!r}")
 
     def check_world_size(self, world: int) -> None:
-        """ValueError unless ``world`` ranks can hold the plan (dp_replicate * tp must divide it)."""
-        if world % (self.dp_replicate * self.tp):
-            raise ValueError(f"dp_replicate * tp = {self.dp_replicate} * {self.tp} must divide the world size {world}")
+        """ValueError unless ``world`` ranks can hold the plan (dp_replicate * cp * tp must divide it)."""
+        if world % (self.dp_replicate * self.cp * self.tp):
+            raise ValueError(f"dp_replicate * cp * tp = {self.dp_replicate} * {self.cp} * {self.tp} must divide the world size {world}")
 
     def component(self, name: str) -> ComponentPlan:
         return getattr(self, name)
@@ -91,7 +96,7 @@ class ParallelPlan:
                     for key, value in fields.items()}
 
         return {**{name: component(name) for name in COMPONENTS},
-                "dp_replicate": self.dp_replicate, "tp": self.tp, "prefetch": self.prefetch}
+                "dp_replicate": self.dp_replicate, "tp": self.tp, "cp": self.cp, "prefetch": self.prefetch}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ParallelPlan":

@@ -52,7 +52,7 @@ from .metrics import MissingPackageError
 from .checkpointing import resolve_resume
 from .config import MODES, load_config_file
 from .presets import TRAIN_PRESETS, preset_config
-from .trainer import Trainer
+from .trainer import Trainer, check_plan
 
 
 def load_plan(path: str):
@@ -137,8 +137,9 @@ def main(argv: Optional[list] = None) -> int:
     try:
         config = config_from_args(args)
         plan = load_plan(args.plan) if args.plan else None
-        if plan is not None:
-            plan.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))  # refused before anything is built
+        if plan is not None:  # refused before anything is built
+            plan.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+            check_plan(plan, config)
         resolve_resume(args.resume, config.output_dir)  # a --resume that is no checkpoint, named before the build
     except (FileNotFoundError, ValueError, TypeError) as error:  # a missing file or a bad setting
         return _fail(parser, error)

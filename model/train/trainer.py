@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from internvl3_engine.parallel import ParallelPlan, ParallelState, checkpoint_blocks, clip_grad_norm_, parallelize
+from internvl3_engine.parallel import ContextShard, ParallelPlan, ParallelState, checkpoint_blocks, clip_grad_norm_, parallelize
 from internvl3_engine.planner import ModelShape, training_flops
 
 from ..data import (
@@ -72,6 +72,13 @@ def check_data_files(meta_path: str, eval_file: Optional[str]) -> None:
         _require_file(spec.annotation, f"{meta_path}: dataset {spec.name!r}: annotation")
     if eval_file is not None:
         _require_file(eval_file, "eval_file")
+
+
+def check_plan(plan: ParallelPlan, config: TrainConfig) -> None:
+    """ValueError for a plan this trainer cannot run with ``config`` (checked before anything is built)."""
+    if plan.cp > 1 and config.mode == "mpo":
+        raise ValueError("context parallelism (cp > 1) trains the LM loss (pretrain, sft); MPO's per-response "
+                         "log-probabilities are not split over ranks yet")
 
 
 def _anonymous_bytes() -> Optional[int]:
@@ -141,8 +148,10 @@ class Trainer:
             self.rank, self.world = init_distributed(self.device)
         else:
             self.rank, self.world = 0, 1
-        # Data-parallel coordinates: tensor-parallel peers (a plan's tp > 1) train on the same packs.
+        # Data-parallel coordinates: tensor- and context-parallel peers (a plan's tp, cp > 1) train on the same
+        # packs; context-parallel peers split each pack's tokens (cp_group).
         self.dp_rank, self.dp_world = self.rank, self.world
+        self.cp_group = None
         self.is_main = self.rank == 0
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
@@ -191,6 +200,7 @@ class Trainer:
                 self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         if self.distributed:
             plan = self.plan or ParallelPlan()
+            check_plan(plan, config)
             policy_plan = plan
             if config.activation_checkpointing:
                 policy_plan = dataclasses.replace(plan, **{
@@ -198,6 +208,7 @@ class Trainer:
                 })
             self.parallel_state = self._sharded(self.model, policy_plan)
             self.dp_rank, self.dp_world = self.parallel_state.dp_rank, self.parallel_state.dp_world_size
+            self.cp_group = self.parallel_state.cp_group
             if self.reference is not None:
                 self._sharded(self.reference, plan)
         else:
@@ -396,14 +407,22 @@ class Trainer:
             return model(
                 batch.input_ids, batch.pixel_values, batch.cu_seqlens, batch.positions,
                 kwargs.pop("labels", None), kwargs.pop("loss_weights", None), batch.max_seqlen,
-                image_flags=batch.image_flags, **kwargs,
+                image_flags=batch.image_flags, context_parallel_group=self.cp_group, **kwargs,
             )
+
+    def _weight_sum(self, batch) -> torch.Tensor:
+        """sum(w) of the pack's tokens this rank computes the loss of: all of them, or under context
+        parallelism its share (the ranks' shares add up to the pack's)."""
+        if self.cp_group is None:
+            return batch.loss_weights.sum()
+        shard = ContextShard.of(batch.num_tokens, dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group))
+        return shard.local(batch.loss_weights, 0.0).sum()
 
     def _lm_step(self, batches) -> tuple[torch.Tensor, dict]:
         """Forward and backward of a step's packs under the square-averaged LM loss."""
         from internvl3_engine.parallel import data_parallel_loss
 
-        weight_sum = torch.stack([batch.loss_weights.sum() for batch in batches]).sum()
+        weight_sum = torch.stack([self._weight_sum(batch) for batch in batches]).sum()
         total = torch.zeros((), device=self.device)
         for batch in batches:
             # loss_normalizer 1: the model returns sum(w * CE); data_parallel_loss divides by the global sum(w).

@@ -715,6 +715,20 @@ def test_four_ranks_from_a_sharded_start_train_as_one_process(data_dir, tmp_path
         assert [entry["loss"] for entry in resumed] == pytest.approx(single.losses[2:], rel=1e-5)
 
 
+@pytest.mark.parametrize("ranks, plan", [(2, "cp: 2\n"), (4, "cp: 2\nvision: {sharding: zero3}\nlanguage: {sharding: zero2}\n")])
+def test_context_parallel_plans_train_as_one_process(data_dir, tmp_path, ranks, plan):
+    """cp = 2 splits each pack's tokens over two ranks (alone, and beside 2 data-parallel ranks at W = 4): the
+    losses are those of one process accumulating the step's packs; a checkpoint of cp = 2 resumes at cp = 1."""
+    output = tmp_path / "ranks"
+    entries = _torchrun_train(data_dir, tmp_path, plan, output, "--max-steps", "3", "--save-every", "2", ranks=ranks)
+    single = run(small_config(data_dir, tmp_path / "single", max_steps=3, grad_accum=ranks // 2))
+    assert [entry["loss"] for entry in entries] == pytest.approx(single.losses, rel=1e-5)
+    if ranks == 2:
+        resumed = _torchrun_train(data_dir, tmp_path, "{}\n", tmp_path / "resumed", "--max-steps", "3",
+                                  "--resume", str(output / "checkpoints" / "step_00000002"), ranks=1)
+        assert resumed[0]["loss"] == pytest.approx(single.losses[2], rel=1e-5)
+
+
 def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
     """torchrun with 2 gloo ranks under a ParallelPlan: the balancer shares each step's two packs between the
     ranks, so a step sees the same two packs as one process accumulating 2, and the square-averaged loss
@@ -774,5 +788,5 @@ def test_a_plan_the_world_size_cannot_hold_is_refused_with_the_reason_before_any
     monkeypatch.setenv("WORLD_SIZE", "2")
     code = main(["--preset", "tiny", "--data", str(data_dir / "meta.json"), "--plan", str(plan), "--output-dir", str(tmp_path / "out")])
     assert code == 2
-    assert capsys.readouterr().err.strip().endswith("dp_replicate * tp = 1 * 4 must divide the world size 2")
+    assert capsys.readouterr().err.strip().endswith("dp_replicate * cp * tp = 1 * 1 * 4 must divide the world size 2")
     assert not (tmp_path / "out").exists()
