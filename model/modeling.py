@@ -146,11 +146,17 @@ class InternVL3(nn.Module):
 
     # ---- forward
 
-    def encode_images(self, pixel_values: torch.Tensor, image_flags: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, image_flags: Optional[torch.Tensor] = None,
+                      context: Optional[ContextParallel] = None) -> torch.Tensor:
         """pixel_values [N_tiles, 3, H, W] -> projected rows [N_tiles * tokens_per_tile, H_llm], tile by tile.
         ``image_flags`` int [N_tiles]: tiles flagged 0 (the blank tile of a text-only pack, which keeps every
-        data-parallel rank running the vision tower) are computed and then dropped."""
-        rows = self.projector(self.vision(pixel_values))
+        data-parallel rank running the vision tower) are computed and then dropped. ``context``: each rank of
+        its group encodes a share of the tiles and the rows are gathered (ContextParallel.encode_split)."""
+
+        def encode(tiles):
+            return self.projector(self.vision(tiles))
+
+        rows = context.encode_split(encode, pixel_values) if context is not None else encode(pixel_values)
         if image_flags is None:
             return rows
         per_tile = rows.shape[0] // max(pixel_values.shape[0], 1)
@@ -198,7 +204,8 @@ class InternVL3(nn.Module):
         tokens (internvl3_engine.parallel.ContextParallel), attention over the whole pack by Ulysses
         all-to-all. The loss is then this rank's share, sum(w * CE) over its tokens divided by the whole
         pack's normaliser (the group's losses and gradients sum to the pack's); hidden states, logits and
-        per-token losses are its tokens'. The vision tower encodes every tile on every rank of the group.
+        per-token losses are its tokens'. Each rank of the group encodes a share of the tiles with the vision
+        tower; the image rows are gathered and each rank places those its tokens hold.
         """
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D [T] (a pack), got shape {tuple(input_ids.shape)}")
@@ -212,12 +219,13 @@ class InternVL3(nn.Module):
             max_seqlen = engine.max_seqlen(cu_seqlens)
 
         is_visual = input_ids == self.config.image_token_id
-        visual_rows = self.encode_images(pixel_values, image_flags) if pixel_values is not None else None
         if positions is None:
             positions = engine.v2pe_position_ids(is_visual, cu_seqlens, 1.0)
         context = None
         if context_parallel_group is not None:
             context = ContextParallel.split(context_parallel_group, cu_seqlens, max_seqlen, positions)
+        visual_rows = self.encode_images(pixel_values, image_flags, context) if pixel_values is not None else None
+        if context is not None:
             if labels is not None and loss_normalizer is None and loss_reduction == "mean":
                 # The whole pack's normaliser: sum(w), or the supervised tokens when no weights are given.
                 loss_normalizer = (loss_weights.sum() if loss_weights is not None else (labels != -100).sum()).float()

@@ -143,6 +143,36 @@ def _heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return received.transpose(0, 1).reshape(tokens // cp, cp * heads, dim)
 
 
+class _GatherChunks(torch.autograd.Function):
+    """Each rank's [n, ...] -> [cp * n, ...] in rank order; the backward gives each rank the gradient of its
+    chunk summed over the ranks (a reduce-scatter; gloo has none: all-reduce, then the chunk)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "gloo":
+            dist.all_reduce(grad, group=group)
+            return grad.chunk(cp)[rank].clone(), None
+        mine = torch.empty_like(grad.chunk(cp)[rank])
+        dist.reduce_scatter_tensor(mine, grad, group=group)
+        return mine, None
+
+
+def gather_chunks(x: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' equal chunks [n, ...] concatenated in rank order [cp * n, ...], differentiable (each rank's
+    chunk receives the gradients all ranks' uses of it produce)."""
+    return _GatherChunks.apply(x, group)
+
+
 def ulysses_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     positions: torch.Tensor | None, group, **kwargs,
@@ -185,6 +215,15 @@ class ContextParallel:
     def local(self, values: torch.Tensor, fill=0) -> torch.Tensor:
         """This rank's tokens of a per-token tensor of the whole pack (the padding filled with ``fill``)."""
         return self.shard.local(values, fill)
+
+    def encode_split(self, encode, items: torch.Tensor, fill=0) -> torch.Tensor:
+        """``encode`` (e.g. the vision tower and projector) of ``items`` [n, ...] (e.g. a pack's tiles), each rank
+        encoding a contiguous share (padded with ``fill`` items to a multiple of cp) and the results gathered:
+        the rows of all n items, as ``encode(items)`` would give, at 1/cp of the work per rank."""
+        group = self.group
+        share = ContextShard.of(items.shape[0], dist.get_rank(group), dist.get_world_size(group))
+        rows = gather_chunks(encode(share.local(items, fill)), group)
+        return rows[: rows.shape[0] // share.padded * share.total]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
         """v2pe_attention of this rank's q, k, v [T/cp, heads, D] over the whole pack (ulysses_attention)."""
