@@ -77,7 +77,8 @@ def cost_dict(cost: PlanCost) -> dict:
         "micro_batches": cost.micro_batches,
         "memory_bytes": cost.memory_bytes, "memory_budget_bytes": cost.memory_budget_bytes,
         "compute_s": cost.compute_s, "exposed_communication_s": cost.exposed_communication_s,
-        "tensor_parallel_s": cost.tensor_parallel_s, "optimizer_s": cost.optimizer_s, "step_s": cost.step_s,
+        "tensor_parallel_s": cost.tensor_parallel_s, "context_parallel_s": cost.context_parallel_s,
+        "optimizer_s": cost.optimizer_s, "step_s": cost.step_s,
         "tokens_per_s_per_gpu": cost.tokens_per_s_per_gpu, "mfu": cost.mfu, "model_flops_per_gpu": cost.model_flops_per_gpu,
     }
 
@@ -109,7 +110,7 @@ def _ms(value: float) -> str:
 def _plan_summary(plan: ParallelPlan) -> str:
     parts = [f"{name} {plan.component(name).sharding}{'+ckpt' if plan.component(name).activation_checkpointing else ''}"
              for name in COMPONENTS]
-    return ", ".join(parts) + f"; tp {plan.tp}, dp_replicate {plan.dp_replicate}"
+    return ", ".join(parts) + f"; tp {plan.tp}, cp {plan.cp}, dp_replicate {plan.dp_replicate}"
 
 
 def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptions: Assumptions,
@@ -125,7 +126,7 @@ def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptio
         console.print(f"[red]{recommendation.reason}[/red]")
     else:
         steps = best.micro_batches
-        table = Table(title=f"Recommended plan: tp {best.plan.tp}, dp_replicate {best.plan.dp_replicate}, prefetch "
+        table = Table(title=f"Recommended plan: tp {best.plan.tp}, cp {best.plan.cp}, dp_replicate {best.plan.dp_replicate}, prefetch "
                       f"{best.plan.prefetch}. Per GPU: memory in GiB, times in ms a step ({steps} micro-batch(es))")
         for column in ("part", "plan", "params", "grads", "optim", "activ", "memory", "compute", "comm", "exposed"):
             table.add_column(column, justify="left" if column in ("part", "plan") else "right")
@@ -139,6 +140,8 @@ def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptio
             )
         if best.plan.tp > 1:
             table.add_row("tp", "all-reduce", "", "", "", "", "", "", _ms(best.tensor_parallel_s), _ms(best.tensor_parallel_s))
+        if best.plan.cp > 1:
+            table.add_row("cp", "all-to-all", "", "", "", "", "", "", _ms(best.context_parallel_s), _ms(best.context_parallel_s))
         table.add_row("AdamW", "HBM-bound", "", "", "", "", "", _ms(best.optimizer_s), "", "")
         table.add_row("total", f"of {_gib(best.memory_budget_bytes)}", "", "", "", "", _gib(best.memory_bytes),
                       _ms(best.compute_s + best.optimizer_s), "", _ms(best.exposed_communication_s))

@@ -3,11 +3,13 @@
 Stated assumptions (each a named constant here or a field of Assumptions / Workload, printed with results):
 - Mixed precision as FSDP2 runs it: fp32 master parameters, bf16 parameters gathered for compute, fp32
   gradients and reductions, AdamW's two fp32 moments.
-- Layout (dp_replicate, dp_shard, tp), tp innermost: tensor-parallel peers are neighbouring GPUs of a node
-  and share one pack; they split the LLM's blocks (not its embeddings, norm or head, nor the ViT and the
-  projector, which every peer runs whole on the pack's tiles). zero2 / zero3 shard over dp_shard (HSDP:
-  replicas all-reduce the shards' gradients), replicate keeps whole copies and all-reduces over all
-  data-parallel ranks.
+- Layout (dp_replicate, dp_shard, cp, tp), tp innermost: tensor-parallel peers are neighbouring GPUs of a
+  node and share one pack; they split the LLM's blocks (not its embeddings, norm or head, nor the ViT and
+  the projector, which every peer runs whole on the pack's tiles). Context-parallel peers share one pack
+  too and split its tokens (the LLM's activations and compute 1/cp each) and its tiles (the ViT's); their
+  Ulysses attention exchanges q, k, v and the output by all-to-all, four a layer and pass, on the critical
+  path (not overlapped). zero2 / zero3 shard over dp_shard x cp (HSDP: replicas all-reduce the shards'
+  gradients), replicate keeps whole copies and all-reduces over all data-parallel and cp ranks.
 - Gathered at once: zero3 the component's own parameters (embeddings, norm, head) plus (prefetch + 1)
   blocks; zero2 and replicate the whole component. Gradients are reduced every micro-batch (FSDP2's
   default), one FSDP unit's unsharded bf16 gradients live at a time.
@@ -46,7 +48,7 @@ CHECKPOINT_RECOMPUTE = 4 / 3  # a forward (1/3 of training FLOPs) runs again
 
 @dataclass(frozen=True)
 class Workload:
-    """What each data-parallel rank trains on per micro-batch (tensor-parallel peers share one pack)."""
+    """What each data-parallel rank trains on per micro-batch (tensor- and context-parallel peers share one pack)."""
 
     tokens_per_pack: int = 16384
     tiles_per_pack: int = 48
@@ -116,6 +118,7 @@ class PlanCost:
     tokens_per_s_per_gpu: float
     mfu: float
     model_flops_per_gpu: float  # per step
+    context_parallel_s: float = 0.0  # per step, exposed (Ulysses all-to-alls and the image rows' gather)
 
     @property
     def fits(self) -> bool:
@@ -128,7 +131,7 @@ class PlanCost:
     @property
     def exposed_communication_s(self) -> float:
         fsdp = sum(cost.exposed_communication_s for cost in self.components.values()) * self.micro_batches
-        return fsdp + self.tensor_parallel_s
+        return fsdp + self.tensor_parallel_s + self.context_parallel_s
 
 
 def ring_fraction(ranks: int) -> float:
@@ -159,10 +162,11 @@ def vision_activation_bytes_per_token(shape: ModelShape) -> tuple[float, float]:
     return (10 * h + 2 * i) * ACTIVATION_BYTES + shape.vision_heads * LSE_BYTES, h * ACTIVATION_BYTES
 
 
-def _activations(shape: ModelShape, name: str, plan: ComponentPlan, tp: int, workload: Workload) -> float:
+def _activations(shape: ModelShape, name: str, plan: ComponentPlan, tp: int, workload: Workload, cp: int = 1) -> float:
+    """Bytes of activations one GPU keeps for backward: its 1/cp of the pack's tokens and tiles."""
     if name == "projector":  # LayerNorm input and output, linear_1 and GELU outputs, per visual token
         per_token = (2 * shape.projector_in_features + 2 * shape.hidden) * ACTIVATION_BYTES
-        return per_token * workload.tiles_per_pack * shape.tokens_per_tile
+        return per_token * workload.tiles_per_pack * shape.tokens_per_tile / cp
     if name == "language":
         layer, checkpointed = language_activation_bytes_per_token(shape, tp)
         tokens, layers = workload.tokens_per_pack, shape.layers
@@ -170,7 +174,23 @@ def _activations(shape: ModelShape, name: str, plan: ComponentPlan, tp: int, wor
         layer, checkpointed = vision_activation_bytes_per_token(shape)
         tokens, layers = workload.tiles_per_pack * shape.vision_tokens_per_tile, shape.vision_layers
     saved = checkpointed if plan.activation_checkpointing else layer
-    return tokens * (layers * saved + layer)  # + the block whose activations backward is working through
+    return tokens / cp * (layers * saved + layer)  # + the block whose activations backward is working through
+
+
+def context_parallel_bytes(shape: ModelShape, plan: ParallelPlan, workload: Workload) -> float:
+    """Bytes one GPU sends (and receives) per micro-batch for context parallelism: per LLM layer and pass
+    (forward, backward, and the recomputed forward under activation checkpointing) the all-to-alls of q, k,
+    v and the output ((cp - 1)/cp of its tokens' share; key-value heads repeated up to cp when fewer), plus
+    the gathered image rows forward and their gradients backward."""
+    cp, tp = plan.cp, plan.tp
+    if cp == 1:
+        return 0.0
+    heads, kv_heads = shape.heads / tp, max(shape.kv_heads / tp, cp)
+    per_token = (2 * heads + 2 * kv_heads) * shape.head_dim * ACTIVATION_BYTES
+    passes = 3 if plan.language.activation_checkpointing else 2
+    attention = shape.layers * passes * workload.tokens_per_pack / cp * per_token * ring_fraction(cp)
+    rows = workload.tiles_per_pack * shape.tokens_per_tile * shape.hidden * ACTIVATION_BYTES
+    return attention + 2 * rows * ring_fraction(cp)
 
 
 def _bandwidth(gpu: GPU, span: int, assumptions: Assumptions) -> float:
@@ -187,16 +207,17 @@ def _latency(gpu: GPU, ranks: int, span: int, assumptions: Assumptions) -> float
     return assumptions.collective_latency_s if span <= gpu.gpus_per_node else assumptions.network_latency_s
 
 
-def _data_parallel_shards(plan: ParallelPlan, gpus: int) -> int:
-    if gpus % (plan.tp * plan.dp_replicate):
-        raise ValueError(f"gpus ({gpus}) must be a multiple of tp * dp_replicate ({plan.tp} * {plan.dp_replicate})")
+def _sharding_ranks(plan: ParallelPlan, gpus: int) -> int:
+    """The ranks a zero2 / zero3 component is sharded over: dp_shard x cp."""
+    if gpus % (plan.tp * plan.dp_replicate * plan.cp):
+        raise ValueError(f"gpus ({gpus}) must be a multiple of tp * dp_replicate * cp ({plan.tp} * {plan.dp_replicate} * {plan.cp})")
     return gpus // plan.tp // plan.dp_replicate
 
 
 def start_memory_bytes(shape: ModelShape, plan: ParallelPlan, gpus: int) -> float:
     """Bytes of parameters one GPU holds after a sharded start (model.train's --max-steps 0): its float32
     shards of every component, before any gradient, optimizer state or gathered compute copy exists."""
-    dp_shard = _data_parallel_shards(plan, gpus)
+    dp_shard = _sharding_ranks(plan, gpus)
     total = 0.0
     for name in COMPONENTS:
         local, _, _ = _local_parameters(shape, name, plan.tp)
@@ -208,14 +229,14 @@ def estimate(
     shape: ModelShape, plan: ParallelPlan, gpus: int, gpu: GPU, workload: Workload, assumptions: Assumptions
 ) -> PlanCost:
     """Memory per GPU and step time of ``plan`` training ``shape`` on ``gpus`` GPUs of kind ``gpu``."""
-    tp, replicas = plan.tp, plan.dp_replicate
-    dp_shard = _data_parallel_shards(plan, gpus)
+    tp, replicas, cp = plan.tp, plan.dp_replicate, plan.cp
+    dp_shard = _sharding_ranks(plan, gpus)
     data_parallel = gpus // tp
     flops = training_flops(shape, workload.tokens_per_pack, workload.tiles_per_pack, workload.sample_lengths())
-    component_flops = {
-        "vision": flops["vit_matmuls"] + flops["vit_attention"],
-        "projector": flops["projector"],
-        "language": (flops["llm_matmuls"] + flops["llm_attention"]) / tp,
+    component_flops = {  # one GPU's share: cp peers split the tokens and tiles, tp peers the LLM's blocks
+        "vision": (flops["vit_matmuls"] + flops["vit_attention"]) / cp,
+        "projector": flops["projector"] / cp,
+        "language": (flops["llm_matmuls"] + flops["llm_attention"]) / (tp * cp),
     }
     flop_rate = gpu.peak_bf16_flops * assumptions.compute_efficiency
     overlap = 1.0 if plan.prefetch else assumptions.prefetch0_overlap
@@ -258,7 +279,7 @@ def estimate(
             parameters_bytes=local / shards * MASTER_PARAM_BYTES + gathered * COMPUTE_PARAM_BYTES,
             gradients_bytes=local / shards * GRADIENT_BYTES + max(root, block) * UNSHARDED_GRADIENT_BYTES,
             optimizer_bytes=local / shards * ADAM_STATE_BYTES,
-            activations_bytes=_activations(shape, name, component, tp, workload),
+            activations_bytes=_activations(shape, name, component, tp, workload, cp),
             compute_s=forward_s + backward_s,
             communication_s=forward_comm + backward_comm,
             exposed_communication_s=exposed,
@@ -267,13 +288,20 @@ def estimate(
     tensor_parallel_s = 0.0
     if tp > 1:  # two all-reduces a layer in forward, two in backward, two more when the forward is recomputed
         all_reduces = shape.layers * (6 if plan.language.activation_checkpointing else 4)
-        size = workload.tokens_per_pack * shape.hidden * ACTIVATION_BYTES
+        size = workload.tokens_per_pack / cp * shape.hidden * ACTIVATION_BYTES
         per_micro_batch = all_reduces * (2 * ring_fraction(tp) * size / _bandwidth(gpu, tp, assumptions) + _latency(gpu, tp, tp, assumptions))
         tensor_parallel_s = per_micro_batch * workload.micro_batches
+    context_parallel_s = 0.0
+    if cp > 1:  # on the critical path: 4 all-to-alls a layer and pass, the rows' gather and its reduction
+        passes = 3 if plan.language.activation_checkpointing else 2
+        collectives = 4 * shape.layers * passes + 2
+        per_micro_batch = (context_parallel_bytes(shape, plan, workload) / _bandwidth(gpu, cp * tp, assumptions)
+                           + collectives * _latency(gpu, cp, cp * tp, assumptions))
+        context_parallel_s = per_micro_batch * workload.micro_batches
     optimizer_s = optimizer_parameters * OPTIMIZER_HBM_BYTES / gpu.hbm_bandwidth
     per_micro_batch = sum(cost.compute_s + cost.exposed_communication_s for cost in costs.values())
-    step_s = per_micro_batch * workload.micro_batches + tensor_parallel_s + optimizer_s
-    model_flops_per_gpu = flops["total"] * workload.micro_batches / tp
+    step_s = per_micro_batch * workload.micro_batches + tensor_parallel_s + context_parallel_s + optimizer_s
+    model_flops_per_gpu = flops["total"] * workload.micro_batches / (tp * cp)
     return PlanCost(
         plan=plan,
         components=costs,
@@ -283,7 +311,8 @@ def estimate(
         step_s=step_s,
         memory_bytes=sum(cost.memory_bytes for cost in costs.values()),
         memory_budget_bytes=gpu.hbm_bytes * assumptions.memory_fraction,
-        tokens_per_s_per_gpu=workload.tokens_per_pack * workload.micro_batches / tp / step_s,
+        tokens_per_s_per_gpu=workload.tokens_per_pack * workload.micro_batches / (tp * cp) / step_s,
         mfu=model_flops_per_gpu / step_s / gpu.peak_bf16_flops,
         model_flops_per_gpu=model_flops_per_gpu,
+        context_parallel_s=context_parallel_s,
     )

@@ -2,11 +2,12 @@
 
 Enumerated: each component's sharding (replicate, zero2, zero3), activation checkpointing of the ViT and
 the LLM (the projector has no blocks to checkpoint), the LLM's tensor-parallel degree (1, 2, 4, 8: within
-a node, dividing its query and key-value heads and FFN width), and HSDP (dp_replicate = 1, or one replica
-group a node when there are several nodes). Mixed precision is fixed (bf16 parameters for compute, fp32
-reductions) and so is prefetch (PREFETCH: the cost model never finds less prefetch faster). "Fastest" is
-the most tokens per second per GPU: tensor-parallel peers share a pack, so step times of different tp
-differ in tokens.
+a node, dividing its query and key-value heads and FFN width), the context-parallel degree (1, 2, 4, 8:
+with tp within a node, as Ulysses attention's head counts allow), and HSDP (dp_replicate = 1, or one
+replica group a node when there are several nodes). Mixed precision is fixed (bf16 parameters for compute,
+fp32 reductions) and so is prefetch (PREFETCH: the cost model never finds less prefetch faster). "Fastest"
+is the most tokens per second per GPU: tensor- and context-parallel peers share a pack, so step times of
+different tp and cp differ in tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..parallel.context import check_context_parallel_heads
 from ..parallel.plan import SHARDINGS, ComponentPlan, ParallelPlan
 from .cost import Assumptions, PlanCost, Workload, estimate
 from .hardware import GIB, GPU
@@ -23,6 +25,22 @@ from .shape import ModelShape
 
 PREFETCH = 1
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
+CONTEXT_PARALLEL_DEGREES = (1, 2, 4, 8)
+
+
+def context_parallel_degrees(shape: ModelShape, tp: int, gpus: int, gpu: GPU) -> list[int]:
+    """The cp degrees to try beside tensor-parallel degree ``tp``: their all-to-alls within a node, the
+    heads per tensor-parallel rank split as Ulysses attention needs."""
+    usable = []
+    for cp in CONTEXT_PARALLEL_DEGREES:
+        if cp * tp > min(gpus, gpu.gpus_per_node) or gpus % (cp * tp):
+            continue
+        try:
+            check_context_parallel_heads(cp, shape.heads // tp, shape.kv_heads // tp)
+        except ValueError:
+            continue
+        usable.append(cp)
+    return usable
 
 
 @dataclass(frozen=True)
@@ -74,14 +92,15 @@ def candidate_plans(shape: ModelShape, gpus: int, gpu: GPU) -> tuple[list[Parall
                              activation_checkpointing=checkpointing)
 
     plans = []
-    for vision, vision_ckpt, projector, language, language_ckpt, tp, replicas in itertools.product(
-        SHARDINGS, (False, True), SHARDINGS, SHARDINGS, (False, True), degrees, replica_counts
+    parallel = [(tp, cp) for tp in degrees for cp in context_parallel_degrees(shape, tp, gpus, gpu)]
+    for vision, vision_ckpt, projector, language, language_ckpt, (tp, cp), replicas in itertools.product(
+        SHARDINGS, (False, True), SHARDINGS, SHARDINGS, (False, True), parallel, replica_counts
     ):
-        if (gpus // tp) % replicas:
+        if (gpus // (tp * cp)) % replicas:
             continue
         plans.append(ParallelPlan(
             vision=component(vision, vision_ckpt), projector=component(projector, False),
-            language=component(language, language_ckpt), dp_replicate=replicas, tp=tp, prefetch=PREFETCH,
+            language=component(language, language_ckpt), dp_replicate=replicas, tp=tp, cp=cp, prefetch=PREFETCH,
         ))
     return plans, skipped
 

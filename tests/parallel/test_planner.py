@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from internvl3_engine.planner import (
     model_shape, preset_config, recommend, training_flops,
 )
 from internvl3_engine.planner.__main__ import main
-from internvl3_engine.planner.cost import language_activation_bytes_per_token
+from internvl3_engine.planner.cost import context_parallel_bytes, language_activation_bytes_per_token
 from internvl3_engine.planner.hardware import GIB, datasheet_bf16_flops
 
 pytest.importorskip("transformers")
@@ -266,3 +267,41 @@ def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
         main(argv)
     assert raised.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---- context parallelism
+
+
+def test_context_parallel_by_hand():
+    """cp = 2 over 4 GPUs: each GPU keeps half the pack's activations and does half its compute, the weights
+    shard over dp_shard x cp, and its all-to-all traffic is the formula's, on the critical path."""
+    shape, gpu = tiny_shape(), GPUS["h100"]
+    workload = Workload(tokens_per_pack=40, tiles_per_pack=4, sample_length=10)
+    whole = estimate(shape, plan_of("zero3", "zero3", "zero3"), 4, gpu, workload, Assumptions())
+    split = estimate(shape, plan_of("zero3", "zero3", "zero3", cp=2), 4, gpu, workload, Assumptions())
+    for name in ("vision", "projector", "language"):
+        assert split.components[name].activations_bytes == pytest.approx(whole.components[name].activations_bytes / 2)
+        assert split.components[name].compute_s == pytest.approx(whole.components[name].compute_s / 2)
+        assert split.components[name].optimizer_bytes == whole.components[name].optimizer_bytes  # sharded over 4 either way
+    # Per layer (2) and pass (forward, backward): q and output (4 heads) and k, v (2 heads, repeated to cp 2:
+    # 2) of head dim 4 for the GPU's 20 tokens, half of it sent; plus the 4 image rows of 16, twice, half sent.
+    expected = 2 * 2 * 20 * (2 * 4 + 2 * 2) * 4 * 2 * 0.5 + 2 * 4 * 1 * 16 * 2 * 0.5
+    assert context_parallel_bytes(shape, plan_of("zero3", "zero3", "zero3", cp=2), workload) == expected
+    assert split.context_parallel_s > 0 and whole.context_parallel_s == 0
+    assert split.tokens_per_s_per_gpu == pytest.approx(40 / 2 / split.step_s)
+
+
+def test_long_packs_of_8b_need_context_parallelism():
+    """InternVL3-8B on 8 H100 with 128K-token packs: no plan without cp fits; the recommended one splits the
+    pack (cp 2 or 4, as its 28 query and 4 key-value heads allow)."""
+    shape = model_shape("internvl3-8b")
+    workload = Workload(tokens_per_pack=131072, tiles_per_pack=128, sample_length=32768)
+    best = recommend(shape, 8, GPUS["h100"], workload).best
+    assert best is not None and best.plan.cp in (2, 4)
+    without = [estimate(shape, dataclasses.replace(cost.plan, cp=1, dp_replicate=1), 8, GPUS["h100"], workload, Assumptions())
+               for cost in [best]]
+    assert not without[0].fits
+    from internvl3_engine.planner.search import candidate_plans
+
+    plans, _ = candidate_plans(shape, 8, GPUS["h100"])
+    assert {plan.cp for plan in plans} == {1, 2, 4}  # 8 divides neither 28 heads nor is divided by 4 key-value heads
