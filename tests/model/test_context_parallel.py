@@ -1,7 +1,8 @@
 """The reference model under context parallelism: a pack with images, V2PE positions (per-image deltas),
 several samples (one of a single token) and square-averaged loss weights, split over cp gloo ranks by
 ``context_parallel_group``, gives the single process's loss and every parameter's gradient (summed over the
-ranks), at cp 2 and 4 (GQA key-value heads split, then repeated); a pack shorter than cp trains too."""
+ranks), at cp 2 and 4 (GQA key-value heads split, then repeated); a pack shorter than cp trains too; the
+elements each rank sends are the planner's context_parallel_bytes formula's."""
 
 from __future__ import annotations
 
@@ -43,6 +44,40 @@ def _pack(config):
                 loss_weights=weights, max_seqlen=max(lengths))
 
 
+def _traffic_pack(config):
+    """32 tokens in samples of 12, 10 and 10, with 2 images of 2 tiles: no padding at cp 2 and 4."""
+    generator = torch.Generator().manual_seed(5)
+    image = torch.full((2 * config.tokens_per_tile,), IMAGE_TOKEN)
+    input_ids = torch.cat([torch.randint(0, 256, (2,), generator=generator), image, torch.randint(0, 256, (13,), generator=generator),
+                           image, torch.randint(0, 256, (1,), generator=generator)])
+    cu_seqlens = torch.tensor([0, 12, 22, 32], dtype=torch.int32)
+    pixels = torch.randn(4, 3, config.vision.image_size, config.vision.image_size, generator=generator)
+    return dict(input_ids=input_ids, pixel_values=pixels, cu_seqlens=cu_seqlens, labels=torch.roll(input_ids, -1), max_seqlen=12)
+
+
+def _measured_traffic(model, pack, group, cp: int) -> int:
+    """Elements this rank sent in its all-to-alls and gathers during a forward and backward under cp."""
+    from internvl3_engine.parallel import context as context_module
+
+    sent = [0]
+    all_to_all, all_gather = context_module._all_to_all, dist.all_gather
+
+    def counting_all_to_all(chunks, group):
+        sent[0] += chunks.numel() * (cp - 1) // cp
+        return all_to_all(chunks, group)
+
+    def counting_all_gather(pieces, tensor, group=None):
+        sent[0] += tensor.numel() * (cp - 1)
+        return all_gather(pieces, tensor, group=group)
+
+    context_module._all_to_all, dist.all_gather = counting_all_to_all, counting_all_gather
+    try:
+        model(**pack, context_parallel_group=group).loss.backward()
+    finally:
+        context_module._all_to_all, dist.all_gather = all_to_all, all_gather
+    return sent[0]
+
+
 def _loss_and_grads(model, pack, **kwargs):
     loss = model(**pack, **kwargs).loss
     loss.backward()
@@ -61,6 +96,18 @@ def _worker(rank: int, cp: int, init_file: str, errors):
         for name, grad in grads.items():
             dist.all_reduce(grad)
             torch.testing.assert_close(grad, single_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        # The communication per rank is the planner's formula (in elements: the formula counts bf16 bytes).
+        from internvl3_engine.parallel import ParallelPlan
+        from internvl3_engine.planner import ModelShape, Workload
+        from internvl3_engine.planner.cost import ACTIVATION_BYTES, context_parallel_bytes
+
+        model = InternVL3(config, init_seed=0)
+        sent = _measured_traffic(model, _traffic_pack(config), dist.group.WORLD, cp)
+        shape = ModelShape.from_modules(config.to_hf(), model)
+        # The backward of the rows' gather is a reduce-scatter, counted by the formula; on gloo it is an all-reduce.
+        expected = context_parallel_bytes(shape, ParallelPlan(cp=cp), Workload(tokens_per_pack=32, tiles_per_pack=4))
+        rows = 4 * config.tokens_per_tile * config.text.hidden_size
+        assert sent + rows * (cp - 1) // cp == expected / ACTIVATION_BYTES, (sent, expected)
         # A pack shorter than the degree: the padding fills the other ranks' shares, and it still trains.
         short = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([6, 7, -100]), "max_seqlen": 3,
                  "cu_seqlens": torch.tensor([0, 3], dtype=torch.int32)}
