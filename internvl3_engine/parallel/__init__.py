@@ -6,7 +6,7 @@ and vision-aware load balancing."""
 from .activation_checkpoint import checkpoint_blocks
 from .balance import Assignment, CostModel, balance, naive_split
 from .checkpoint import PendingSave, async_save_sharded, load_sharded, save_sharded
-from .context import ContextParallel, ContextShard, check_context_parallel_heads, ulysses_attention
+from .context import ContextParallel, ContextShard, check_context_parallel_heads, gather_chunks, ulysses_attention
 from .gradients import clip_grad_norm_
 from .loss import data_parallel_loss, global_weight_sum
 from .parallelize import Meshes, ParallelState, build_meshes, parallelize
@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint_blocks",
     "clip_grad_norm_",
     "data_parallel_loss",
+    "gather_chunks",
     "global_weight_sum",
     "load_sharded",
     "naive_split",
