@@ -1,6 +1,6 @@
 """The planner recommends only plans this trainer can start: a subset of the planner's candidate plans for
 the tiny model on 4 GPUs (2 a node, so HSDP is among them) covering every choice it makes (each component's
-sharding and activation checkpointing, every tensor-parallel degree, every replica count), written as its
+sharding and activation checkpointing, every tensor- and context-parallel degree, every replica count), written as its
 --save writes them, each trains a step through the trainer on 4 gloo ranks, holding the parameter bytes
 the planner predicts for a start."""
 
@@ -29,7 +29,7 @@ SETTINGS = {
 def covering(plans) -> list:
     """Plans until every (choice, value) the candidates take has appeared once."""
     def choices(plan):
-        return {("tp", plan.tp), ("dp_replicate", plan.dp_replicate)} | {
+        return {("tp", plan.tp), ("cp", plan.cp), ("dp_replicate", plan.dp_replicate)} | {
             (f"{name}.{field}", getattr(plan.component(name), field))
             for name in ("vision", "projector", "language") for field in ("sharding", "activation_checkpointing")
         }
@@ -52,6 +52,7 @@ def test_the_planners_plans_start_in_the_trainer(tmp_path):
     best = recommend(shape, WORLD, gpu).best.plan
     plans = covering([best, *candidates])
     assert {plan.dp_replicate for plan in plans} == {1, 2} and {plan.tp for plan in plans} >= {1, 2}
+    assert {plan.cp for plan in plans} == {1, 2}
     (tmp_path / "plans.json").write_text(json.dumps([plan.to_dict() for plan in plans]))
     generate(str(tmp_path / "data"), seed=0, config=DemoDataConfig(train_images=8, eval_images=1, preference_pairs=1, image_size=56))
     settings = {**SETTINGS, "data": {**SETTINGS["data"], "path": str(tmp_path / "data" / "meta.json")}, "output_dir": str(tmp_path / "runs")}
