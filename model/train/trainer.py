@@ -31,7 +31,15 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from internvl3_engine.parallel import ContextShard, ParallelPlan, ParallelState, checkpoint_blocks, clip_grad_norm_, parallelize
+from internvl3_engine.parallel import (
+    ContextShard,
+    ParallelPlan,
+    ParallelState,
+    check_context_parallel_heads,
+    checkpoint_blocks,
+    clip_grad_norm_,
+    parallelize,
+)
 from internvl3_engine.planner import ModelShape, training_flops
 
 from ..data import (
@@ -79,6 +87,11 @@ def check_plan(plan: ParallelPlan, config: TrainConfig) -> None:
     if plan.cp > 1 and config.mode == "mpo":
         raise ValueError("context parallelism (cp > 1) trains the LM loss (pretrain, sft); MPO's per-response "
                          "log-probabilities are not split over ranks yet")
+    if plan.cp > 1:
+        text = (read_config(config.init) if config.init else config.model_config()).text
+        if text.num_heads % plan.tp or text.num_kv_heads % plan.tp:
+            raise ValueError(f"tp = {plan.tp} must divide the LLM's {text.num_heads} query and {text.num_kv_heads} key-value heads")
+        check_context_parallel_heads(plan.cp, text.num_heads // plan.tp, text.num_kv_heads // plan.tp)
 
 
 def _anonymous_bytes() -> Optional[int]:

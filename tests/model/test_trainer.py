@@ -715,7 +715,10 @@ def test_four_ranks_from_a_sharded_start_train_as_one_process(data_dir, tmp_path
         assert [entry["loss"] for entry in resumed] == pytest.approx(single.losses[2:], rel=1e-5)
 
 
-@pytest.mark.parametrize("ranks, plan", [(2, "cp: 2\n"), (4, "cp: 2\nvision: {sharding: zero3}\nlanguage: {sharding: zero2}\n")])
+@pytest.mark.parametrize("ranks, plan", [
+    (2, "cp: 2\n"),
+    (4, "cp: 2\nvision: {sharding: zero3}\nlanguage: {sharding: zero2, activation_checkpointing: true}\n"),
+])
 def test_context_parallel_plans_train_as_one_process(data_dir, tmp_path, ranks, plan):
     """cp = 2 splits each pack's tokens over two ranks (alone, and beside 2 data-parallel ranks at W = 4): the
     losses are those of one process accumulating the step's packs; a checkpoint of cp = 2 resumes at cp = 1."""
@@ -782,11 +785,18 @@ def test_tensor_parallel_plan_matches_one_process_and_resumes_from_its_sharded_c
     assert [entry["loss"] for entry in resumed] == [entry["loss"] for entry in entries]
 
 
-def test_a_plan_the_world_size_cannot_hold_is_refused_with_the_reason_before_anything_is_built(data_dir, tmp_path, capsys, monkeypatch):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("tp: 4\n")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code = main(["--preset", "tiny", "--data", str(data_dir / "meta.json"), "--plan", str(plan), "--output-dir", str(tmp_path / "out")])
+@pytest.mark.parametrize("plan, world, mode, message", [
+    ("tp: 4\n", "2", "pretrain", "dp_replicate * cp * tp = 1 * 1 * 4 must divide the world size 2"),
+    ("cp: 3\n", "3", "pretrain", "context parallel degree 3 must divide the query heads (4)"),
+    ("cp: 2\n", "2", "mpo", "MPO's per-response log-probabilities are not split over ranks yet"),
+])
+def test_a_plan_the_run_cannot_hold_is_refused_with_the_reason_before_anything_is_built(data_dir, tmp_path, capsys, monkeypatch,
+                                                                                      plan, world, mode, message):
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(plan)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    code = main(["--preset", "tiny", "--data", str(data_dir / "meta.json"), "--plan", str(plan_file), "--mode", mode,
+                 "--output-dir", str(tmp_path / "out")])
     assert code == 2
-    assert capsys.readouterr().err.strip().endswith("dp_replicate * cp * tp = 1 * 1 * 4 must divide the world size 2")
+    assert capsys.readouterr().err.strip().endswith(message)
     assert not (tmp_path / "out").exists()
