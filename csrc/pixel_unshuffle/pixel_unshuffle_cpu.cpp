@@ -148,12 +148,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cpu(const at::Tensor& x
       std::vector<acc_t> values(width);
       for (int64_t row = begin; row < end; ++row) {
         gather_row(src, row, g, values.data());
-        acc_t sum = 0;
+        // Row sums in double: a sequential float sum's error grows with the width (the reference's cascaded
+        // sums do not), and double costs nothing here.
+        double sum = 0;
         for (int64_t k = 0; k < width; ++k) sum += values[k];
-        const acc_t mu = sum / static_cast<acc_t>(width);
-        acc_t squares = 0;
-        for (int64_t k = 0; k < width; ++k) squares += (values[k] - mu) * (values[k] - mu);
-        const acc_t inv_std = acc_t(1) / std::sqrt(squares / static_cast<acc_t>(width) + static_cast<acc_t>(eps));
+        const acc_t mu = static_cast<acc_t>(sum / static_cast<double>(width));
+        double squares = 0;
+        for (int64_t k = 0; k < width; ++k) squares += static_cast<double>(values[k] - mu) * static_cast<double>(values[k] - mu);
+        const acc_t inv_std = static_cast<acc_t>(1.0 / std::sqrt(squares / static_cast<double>(width) + eps));
         scalar_t* out_row = dst + row * width;
         for (int64_t k = 0; k < width; ++k) out_row[k] = static_cast<scalar_t>((values[k] - mu) * inv_std * w[k] + b[k]);
         mean_out[row] = mu;
@@ -173,8 +175,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cpu(const at::
   at::Tensor dx = at::empty_like(x);
   // A fixed split of the rows into partial sums (independent of the thread count): deterministic results.
   const int64_t num_partials = std::min<int64_t>(num_rows, 64);
-  at::Tensor partial_dw = at::zeros({num_partials, width}, x.options().dtype(acc_type));
-  at::Tensor partial_db = at::zeros({num_partials, width}, x.options().dtype(acc_type));
+  // Sums over rows and within a row in double (see layernorm_cpu).
+  at::Tensor partial_dw = at::zeros({num_partials, width}, x.options().dtype(at::kDouble));
+  at::Tensor partial_db = at::zeros({num_partials, width}, x.options().dtype(at::kDouble));
   if (num_rows > 0 && width > 0) {
     const at::Tensor w_acc = weight.to(acc_type).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_unshuffle_layernorm_backward_cpu", [&] {
@@ -185,18 +188,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cpu(const at::
       const acc_t* w = w_acc.data_ptr<acc_t>();
       const acc_t* mean_in = mean.data_ptr<acc_t>();
       const acc_t* rstd_in = rstd.data_ptr<acc_t>();
-      acc_t* dw_all = partial_dw.data_ptr<acc_t>();
-      acc_t* db_all = partial_db.data_ptr<acc_t>();
+      double* dw_all = partial_dw.data_ptr<double>();
+      double* db_all = partial_db.data_ptr<double>();
       at::parallel_for(0, num_partials, 1, [&](int64_t p_begin, int64_t p_end) {
         std::vector<acc_t> xhat(width), gw(width);
         for (int64_t p = p_begin; p < p_end; ++p) {
-          acc_t* dw = dw_all + p * width;
-          acc_t* db = db_all + p * width;
+          double* dw = dw_all + p * width;
+          double* db = db_all + p * width;
           for (int64_t row = p * num_rows / num_partials; row < (p + 1) * num_rows / num_partials; ++row) {
             gather_row(src, row, g, xhat.data());
             const acc_t mu = mean_in[row], inv_std = rstd_in[row];
             const scalar_t* g_row = gsrc + row * width;
-            acc_t sum_gw = 0, sum_gw_xhat = 0;
+            double sum_gw = 0, sum_gw_xhat = 0;
             for (int64_t k = 0; k < width; ++k) {
               const acc_t gk = static_cast<acc_t>(g_row[k]);
               xhat[k] = (xhat[k] - mu) * inv_std;
@@ -206,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward_cpu(const at::
               dw[k] += gk * xhat[k];
               db[k] += gk;
             }
-            const acc_t mean_gw = sum_gw / static_cast<acc_t>(width), mean_gw_xhat = sum_gw_xhat / static_cast<acc_t>(width);
+            const acc_t mean_gw = static_cast<acc_t>(sum_gw / static_cast<double>(width));
+            const acc_t mean_gw_xhat = static_cast<acc_t>(sum_gw_xhat / static_cast<double>(width));
             const int64_t base = row_source_base(row, g);
             for (int64_t k = 0; k < width; ++k) {
               dx_data[base + source_offset_in_row(k, g)] =

@@ -715,18 +715,22 @@ def test_four_ranks_from_a_sharded_start_train_as_one_process(data_dir, tmp_path
         assert [entry["loss"] for entry in resumed] == pytest.approx(single.losses[2:], rel=1e-5)
 
 
-@pytest.mark.parametrize("ranks, plan", [
-    (2, "cp: 2\n"),
-    (4, "cp: 2\nvision: {sharding: zero3}\nlanguage: {sharding: zero2, activation_checkpointing: true}\n"),
+@pytest.mark.parametrize("ranks, packs, plan", [
+    (2, 1, "cp: 2\n"),
+    (4, 2, "cp: 2\nvision: {sharding: zero3}\nlanguage: {sharding: zero2, activation_checkpointing: true}\n"),
+    (4, 1, "cp: 4\nvision: {sharding: replicate}\nprojector: {sharding: zero3}\nlanguage: {sharding: replicate}\n"),
+    (4, 1, "cp: 2\ntp: 2\n"),
+    (4, 2, "cp: 2\ndp_replicate: 2\n"),
 ])
-def test_context_parallel_plans_train_as_one_process(data_dir, tmp_path, ranks, plan):
-    """cp = 2 splits each pack's tokens over two ranks (alone, and beside 2 data-parallel ranks at W = 4): the
-    losses are those of one process accumulating the step's packs; a checkpoint of cp = 2 resumes at cp = 1."""
+def test_context_parallel_plans_train_as_one_process(data_dir, tmp_path, ranks, packs, plan):
+    """cp splits each pack's tokens over its ranks: alone (cp 2, cp 4 with the other component shardings),
+    beside data-parallel ranks, tensor parallelism, HSDP and activation checkpointing; the losses are those
+    of one process accumulating the step's ``packs`` packs; a checkpoint of cp = 2 resumes at cp = 1."""
     output = tmp_path / "ranks"
     entries = _torchrun_train(data_dir, tmp_path, plan, output, "--max-steps", "3", "--save-every", "2", ranks=ranks)
-    single = run(small_config(data_dir, tmp_path / "single", max_steps=3, grad_accum=ranks // 2))
+    single = run(small_config(data_dir, tmp_path / "single", max_steps=3, grad_accum=packs))
     assert [entry["loss"] for entry in entries] == pytest.approx(single.losses, rel=1e-5)
-    if ranks == 2:
+    if plan == "cp: 2\n":
         resumed = _torchrun_train(data_dir, tmp_path, "{}\n", tmp_path / "resumed", "--max-steps", "3",
                                   "--resume", str(output / "checkpoints" / "step_00000002"), ranks=1)
         assert resumed[0]["loss"] == pytest.approx(single.losses[2], rel=1e-5)
