@@ -721,10 +721,11 @@ def test_four_ranks_from_a_sharded_start_train_as_one_process(data_dir, tmp_path
     (4, 1, "cp: 4\nvision: {sharding: replicate}\nprojector: {sharding: zero3}\nlanguage: {sharding: replicate}\n"),
     (4, 1, "cp: 2\ntp: 2\n"),
     (4, 2, "cp: 2\ndp_replicate: 2\n"),
+    (2, 1, "cp: 2\nlanguage: {sharding: zero3, compile: true}\n"),
 ])
 def test_context_parallel_plans_train_as_one_process(data_dir, tmp_path, ranks, packs, plan):
     """cp splits each pack's tokens over its ranks: alone (cp 2, cp 4 with the other component shardings),
-    beside data-parallel ranks, tensor parallelism, HSDP and activation checkpointing; the losses are those
+    beside data-parallel ranks, tensor parallelism, HSDP, activation checkpointing and compiled blocks; the losses are those
     of one process accumulating the step's ``packs`` packs; a checkpoint of cp = 2 resumes at cp = 1."""
     output = tmp_path / "ranks"
     entries = _torchrun_train(data_dir, tmp_path, plan, output, "--max-steps", "3", "--save-every", "2", ranks=ranks)
