@@ -37,6 +37,7 @@ from internvl3_engine.parallel import (
     ParallelState,
     check_context_parallel_heads,
     checkpoint_blocks,
+    gather_chunks,
     clip_grad_norm_,
     parallelize,
 )
@@ -84,9 +85,6 @@ def check_data_files(meta_path: str, eval_file: Optional[str]) -> None:
 
 def check_plan(plan: ParallelPlan, config: TrainConfig) -> None:
     """ValueError for a plan this trainer cannot run with ``config`` (checked before anything is built)."""
-    if plan.cp > 1 and config.mode == "mpo":
-        raise ValueError("context parallelism (cp > 1) trains the LM loss (pretrain, sft); MPO's per-response "
-                         "log-probabilities are not split over ranks yet")
     if plan.cp > 1:
         text = (read_config(config.init) if config.init else config.model_config()).text
         if text.num_heads % plan.tp or text.num_kv_heads % plan.tp:
@@ -449,7 +447,11 @@ class Trainer:
         """The pack's summed response log-probabilities under ``model``, from its per-token CE (the engine's
         linear cross-entropy: no [T, V] logits)."""
         output = self._forward(model, batch, labels=batch.labels, loss_reduction="none")
-        return pair_logps(-output.loss, batch.labels, batch.cu_seqlens, batch.roles)
+        token_logps = -output.loss
+        if self.cp_group is not None:
+            # This rank's tokens' values: the whole pack's gathered (differentiably) to sum each response.
+            token_logps = gather_chunks(token_logps, self.cp_group)[: batch.num_tokens]
+        return pair_logps(token_logps, batch.labels, batch.cu_seqlens, batch.roles)
 
     def _reference_logps(self, batch):
         if self.precomputed is not None:

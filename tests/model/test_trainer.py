@@ -670,15 +670,19 @@ def _saved(model, folder):
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "mpo"])
-def test_sharded_start_trains_as_one_process(data_dir, tmp_path, mode):
+@pytest.mark.parametrize("plan", ["{}\n", "cp: 2\n"])
+def test_sharded_start_trains_as_one_process(data_dir, tmp_path, mode, plan):
     """From --init under a plan (the sharded start; in MPO the reference policy sharded the same way), 2 ranks
-    give the losses of one process accumulating their 2 packs from the same checkpoint (MPO: its reward shift
-    is the same whatever the world size; at step 1 the sharded reference equals the policy, preference log 2)."""
+    give the losses of one process accumulating their 2 packs from the same checkpoint, or with cp 2 (each
+    pack split over the two ranks, MPO's response sums gathered over them) of one process on one pack a step
+    (MPO: its reward shift is the same whatever the world size; at step 1 the sharded reference equals the
+    policy, preference log 2)."""
     _init_checkpoint(tmp_path / "init")
     data = str(data_dir / ("meta_mpo.json" if mode == "mpo" else "meta.json"))
-    entries = _torchrun_train(data_dir, tmp_path, "{}\n", tmp_path / "ranks", "--init", str(tmp_path / "init"),
+    entries = _torchrun_train(data_dir, tmp_path, plan, tmp_path / "ranks", "--init", str(tmp_path / "init"),
                               "--max-steps", "2", "--mode", mode, "--data", data)
-    single = run(small_config(data_dir, tmp_path / "single", init=str(tmp_path / "init"), max_steps=2, grad_accum=2,
+    packs = 1 if "cp" in plan else 2
+    single = run(small_config(data_dir, tmp_path / "single", init=str(tmp_path / "init"), max_steps=2, grad_accum=packs,
                               mode=mode, data={"path": data}))
     assert [entry["loss"] for entry in entries] == pytest.approx(single.losses, rel=1e-5)
     if mode == "mpo":
@@ -793,7 +797,6 @@ def test_tensor_parallel_plan_matches_one_process_and_resumes_from_its_sharded_c
 @pytest.mark.parametrize("plan, world, mode, message", [
     ("tp: 4\n", "2", "pretrain", "dp_replicate * cp * tp = 1 * 1 * 4 must divide the world size 2"),
     ("cp: 3\n", "3", "pretrain", "context parallel degree 3 must divide the query heads (4)"),
-    ("cp: 2\n", "2", "mpo", "MPO's per-response log-probabilities are not split over ranks yet"),
 ])
 def test_a_plan_the_run_cannot_hold_is_refused_with_the_reason_before_anything_is_built(data_dir, tmp_path, capsys, monkeypatch,
                                                                                       plan, world, mode, message):
