@@ -6,6 +6,7 @@ optional "data_augment": bool, "kind": "conversation"|"text"|"preference", "moda
 
 Records (one JSON object a line):
 - conversation: {"image": path | [paths] | absent, "conversations": [{"from": "human"|"gpt", "value": ...}]}
+  (n images share the tile budget: each is tiled with at most max_num // n tiles, as InternVL does)
 - text-only: {"text": ...} (or a conversation without images)
 - preference (MPO): {"image": ..., "question" or "prompt": ..., "chosen": ..., "rejected": ...}
 
@@ -337,10 +338,11 @@ class RecordDataset:
         source = self.source(index)
         kind = record_kind(record)
         paths = record_images(record)
+        tiler = self.tiler.for_images(len(paths))  # several images share the tile budget
         if measure:
-            images = {"tiles_per_image": [self._open_image(path, lambda full: self.tiler.num_tiles(*image_size(full))) for path in paths]}
+            images = {"tiles_per_image": [self._open_image(path, lambda full: tiler.num_tiles(*image_size(full))) for path in paths]}
         else:
-            images = {"pixel_values": [self._open_image(path, lambda full: self._decode(full, augment_rng)) for path in paths]}
+            images = {"pixel_values": [self._open_image(path, lambda full: self._decode(full, tiler, augment_rng)) for path in paths]}
         if kind == "text":
             if paths:
                 raise DataError("malformed record: a text record has images")
@@ -354,9 +356,9 @@ class RecordDataset:
             item = self.encoder.encode_preference(prompt, record["chosen"], record["rejected"], source=source, **images)
         return item.shape() if measure else item
 
-    def _decode(self, full_path: str, augment_rng: Optional[random.Random]):
+    def _decode(self, full_path: str, tiler: ImageTiler, augment_rng: Optional[random.Random]):
         self.images_decoded += 1
-        return self.tiler(load_image(full_path), augment_rng)
+        return tiler(load_image(full_path), augment_rng)
 
     def _open_image(self, path: str, read: Callable[[str], object]):
         """read(full path of ``path``), its failures as DataErrors (missing or corrupt image)."""

@@ -7,6 +7,7 @@ tiles, and followed by a thumbnail of the whole image when the grid has more tha
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -124,6 +125,13 @@ class ImageTiler:
         if self.tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {self.tile_size}")
         candidate_grids(self.min_num, self.max_num)  # validates the range
+
+    def for_images(self, count: int) -> "ImageTiler":
+        """The tiler of each image of a sample with ``count`` images: InternVL divides the tile budget among
+        them (max_num // count tiles each, at least min_num)."""
+        if count <= 1:
+            return self
+        return dataclasses.replace(self, max_num=max(self.min_num, self.max_num // count))
 
     def num_tiles(self, width: int, height: int) -> int:
         """Tiles of an image of width x height pixels (its grid, plus the thumbnail), without decoding it."""

@@ -127,7 +127,8 @@ def test_index_shapes_equal_the_decoded_items(data):
     reasons = {int(mm.line_numbers[row]): reason for row, reason in mm.reasons.items()}
     assert set(reasons) == {12, 18}
     assert reasons[12].startswith("malformed JSON") and reasons[18].startswith("missing image")
-    assert mm.item_shape(5).tiles_per_image == [tiler.num_tiles(37, 39), tiler.num_tiles(71, 30)]
+    two = tiler.for_images(2)  # the record's two images share the tile budget
+    assert mm.item_shape(5).tiles_per_image == [two.num_tiles(37, 39), two.num_tiles(71, 30)]
 
 
 def test_shapes_truncate_as_the_samples_do(data):
@@ -288,3 +289,24 @@ def test_planner_arguments_are_checked(data):
     with pytest.raises(ValueError, match="no index"):
         RecordDataset(specs[0], encoder, tiler).get_shape(0, 0)
     assert isinstance(indexes["text"], DatasetIndex)
+
+
+def test_several_images_share_the_tile_budget(tmp_path):
+    """InternVL's rule: each of a sample's n images is tiled with at most max_num // n tiles (at least
+    min_num), in the decoded sample and in the index alike."""
+    Image.new("RGB", (120, 28), (200, 0, 0)).save(tmp_path / "wide.png")
+    with open(tmp_path / "a.jsonl", "w") as handle:
+        for images in (["wide.png"], ["wide.png", "wide.png"], ["wide.png"] * 5):
+            handle.write(json.dumps({"image": images, "conversations": [
+                {"from": "human", "value": "<image>" * len(images)}, {"from": "gpt", "value": "ok"}]}) + "\n")
+    spec = DatasetSpec("a", str(tmp_path / "a.jsonl"), root=str(tmp_path))
+    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=TOKENS_PER_TILE, system_message=None)
+    tiler = ImageTiler(tile_size=28, max_num=4)
+    assert tiler.for_images(2).max_num == 2 and tiler.for_images(5).max_num == 1 and tiler.for_images(1) is tiler
+    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False)
+    index = load_or_build_index(spec, encoder, tiler)
+    expected = [[5], [3, 3], [1] * 5]  # a 4:1 image: 4 tiles + thumbnail, 2 + thumbnail, 1
+    for record, tiles in enumerate(expected):
+        sample = dataset.load_record(record)
+        assert sample.tiles_per_image == tiles and sample.pixel_values.shape[0] == sum(tiles)
+        assert index.item_shape(record) == sample.shape()
