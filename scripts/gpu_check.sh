@@ -35,9 +35,12 @@ stage_build() {
 stage_test() {
   # GPU tests first (real sizes, bf16), then the whole suite, where every op test also runs on CUDA: in
   # parallel (pytest-xdist, one file per worker), about 4 minutes on 16 cores; a per-test limit turns a
-  # hang into a failure that still gets reported. The machine has no network: the trainer's torchdata comes
-  # from a carried wheel (pip download --no-deps torchdata==0.11.0 -d build/wheels; carry build/wheels).
-  python -c "import torchdata" 2>/dev/null || python -m pip install --no-deps --no-index build/wheels/torchdata-*.whl 2>&1 | tail -2
+  # hang into a failure that still gets reported. The machine has no network: the data pipeline's torchdata
+  # and PyAV come from carried wheels (pip download --no-deps torchdata==0.11.0 av==18.1.0 -d build/wheels;
+  # carry build/wheels).
+  for package in torchdata av; do
+    python -c "import $package" 2>/dev/null || python -m pip install --no-deps --no-index build/wheels/$package-*.whl 2>&1 | tail -2
+  done
   python -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tail -30 || return 1
   python -m pytest -q -p no:cacheprovider -n 14 --dist loadfile --timeout 300 -rfE --tb=short --durations=15 2>&1 | tail -80
 }

@@ -17,6 +17,6 @@ then
   python -m pip install --quiet "torch==2.14.1"
 fi
 python -m pip install --quiet -c scripts/constraints.txt "triton>=3.6,<3.9" ninja nvidia-ml-py numpy pillow tokenizers \
-  pyyaml safetensors transformers tensorboard torchdata pytest pytest-benchmark hypothesis matplotlib tqdm
+  pyyaml safetensors transformers tensorboard torchdata av pytest pytest-benchmark hypothesis matplotlib tqdm
 python -m pip install --quiet -c scripts/constraints.txt --no-build-isolation -e .
 python -m internvl3_engine info

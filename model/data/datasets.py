@@ -6,7 +6,9 @@ optional "data_augment": bool, "kind": "conversation"|"text"|"preference", "moda
 
 Records (one JSON object a line):
 - conversation: {"image": path | [paths] | absent, "conversations": [{"from": "human"|"gpt", "value": ...}]}
-  (n images share the tile budget: each is tiled with at most max_num // n tiles, as InternVL does)
+  (n images share the tile budget: each is tiled with at most max_num // n tiles, as InternVL does), or
+  with {"video": path} instead of images: frames sampled, one tile each, ``<video>`` (prepended to the first
+  human turn when absent) replaced by ``Frame1: <image>`` lines (model/data/video.py)
 - text-only: {"text": ...} (or a conversation without images)
 - preference (MPO): {"image": ..., "question" or "prompt": ..., "chosen": ..., "rejected": ...}
 
@@ -18,6 +20,7 @@ name, epoch).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -26,8 +29,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
+from PIL import Image
+
 from .conversation import ConversationEncoder, DataError, PreferencePair, Sample
-from .tiling import ImageTiler, image_size, load_image
+from .tiling import ImageTiler, image_size, load_image, normalize_tiles
+from .video import VIDEO_PLACEHOLDER, load_frames, sample_frame_indices, video_frame_count, video_prompt
 
 KINDS = ("conversation", "text", "preference")
 MODALITIES = ("language", "multimodal")
@@ -230,7 +236,8 @@ class RecordDataset:
     augmentation of a record is seeded from (seed, name, epoch, position), so it is the same after a resume.
     ``index`` (a DatasetIndex of the annotation file): the line offsets come from it (no scan of the file),
     and ``get_shape`` gives an item's shape without reading the record. ``images_decoded`` counts the
-    image files this object has decoded.
+    image files (and video frames) this object has decoded. ``video_frames``: frames sampled per video
+    (model.data.video).
     """
 
     def __init__(
@@ -243,6 +250,7 @@ class RecordDataset:
         augment: bool = True,
         shuffle: bool = True,
         index=None,
+        video_frames: int = 8,
     ):
         self.spec = spec
         self.name = spec.name
@@ -253,6 +261,9 @@ class RecordDataset:
         self.augment = augment and spec.data_augment
         self.shuffle = shuffle
         self.index = index
+        if video_frames < 1:
+            raise ValueError(f"video_frames must be at least 1, got {video_frames}")
+        self.video_frames = video_frames
         self.file = JsonlFile(spec.annotation, index.offsets, index.line_numbers) if index is not None else JsonlFile(spec.annotation)
         self.images_decoded = 0
         self.kind = spec.kind or self._infer_kind()
@@ -279,7 +290,7 @@ class RecordDataset:
         if self.kind == "text":
             return "language"
         for record in self._first_records():
-            if record.get("image", record.get("images")):
+            if record.get("image", record.get("images")) or record.get("video"):
                 return "multimodal"
         return "language"
 
@@ -338,11 +349,16 @@ class RecordDataset:
         source = self.source(index)
         kind = record_kind(record)
         paths = record_images(record)
-        tiler = self.tiler.for_images(len(paths))  # several images share the tile budget
-        if measure:
-            images = {"tiles_per_image": [self._open_image(path, lambda full: tiler.num_tiles(*image_size(full))) for path in paths]}
+        if record.get("video") is not None:
+            if paths or kind == "text":
+                raise DataError("malformed record: a video record holds a conversation or a preference, and no images")
+            record, images = self._video(record, measure, augment_rng)
         else:
-            images = {"pixel_values": [self._open_image(path, lambda full: self._decode(full, tiler, augment_rng)) for path in paths]}
+            tiler = self.tiler.for_images(len(paths))  # several images share the tile budget
+            if measure:
+                images = {"tiles_per_image": [self._open_image(path, lambda full: tiler.num_tiles(*image_size(full))) for path in paths]}
+            else:
+                images = {"pixel_values": [self._open_image(path, lambda full: self._decode(full, tiler, augment_rng)) for path in paths]}
         if kind == "text":
             if paths:
                 raise DataError("malformed record: a text record has images")
@@ -355,6 +371,41 @@ class RecordDataset:
                 raise DataError("malformed record: a preference record needs 'question' (or 'prompt'), 'chosen' and 'rejected'")
             item = self.encoder.encode_preference(prompt, record["chosen"], record["rejected"], source=source, **images)
         return item.shape() if measure else item
+
+    def _video(self, record: dict, measure: bool, augment_rng: Optional[random.Random]) -> tuple[dict, dict]:
+        """The record with its ``<video>`` placeholder (prepended to the first human turn, or the prompt, when
+        absent) replaced by one ``FrameN: <image>`` line per sampled frame, and the frames (one tile each):
+        their count when measuring, their pixels otherwise."""
+        video = record["video"]
+        if not isinstance(video, str):
+            raise DataError("malformed record: 'video' must be a path")
+        path = os.path.join(self.spec.root, video)
+        indices = sample_frame_indices(video_frame_count(path), self.video_frames)
+        prompt = video_prompt(len(indices))
+        record = copy.deepcopy(record)
+        if "conversations" in record:
+            turns = record["conversations"]
+            texts = [turn for turn in turns if isinstance(turn, dict) and isinstance(turn.get("value"), str)]
+            if not any(VIDEO_PLACEHOLDER in turn["value"] for turn in texts):
+                first = next((turn for turn in texts if turn.get("from") in ("human", "user")), None)
+                if first is None:
+                    raise DataError("malformed record: a video record needs a human turn to hold the video")
+                first["value"] = f"{VIDEO_PLACEHOLDER}\n" + first["value"]
+            for turn in texts:
+                turn["value"] = turn["value"].replace(VIDEO_PLACEHOLDER, prompt)
+        else:
+            key = "question" if "question" in record else "prompt"
+            text = record.get(key)
+            if not isinstance(text, str):
+                raise DataError("malformed record: a preference record needs 'question' (or 'prompt')")
+            record[key] = (text if VIDEO_PLACEHOLDER in text else f"{VIDEO_PLACEHOLDER}\n{text}").replace(VIDEO_PLACEHOLDER, prompt)
+        if measure:
+            return record, {"tiles_per_image": [1] * len(indices)}
+        frames = load_frames(path, indices)
+        self.images_decoded += len(frames)
+        size = self.tiler.tile_size
+        frame_tiles = [normalize_tiles([frame.resize((size, size), Image.BICUBIC)]) for frame in frames]
+        return record, {"pixel_values": frame_tiles}
 
     def _decode(self, full_path: str, tiler: ImageTiler, augment_rng: Optional[random.Random]):
         self.images_decoded += 1

@@ -5,7 +5,7 @@ For each line of the file: its byte offset and line number, then either the shap
 (or of a preference pair's two samples: tokens, first supervised position, each image's token span and
 tiles) or the reason the record cannot become one (malformed, missing image, unreadable image header).
 Measuring tokenizes the record with the run's encoder and reads each image file's header (its size gives
-the tile count); no pixel is decoded. A corrupt image whose header reads is found later, by the rank that
+the tile count) or each video's container (its frame count gives the sampled frames); no pixel is decoded. A corrupt image whose header reads is found later, by the rank that
 decodes it.
 
 Cache: ``<annotation>.index-<fingerprint>.npz``, the fingerprint covering the file (path, size,
@@ -36,7 +36,7 @@ KIND_CODES = {"sample": 0, "pair": 1}
 BAD = -1
 
 
-def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler) -> str:
+def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, video_frames: int) -> str:
     status = os.stat(spec.annotation)
     settings = {
         "format": FORMAT,
@@ -48,6 +48,7 @@ def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTi
         "num_image_token": encoder.num_image_token,
         "system_message": encoder.system_message,
         "tiler": asdict(tiler),
+        "video_frames": video_frames,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -183,12 +184,14 @@ def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str
 
 
 def load_or_build_index(
-    spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, progress: Optional[Callable] = None
+    spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, progress: Optional[Callable] = None,
+    video_frames: int = 8,
 ) -> DatasetIndex:
     """The index of ``spec``'s annotation file: from the cache when it matches, else measured (split over
     the ranks under torch.distributed; call it on every rank) and cached. ``progress(iterable, total,
-    description)`` wraps the measuring loop (e.g. a tqdm bar); None: silent."""
-    fingerprint = _fingerprint(spec, encoder, tiler)
+    description)`` wraps the measuring loop (e.g. a tqdm bar); None: silent. ``video_frames``: frames
+    sampled per video (the RecordDataset's)."""
+    fingerprint = _fingerprint(spec, encoder, tiler, video_frames)
     path = cache_path(spec, fingerprint)
     index = DatasetIndex.load(path, spec.annotation, fingerprint)
     distributed = dist.is_available() and dist.is_initialized()
@@ -199,7 +202,7 @@ def load_or_build_index(
             index = None
     if index is not None:
         return index
-    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False)
+    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False, video_frames=video_frames)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     records = range(rank, len(dataset.file), world)
     if progress is not None:

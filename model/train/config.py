@@ -104,7 +104,7 @@ class DataConfig(_Settings):
     ``max_num`` / ``min_num``: tiles per image (dynamic tiling), a thumbnail added when more than one.
     ``language_weight`` / ``multimodal_weight``: the mix of text-only and image datasets. ``num_workers``:
     DataLoader worker processes decoding each rank's packs (0: in the training process), each holding
-    ``prefetch_factor`` steps ahead."""
+    ``prefetch_factor`` steps ahead. ``video_frames``: frames sampled per video record, one tile each."""
 
     SECTION: ClassVar[str] = "data"
 
@@ -124,6 +124,7 @@ class DataConfig(_Settings):
     augment: bool = True
     num_workers: int = 2
     prefetch_factor: int = 2
+    video_frames: int = 8
 
     def __post_init__(self):
         try:  # the packer's and the tiler's own checks, run now
@@ -134,7 +135,7 @@ class DataConfig(_Settings):
         for name in ("language_weight", "multimodal_weight"):
             self._require(name, getattr(self, name) >= 0, ">= 0")
         self._at_least(0, "num_workers")
-        self._at_least(1, "prefetch_factor")
+        self._at_least(1, "prefetch_factor", "video_frames")
 
     def packing(self, blank_tile_size: Optional[int] = None) -> PackingConfig:
         return PackingConfig(max_packed_tokens=self.max_packed_tokens, max_tiles=self.max_tiles, max_buffers=self.max_buffers,

@@ -294,13 +294,14 @@ class Trainer:
         show = self.is_main and self.show_progress
         indexes = {
             spec.name: load_or_build_index(spec, self.encoder, self.tiler,
-                                           lambda items, total, what: progress_bar(total, 0, show, items, what, unit="record"))
+                                           lambda items, total, what: progress_bar(total, 0, show, items, what, unit="record"),
+                                           video_frames=data.video_frames)
             for spec in specs
         }
 
         def datasets():
-            built = [RecordDataset(spec, self.encoder, self.tiler, seed=config.seed, augment=data.augment, index=indexes[spec.name])
-                     for spec in specs]
+            built = [RecordDataset(spec, self.encoder, self.tiler, seed=config.seed, augment=data.augment, index=indexes[spec.name],
+                                   video_frames=data.video_frames) for spec in specs]
             if config.mode == "mpo":
                 built = [dataset for dataset in built if dataset.kind == "preference"]
                 if not built:
