@@ -18,7 +18,7 @@ from importlib import metadata
 # What scripts/install.sh asks for (the project's dependencies and extras, the tests' packages).
 ROOTS = (
     "ninja", "nvidia-ml-py", "numpy", "pillow", "tokenizers", "pyyaml", "safetensors", "transformers",
-    "tensorboard", "torchdata", "av", "pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm",
+    "tensorboard", "torchdata", "av", "torchvision", "pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm",
 )
 # Left to torch: pinning torch's own requirements (triton included) would fight an installed torch >= 2.11.
 TORCH_OWNED = re.compile(r"^(torch|triton|nvidia-.*(?<!-ml-py)|cuda-.*|setuptools|sympy|mpmath|networkx|jinja2|markupsafe|filelock|fsspec|typing-extensions)$")
