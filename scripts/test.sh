@@ -25,7 +25,7 @@ PYTHONPATH="$oldest_dir" python - "$oldest" <<'PY'
 import sys, transformers
 assert transformers.__version__ == sys.argv[1], f"expected transformers {sys.argv[1]}, imported {transformers.__version__}"
 PY
-PYTHONPATH="$oldest_dir" python -m pytest -q -p no:cacheprovider tests/integration/test_transformers.py tests/integration/test_video_parity.py \
+PYTHONPATH="$oldest_dir" python -m pytest -q -p no:cacheprovider tests/integration/test_transformers.py tests/integration/test_processor_parity.py \
   tests/model/test_model_checkpoint.py tests/parallel/test_planner.py tests/model/test_generation.py::test_greedy_equals_transformers_generate \
   tests/bench/test_bench.py::test_transformers_baseline_computes_our_loss
 

@@ -93,3 +93,54 @@ def test_video_records_match_transformers_internvl_processor(tmp_path):
     difference = (ours.pixel_values - theirs["pixel_values"]).abs()
     assert float(difference.max()) <= 1.01 / 255 / min(IMAGENET_STD)
     assert float(difference.mean()) < 1e-3
+
+
+def write_textured_image(path, width: int, height: int, seed: int):
+    """Smooth gradients (sharp edges make bicubic implementations differ by more than rounding)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy + 20 * seed) * 255 / (width + height + 40)], -1).astype(np.uint8)
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+def test_multi_image_records_match_transformers_internvl_processor(tmp_path):
+    """Two images of a sample: each tiled with the shared budget (max_num // 2, InternVL's rule) gives the
+    processor's grids and thumbnails at that max_patches, its prompt ids and its pixels (images larger than
+    their tiles: both resizes shrink, within one 8-bit step; PIL and torchvision upscale differently)."""
+    from PIL import Image
+
+    write_tokenizer(tmp_path / "tokenizer")
+    sizes = [(150, 70), (60, 160)]
+    for index, (width, height) in enumerate(sizes):
+        write_textured_image(tmp_path / f"{index}.png", width, height, index)
+    question = "<image>\n<image>\nWhat differs?"
+    max_num = 8
+    image_processor = GotOcr2ImageProcessor(size={"height": TILE, "width": TILE}, image_mean=list(IMAGENET_MEAN),
+                                            image_std=list(IMAGENET_STD), crop_to_patches=True, min_patches=1,
+                                            max_patches=max_num // len(sizes))
+    video_processor = InternVLVideoProcessor(size={"height": TILE, "width": TILE})
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(tmp_path / "tokenizer"),
+                                  video_processor=video_processor, image_seq_length=TOKENS_PER_TILE)
+    images = [Image.open(tmp_path / f"{index}.png").convert("RGB") for index in range(len(sizes))]
+    # The processor's image placeholder is its context token; the records' is InternVL's <image>.
+    theirs = processor(text=question.replace("<image>", IMAGE_TOKENS[2]), images=images, return_tensors="pt")
+
+    with open(tmp_path / "pairs.jsonl", "w") as handle:
+        handle.write(json.dumps({"image": ["0.png", "1.png"], "conversations": [{"from": "human", "value": question},
+                                                                               {"from": "gpt", "value": "the shape"}]}) + "\n")
+    tokenizer = HFTokenizer(str(tmp_path / "tokenizer"))
+    encoder = ConversationEncoder(tokenizer, num_image_token=TOKENS_PER_TILE, system_message=None)
+    dataset = RecordDataset(DatasetSpec("pairs", str(tmp_path / "pairs.jsonl"), root=str(tmp_path)), encoder,
+                            ImageTiler(tile_size=TILE, max_num=max_num), augment=False, shuffle=False)
+    ours = dataset.load_record(0)
+
+    # 150x70 with at most 4 tiles: a 2x1 grid + thumbnail; 60x160: 1x3 + thumbnail (the processor's too:
+    # its ids and pixels below hold as many tiles).
+    assert ours.tiles_per_image == [3, 4]
+    ids = ours.input_ids.tolist()
+    start = len(tokenizer.encode("<|im_start|>user\n"))
+    assert ids[start: ids.index(tokenizer.im_end_id)] == theirs["input_ids"][0].tolist()
+    assert ours.pixel_values.shape == theirs["pixel_values"].shape
+    difference = (ours.pixel_values - theirs["pixel_values"]).abs()
+    assert float(difference.max()) <= 1.01 / 255 / min(IMAGENET_STD)
