@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -185,7 +185,7 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     stop_token_ids: Sequence[int] = (),
-    delta: float = 1.0,
+    delta: Union[float, Sequence[float]] = 1.0,
     num_return_sequences: int = 1,
     best_of_n: Optional[int] = None,
     score_fn: Optional[ScoreFn] = None,
@@ -195,7 +195,8 @@ def generate(
     """Continue one prompt with ``model`` (a ``model.InternVL3``).
 
     input_ids int64 [T] the prompt, pixel_values [N_tiles, 3, H, W] the tiles of its ``<IMG_CONTEXT>`` tokens
-    (as for ``forward``); ``delta`` the V2PE position step of the prompt's image tokens (0 < delta <= 1).
+    (as for ``forward``); ``delta`` the V2PE position step of the prompt's image tokens (0 < delta <= 1), or
+    one per image in order (several images, or a video's frames, each with its own step).
     Decoding stops at ``max_new_tokens`` or after a token of ``stop_token_ids`` (kept in the output).
 
     Greedy (``do_sample=False``) or sampled from softmax(logits / ``temperature``) restricted to ``top_k``
@@ -206,6 +207,8 @@ def generate(
     """
     _check_options(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_return_sequences, best_of_n, score_fn)
     input_ids = input_ids.long()
+    if not isinstance(delta, numbers.Real):
+        delta = torch.as_tensor(delta, dtype=torch.float32, device=input_ids.device)
     stops = {int(t) for t in stop_token_ids}
     candidates = best_of_n or num_return_sequences
     outputs: list[list[int]] = [[] for _ in range(candidates)]

@@ -1,5 +1,5 @@
 """Generation with the reference InternVL3 (model/generation.py): the KV cache against recomputing the whole
-sequence each step (images, V2PE delta < 1), sampling options and seeded reproducibility, stop tokens,
+sequence each step (images, V2PE delta < 1, one delta per image as for several images or a video's frames), sampling options and seeded reproducibility, stop tokens,
 Best-of-N, and greedy decoding equal to transformers' InternVLForConditionalGeneration.generate."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def greedy_by_recomputing(model: InternVL3, prompt: torch.Tensor, pixels, delta:
     for _ in range(steps):
         is_visual = torch.cat([prompt_visual, prompt_visual.new_zeros(sequence.shape[0] - prompt.shape[0])])
         cu_seqlens = engine.cu_seqlens_from_lengths([sequence.shape[0]])
-        positions = engine.v2pe_position_ids(is_visual, cu_seqlens, delta)
+        positions = engine.v2pe_position_ids(is_visual, cu_seqlens, delta if isinstance(delta, float) else torch.tensor(delta))
         embeds = model.language.embed_tokens(sequence)
         if visual_rows is not None:
             embeds = engine.scatter_visual(embeds, visual_rows, is_visual)
@@ -62,6 +62,7 @@ def greedy_by_recomputing(model: InternVL3, prompt: torch.Tensor, pixels, delta:
         (0.5, lambda: [text_ids(3), image_ids(2), text_ids(4)], 2),  # image inside the prompt
         (0.25, lambda: [text_ids(2), image_ids(1), text_ids(1), image_ids(2)], 3),  # prompt ends on an image
         (1.0, lambda: [text_ids(6)], 0),
+        ([0.5, 0.125, 1.0], lambda: [text_ids(2), image_ids(1), text_ids(2), image_ids(1), text_ids(1), image_ids(1), text_ids(2)], 3),
     ],
 )
 def test_greedy_with_cache_equals_recomputing(delta, parts, n_tiles):
