@@ -123,3 +123,40 @@ def test_each_frame_gets_its_own_v2pe_delta(video_data):
     visual = batch.positions[batch.is_visual].view(4, 4)
     steps = (visual[:, 1:] - visual[:, :-1]).mean(dim=1)
     assert torch.allclose(steps, torch.tensor(batch.deltas))
+
+
+def test_a_video_without_frames_is_a_data_error():
+    from model.data import DataError
+
+    with pytest.raises(DataError, match="no frames"):
+        sample_frame_indices(0, 4)
+
+
+def test_resume_mid_epoch_over_video_data_is_exact(video_data):
+    """The per-rank loader over a video dataset: a resumed loader continues with the packs (frames and all)
+    of the uninterrupted one, decoding nothing again on restore."""
+    from model.data import MixedStream, PackDecoder, StepPlanner, build_loader
+
+    spec, encoder, tiler = video_data
+    index = load_or_build_index(spec, encoder, tiler, video_frames=3)
+    packing = PackingConfig(max_packed_tokens=200, max_tiles=8, max_buffers=2)
+
+    def loader():
+        planning = RecordDataset(spec, encoder, tiler, seed=1, index=index, video_frames=3)
+        planning = [planning] if planning.kind != "preference" else []
+        stream = MixedStream(planning, 1, 3, DataErrors(journal=[]), shapes=True)
+        decoding = RecordDataset(spec, encoder, tiler, seed=1, index=index, video_frames=3)
+        return build_loader(StepPlanner(stream, Packer(packing, seed=1), 1), PackDecoder({spec.name: decoding}, packing, 1), 0, 2, False, 1)
+
+    expected = [step for step, _ in zip(loader(), range(8))]
+    first = loader()
+    steps = iter(first)
+    head = [next(steps) for _ in range(3)]
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    tail = [step for step, _ in zip(resumed, range(5))]
+    for got, want in zip(head + tail, expected):
+        assert [b.sources for b in got.batches] == [b.sources for b in want.batches]
+        assert all(torch.equal(a.pixel_values, b.pixel_values) and a.deltas == b.deltas for a, b in zip(got.batches, want.batches))
+    assert sum(step.images_decoded for step in tail) == sum(step.images_decoded for step in expected[3:]) > 0
