@@ -102,30 +102,18 @@ def _all_to_all(chunks: torch.Tensor, group) -> torch.Tensor:
     return received
 
 
-class _SequenceToHeads(torch.autograd.Function):
-    """[T/cp, H, D] (this rank's tokens, all heads) -> [T, H/cp, D] (all tokens, this rank's heads)."""
+class _Exchange(torch.autograd.Function):
+    """Tokens to heads ([T/cp, H, D] this rank's tokens, all heads -> [T, H/cp, D] all tokens, this rank's
+    heads) or back; the backward of each direction is the other."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return _sequence_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _heads_to_sequence(grad, ctx.group), None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    """[T, H/cp, D] -> [T/cp, H, D], the inverse of _SequenceToHeads."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return _heads_to_sequence(x, group)
+    def forward(ctx, x: torch.Tensor, group, to_heads: bool) -> torch.Tensor:
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_sequence_to_heads if to_heads else _heads_to_sequence)(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _sequence_to_heads(grad, ctx.group), None
+        return (_heads_to_sequence if ctx.to_heads else _sequence_to_heads)(grad, ctx.group), None, None
 
 
 def _sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -188,9 +176,9 @@ def ulysses_attention(
     if k.shape[1] < cp:  # each rank needs one key-value head: repeat them up to cp
         k = k.repeat_interleave(cp // k.shape[1], dim=1)
         v = v.repeat_interleave(cp // v.shape[1], dim=1)
-    whole = [_SequenceToHeads.apply(x, group) for x in (q, k, v)]
+    whole = [_Exchange.apply(x, group, True) for x in (q, k, v)]
     out = v2pe_attention(*whole, cu_seqlens, max_seqlen, positions, **kwargs)
-    return _HeadsToSequence.apply(out, group)
+    return _Exchange.apply(out, group, False)
 
 
 @dataclass(frozen=True)
