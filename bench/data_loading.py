@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import device_info, utc_now, versions, write_record_and_table
+from .harness import command_line, device_info, provenance, utc_now, versions, write_record_and_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +93,7 @@ def markdown(record: dict) -> str:
     lines = [
         "# Per-rank data loading (demo preset)",
         "",
-        f"{record['date']}, {record['device']['name']}, torch {record['versions']['internvl3_engine']['torch']}; "
-        f"`{record['command']}`",
+        provenance(record),
         "",
         f"Images decoded for {record['steps']} steps of {record['packs']} packs (the same global batch at every W):",
         "",
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = resume_rows(data, work, args.resume_early, args.resume_late)
     date = utc_now()
     record = {"suite": "data_loading", "date": date.strftime("%Y-%m-%d"), "device": device_info(torch.device("cpu")),
-              "versions": versions(), "command": "python -m bench.data_loading " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "versions": versions(), "command": command_line(),
               "steps": args.steps, "packs": args.packs, "decoding": decoding, "resume": resume}
     write_record_and_table(record, markdown(record), args.out / f"{date.strftime('%Y%m%dT%H%M%SZ')}_cpu_data-loading",
                            "bench.data_loading")

@@ -250,6 +250,12 @@ def write_record(record: dict, path: Path) -> Path:
     return path
 
 
+def provenance(record: dict) -> str:
+    """A measurement table's line saying when, on what and by which command it was measured."""
+    return (f"{record['date']}, {record['device']['name']}, torch {record['versions']['internvl3_engine']['torch']}; "
+            f"`{record['command']}`")
+
+
 def write_record_and_table(record: dict, table: str, stem: Path, prog: str) -> None:
     """A measurement script's record as ``stem``.json and its markdown ``table`` as ``stem``.md; the table is
     printed, and where both went (on stderr, as ``prog``)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import device_info, utc_now, versions, write_record_and_table
+from .harness import command_line, device_info, provenance, utc_now, versions, write_record_and_table
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -69,8 +69,7 @@ def markdown(record: dict) -> str:
     lines = [
         f"# Sharded start: {record['preset']} ({record['checkpoint_bytes'] / GIB:.2f} GiB float32 checkpoint)",
         "",
-        f"{record['date']}, {record['device']['name']}, torch {record['versions']['internvl3_engine']['torch']}; "
-        f"`python -m bench.start --preset {record['preset']} --worlds {','.join(str(r['world']) for r in record['rows'])}`",
+        provenance(record),
         "",
         "| W | parameters / rank (GiB) | planner's prediction (GiB) | peak RSS / rank (GiB) | anonymous after load (GiB) | peak GPU (GiB) | start (s) | wall (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(path.stat().st_size for path in Path(checkpoint).glob("*.safetensors"))
     date = utc_now()
     record = {"suite": "start", "preset": args.preset, "checkpoint_bytes": size, "date": date.strftime("%Y-%m-%d"),
-              "device": device_info(torch.device(device)), "versions": versions(), "rows": rows}
+              "device": device_info(torch.device(device)), "versions": versions(), "command": command_line(), "rows": rows}
     write_record_and_table(record, markdown(record), args.out / f"{date.strftime('%Y%m%dT%H%M%SZ')}_{device}_start-{args.preset}",
                            "bench.start")
     return 0 if all(row["status"] == "ok" for row in rows) else 1

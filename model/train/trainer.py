@@ -300,6 +300,7 @@ class Trainer:
         }
 
         def datasets():
+            # Built twice: the planner's and the decoder's datasets report bad records to different journals.
             built = [RecordDataset(spec, self.encoder, self.tiler, seed=config.seed, augment=data.augment, index=indexes[spec.name],
                                    video_frames=data.video_frames) for spec in specs]
             if config.mode == "mpo":
@@ -320,16 +321,21 @@ class Trainer:
         self._decode_errors: list = []  # this rank's decoding skips not yet recorded by the other ranks
         self.images_decoded = 0  # by this rank's workers, since this process started
 
-    def _plan_flops(self, plan) -> float:
-        """Forward + backward model FLOPs of a planned pack (the engine's formula; a pack without images
-        runs the ViT on one blank tile under a plan, which costs time too)."""
-        tiles = plan.num_tiles or (1 if self.packing.blank_tile_size is not None else 0)
-        return training_flops(self.model_shape, plan.num_tokens, tiles, plan.sample_lengths())["total"]
+    def _flops(self, tokens: int, tiles: int, lengths: list) -> float:
+        """Forward + backward model FLOPs of a pack of ``tokens`` in samples of ``lengths`` with ``tiles`` ViT
+        tiles (the engine's formula)."""
+        return training_flops(self.model_shape, tokens, tiles, lengths)["total"]
 
-    def _pack_flops(self, pack, tiles: int) -> float:
-        """Forward + backward model FLOPs of ``pack`` with ``tiles`` ViT tiles (the engine's formula)."""
-        lengths = (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist()
-        return training_flops(self.model_shape, pack.num_tokens, tiles, lengths)["total"]
+    def _plan_flops(self, plan) -> float:
+        """The balancer's cost of a planned pack: its FLOPs (a pack without images runs the ViT on one blank
+        tile under a plan, which costs time too)."""
+        tiles = plan.num_tiles or (1 if self.packing.blank_tile_size is not None else 0)
+        return self._flops(plan.num_tokens, tiles, plan.sample_lengths())
+
+    @property
+    def _pack_peers(self) -> int:
+        """The ranks that train on each pack: tensor- and context-parallel peers (world / dp_world)."""
+        return self.world // self.dp_world
 
     def _next_step_data(self):
         """This rank's decoded packs of the next step (model.data.loading), its skips recorded: the
@@ -499,8 +505,8 @@ class Trainer:
             parts["nll"] += terms.nll_sum.item() / chosen_tokens.item()
             parts["reward_accuracy"] += (terms.rewards_chosen > terms.rewards_rejected).float().sum().item() / pairs.item()
             parts["reward_margin"] += (terms.rewards_chosen - terms.rewards_rejected).sum().item() / pairs.item()
-        # Tensor-parallel peers (world / dp_world of them) hold the same packs: count them once.
-        self.reward_shift.add(_all_reduce(reward_sum).item() / (self.world // self.dp_world), len(batches) * self.dp_world)
+        # The ranks sharing a pack (tensor- and context-parallel peers) count it once.
+        self.reward_shift.add(_all_reduce(reward_sum).item() / self._pack_peers, len(batches) * self.dp_world)
         parts["reward_shift"] = self.reward_shift.mean
         return total, parts
 
@@ -566,9 +572,8 @@ class Trainer:
                 if result.skipped:
                     skipped.append(step)
                     self._report_skipped(step, result, log, bar)
-                # Tensor-parallel peers (world / dp_world of them) train on the same packs: count them once.
-                tensor_parallel = self.world // self.dp_world
-                tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in result.batches)), device=self.device)).item() / tensor_parallel
+                # The ranks sharing a pack (tensor- and context-parallel peers) count it once.
+                tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in result.batches)), device=self.device)).item() / self._pack_peers
                 window_tokens += tokens
                 window_time += elapsed
                 saving = step % config.checkpoint.save_every == 0 or step == config.max_steps
@@ -576,7 +581,7 @@ class Trainer:
                 if saving or logging:
                     self._share_errors()
                 if logging:
-                    entry = self._step_entry(step, result, tokens, window_tokens / max(window_time, 1e-9), elapsed, peak, tensor_parallel)
+                    entry = self._step_entry(step, result, tokens, window_tokens / max(window_time, 1e-9), elapsed, peak)
                     log.write(entry)
                     window_tokens, window_time = 0, 0.0
                     if bar is not None:
@@ -611,7 +616,7 @@ class Trainer:
             (bar.write if bar and not bar.disable else self._say)(message)
         log.write({"event": "skipped_step", "step": step, "loss": result.loss, "grad_norm": result.grad_norm})
 
-    def _step_entry(self, step: int, result: StepResult, tokens: float, tokens_per_s: float, elapsed: float, peak, tensor_parallel: int) -> dict:
+    def _step_entry(self, step: int, result: StepResult, tokens: float, tokens_per_s: float, elapsed: float, peak) -> dict:
         """The metrics line of a step (MFU where the device's peak FLOP/s is known)."""
         batches = result.batches
         entry = {
@@ -624,8 +629,8 @@ class Trainer:
         entry.update(result.parts)
         entry.update(result.balance or {})
         if peak is not None:
-            flops = sum(self._pack_flops(b, b.num_tiles) for b in batches)
-            entry["mfu"] = flops / tensor_parallel / elapsed / peak
+            flops = sum(self._flops(b.num_tokens, b.num_tiles, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()) for b in batches)
+            entry["mfu"] = flops / self._pack_peers / elapsed / peak
         return entry
 
     def _data_timing(self, result: StepResult, elapsed: float) -> dict:
@@ -633,18 +638,18 @@ class Trainer:
         whether the step waited for data (that wait over 10% of the step: receiving ready packs from the
         workers takes a few milliseconds), the slowest worker's decoding time, and the image files decoded by
         all ranks' workers so far."""
-        local = torch.tensor([result.data_wait_s, result.decode_s, float(self.images_decoded)], dtype=torch.float64)
+        local = torch.tensor([result.data_wait_s, result.decode_s, float(self.images_decoded)], dtype=torch.float64, device=self.device)
         ranks = [local]
-        if self.distributed:
+        if self.distributed:  # gathered on the device the backend works on (NCCL: the GPU)
             ranks = [torch.zeros_like(local) for _ in range(self.world)]
-            dist.all_gather(ranks, local.to(self.device) if self.device.type == "cuda" else local)
-            ranks = [entry.cpu() for entry in ranks]
+            dist.all_gather(ranks, local)
+        ranks = [entry.cpu() for entry in ranks]
         waits = [float(entry[0]) for entry in ranks]
         slowest = max(range(len(waits)), key=waits.__getitem__)
         return {
             "data_wait_s": waits[slowest], "data_wait_rank": slowest, "data_waited": int(waits[slowest] > 0.1 * elapsed),
             "decode_s": max(float(entry[1]) for entry in ranks),
-            "images_decoded": int(sum(float(entry[2]) for entry in ranks)) // (self.world // self.dp_world),
+            "images_decoded": int(sum(float(entry[2]) for entry in ranks)) // self._pack_peers,
         }
 
     def _chosen_mask(self, batch) -> torch.Tensor:
