@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is None:
             print(f"bench.start: writing a random {args.preset} checkpoint", file=sys.stderr)
             make_checkpoint(args.preset, checkpoint)
-        generate(str(work / "data"), seed=0, config=DemoDataConfig(train_images=4, eval_images=1, preference_pairs=1, image_size=56))
+        generate(str(work / "data"), seed=0, config=DemoDataConfig(train_images=4, eval_images=1, preference_pairs=1, image_size=56, train_videos=0, eval_videos=0))
         from internvl3_engine.parallel import ParallelPlan
         from internvl3_engine.planner import model_shape, start_memory_bytes
 

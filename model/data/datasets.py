@@ -29,11 +29,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-from PIL import Image
-
 from .conversation import ConversationEncoder, DataError, PreferencePair, Sample
-from .tiling import ImageTiler, image_size, load_image, normalize_tiles
-from .video import VIDEO_PLACEHOLDER, load_frames, sample_frame_indices, video_frame_count, video_prompt
+from .tiling import ImageTiler, image_size, load_image
+from .video import VIDEO_PLACEHOLDER, frame_tiles, load_frames, sample_frame_indices, video_frame_count, with_video_prompt
 
 KINDS = ("conversation", "text", "preference")
 MODALITIES = ("language", "multimodal")
@@ -381,31 +379,29 @@ class RecordDataset:
             raise DataError("malformed record: 'video' must be a path")
         path = os.path.join(self.spec.root, video)
         indices = sample_frame_indices(video_frame_count(path), self.video_frames)
-        prompt = video_prompt(len(indices))
         record = copy.deepcopy(record)
         if "conversations" in record:
             turns = record["conversations"]
             texts = [turn for turn in turns if isinstance(turn, dict) and isinstance(turn.get("value"), str)]
-            if not any(VIDEO_PLACEHOLDER in turn["value"] for turn in texts):
-                first = next((turn for turn in texts if turn.get("from") in ("human", "user")), None)
-                if first is None:
+            holder = next((turn for turn in texts if VIDEO_PLACEHOLDER in turn["value"]), None)
+            if holder is None:
+                holder = next((turn for turn in texts if turn.get("from") in ("human", "user")), None)
+                if holder is None:
                     raise DataError("malformed record: a video record needs a human turn to hold the video")
-                first["value"] = f"{VIDEO_PLACEHOLDER}\n" + first["value"]
             for turn in texts:
-                turn["value"] = turn["value"].replace(VIDEO_PLACEHOLDER, prompt)
+                if turn is holder or VIDEO_PLACEHOLDER in turn["value"]:
+                    turn["value"] = with_video_prompt(turn["value"], len(indices))
         else:
             key = "question" if "question" in record else "prompt"
             text = record.get(key)
             if not isinstance(text, str):
                 raise DataError("malformed record: a preference record needs 'question' (or 'prompt')")
-            record[key] = (text if VIDEO_PLACEHOLDER in text else f"{VIDEO_PLACEHOLDER}\n{text}").replace(VIDEO_PLACEHOLDER, prompt)
+            record[key] = with_video_prompt(text, len(indices))
         if measure:
             return record, {"tiles_per_image": [1] * len(indices)}
         frames = load_frames(path, indices)
         self.images_decoded += len(frames)
-        size = self.tiler.tile_size
-        frame_tiles = [normalize_tiles([frame.resize((size, size), Image.BICUBIC)]) for frame in frames]
-        return record, {"pixel_values": frame_tiles}
+        return record, {"pixel_values": frame_tiles(frames, self.tiler.tile_size)}
 
     def _decode(self, full_path: str, tiler: ImageTiler, augment_rng: Optional[random.Random]):
         self.images_decoded += 1

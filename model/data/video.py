@@ -7,9 +7,11 @@ counted by the dataset).
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
 from .conversation import IMAGE_PLACEHOLDER, DataError
+from .tiling import normalize_tiles
 
 VIDEO_PLACEHOLDER = "<video>"
 
@@ -30,6 +32,25 @@ def sample_frame_indices(total: int, count: int) -> list[int]:
 def video_prompt(frames: int) -> str:
     """What ``<video>`` becomes for a video of ``frames`` sampled frames."""
     return "\n".join(f"Frame{index + 1}: {IMAGE_PLACEHOLDER}" for index in range(frames))
+
+
+def with_video_prompt(text: str, frames: int) -> str:
+    """``text`` with its ``<video>`` placeholder (put in front, on a line of its own, when absent) replaced
+    by the prompt of ``frames`` frames."""
+    if VIDEO_PLACEHOLDER not in text:
+        text = f"{VIDEO_PLACEHOLDER}\n{text}"
+    return text.replace(VIDEO_PLACEHOLDER, video_prompt(frames))
+
+
+def frame_tiles(frames: list[Image.Image], tile_size: int) -> list[torch.Tensor]:
+    """One normalised tile per frame, [1, 3, tile_size, tile_size] each: the frame resized (bicubic) to the
+    tile, without dynamic tiling."""
+    return [normalize_tiles([frame.resize((tile_size, tile_size), Image.BICUBIC)]) for frame in frames]
+
+
+def read_video(path: str, frames: int) -> list[Image.Image]:
+    """The ``frames`` frames sampled from the video at ``path`` (fewer when it has fewer)."""
+    return load_frames(path, sample_frame_indices(video_frame_count(path), frames))
 
 
 def _open(path: str):

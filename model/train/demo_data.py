@@ -2,8 +2,10 @@
 
 Multimodal: rendered PNG images of 1..3 shapes of one kind and one colour on a light, slightly noisy
 background (most square, some twice as wide so dynamic tiling cuts them into several tiles), each with a
-conversation asking its colour, its shape and how many shapes it shows, in a shuffled order. The answers
-depend only on the pixels, so a tiny model that learns them has learned to look.
+conversation asking its colour, its shape and how many shapes it shows, in a shuffled order; and short
+MPEG-4 clips (written with PyAV) of one shape moving left, right, up or down across a still background,
+each asking which way the shape moves and which shape it is. The answers depend only on the pixels (the
+direction only on how they change from frame to frame), so a tiny model that learns them has learned to look.
 Language: paragraphs of an embedded English text corpus (``TEXT_CORPUS``).
 Preference (MPO): the colour question answered right (chosen) and with another colour (rejected).
 
@@ -12,10 +14,10 @@ Preference (MPO): the colour question answered right (chosen) and with another c
     meta.json         pretraining / SFT mixture: shapes (multimodal) + corpus (language)
     meta_mpo.json     the preference set
     eval.jsonl        held-out questions with their candidate answers (for ``evaluate``)
-    shapes.jsonl, corpus.jsonl, preference.jsonl, images/*.png
+    shapes.jsonl, motion.jsonl, corpus.jsonl, preference.jsonl, images/*.png, videos/*.mp4
 
-The same seed writes the same bytes: every random choice comes from a seeded ``random.Random`` and the PNG
-encoder is deterministic.
+The same seed writes the same bytes: every random choice comes from a seeded ``random.Random``, and the PNG
+and MPEG-4 encoders are deterministic.
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ QUESTIONS = {
     "count": ("How many shapes are there?", COUNTS),
 }
 
-GENERATOR_VERSION = 2
+# The video question: the direction the shape moves (from the first frame to the last).
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+MOTION_QUESTION = ("Which way does the shape move?", tuple(DIRECTIONS))
+
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class DemoDataConfig:
     image_size: int = 112
     wide_fraction: float = 0.2
     corpus_repeat: int = 1
+    train_videos: int = 600
+    eval_videos: int = 120
+    clip_frames: int = 16  # frames written per clip (the loader samples data.video_frames of them)
+    clip_travel: float = 0.45  # how far the shape moves over a clip, in image sides
 
 
 # ---- the text corpus (written for this project)
@@ -112,33 +122,89 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> lis
     return [(cx + r * math.cos(start + 2 * math.pi * k / corners), cy + r * math.sin(start + 2 * math.pi * k / corners)) for k in range(corners)]
 
 
-def render(rng: random.Random, color: str, shape: str, count: int, width: int, height: int) -> Image.Image:
-    """``count`` shapes of one kind and colour, at random non-overlapping places, on a noisy light background."""
+def _background(rng: random.Random, width: int, height: int) -> Image.Image:
+    """A light grey image with sparse darker speckles: the background is not a flat colour."""
     base = rng.randint(225, 250)
     image = Image.new("RGB", (width, height), (base, base, base))
     pixels = image.load()
-    for _ in range(width * height // 24):  # sparse grey speckles: the background is not a flat colour
+    for _ in range(width * height // 24):
         x, y = rng.randrange(width), rng.randrange(height)
         shade = base - rng.randint(10, 40)
         pixels[x, y] = (shade, shade, shade)
-    draw = ImageDraw.Draw(image)
-    short = min(width, height)
+    return image
+
+
+def _radius_range(width: int, height: int) -> tuple[float, float]:
     # Shapes 27-43 pixels across at 112: several 14-pixel patches each (smaller ones left count at chance).
-    radius_range = (short * 0.12, short * 0.19)
+    short = min(width, height)
+    return short * 0.12, short * 0.19
+
+
+def _fill(rng: random.Random, color: str) -> tuple:
+    return tuple(max(0, min(255, channel + rng.randint(-20, 20))) for channel in COLORS[color])
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rotation: float, fill: tuple) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r * (1.25 if shape == "triangle" else 1.1), rotation), fill=fill)
+
+
+def render(rng: random.Random, color: str, shape: str, count: int, width: int, height: int) -> Image.Image:
+    """``count`` shapes of one kind and colour, at random non-overlapping places, on a noisy light background."""
+    image = _background(rng, width, height)
+    draw = ImageDraw.Draw(image)
+    radius_range = _radius_range(width, height)
     placed: list[tuple[float, float, float]] = []
     while len(placed) < count:
         r = rng.uniform(*radius_range)
         cx, cy = rng.uniform(r + 2, width - r - 2), rng.uniform(r + 2, height - r - 2)
         if all(math.hypot(cx - x, cy - y) > r + other + 4 for x, y, other in placed):
             placed.append((cx, cy, r))
-    jitter = [max(0, min(255, channel + rng.randint(-20, 20))) for channel in COLORS[color]]
-    fill = tuple(jitter)
+    fill = _fill(rng, color)
     for cx, cy, r in placed:
-        if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon(_polygon(shape, cx, cy, r * (1.25 if shape == "triangle" else 1.1), rng.uniform(-0.3, 0.3)), fill=fill)
+        _draw(draw, shape, cx, cy, r, 0.0 if shape == "circle" else rng.uniform(-0.3, 0.3), fill)
     return image
+
+
+def render_motion(rng: random.Random, color: str, shape: str, direction: str, frames: int, size: int, travel: float) -> list[Image.Image]:
+    """``frames`` frames of one shape moving ``travel`` image sides in ``direction`` at constant speed over a
+    still background, from a random start that keeps it whole in every frame."""
+    background = _background(rng, size, size)
+    r = rng.uniform(*_radius_range(size, size))
+    distance = travel * size
+    dx, dy = DIRECTIONS[direction]
+    margin = r * 1.25 + 2  # the triangle's corners reach 1.25 r from its centre
+
+    def start(step: int) -> float:  # a start coordinate along an axis moving by step * distance
+        low, high = margin - min(step, 0) * distance, size - margin - max(step, 0) * distance
+        return rng.uniform(low, high)
+
+    x0, y0 = start(dx), start(dy)
+    rotation = 0.0 if shape == "circle" else rng.uniform(-0.3, 0.3)
+    fill = _fill(rng, color)
+    clip = []
+    for index in range(frames):
+        progress = index / max(frames - 1, 1)
+        frame = background.copy()
+        _draw(ImageDraw.Draw(frame), shape, x0 + dx * distance * progress, y0 + dy * distance * progress, r, rotation, fill)
+        clip.append(frame)
+    return clip
+
+
+def write_clip(path: str, frames: list[Image.Image], rate: int = 8) -> None:
+    """The frames as an MPEG-4 video (a .mp4 file, yuv420p) through PyAV."""
+    import av
+
+    with av.open(path, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 2_000_000  # near-lossless at this size: mean error about 1.5 of 255 per channel
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
 
 
 def _image_record(rng: random.Random, config: DemoDataConfig, folder: str, name: str) -> dict:
@@ -152,13 +218,22 @@ def _image_record(rng: random.Random, config: DemoDataConfig, folder: str, name:
     return {"image": path, "answers": {"color": color, "shape": shape, "count": str(count)}}
 
 
-def _conversation(rng: random.Random, answers: dict) -> list[dict]:
-    kinds = list(QUESTIONS)
+def _video_record(rng: random.Random, config: DemoDataConfig, folder: str, name: str) -> dict:
+    color, shape, direction = rng.choice(tuple(COLORS)), rng.choice(SHAPES), rng.choice(tuple(DIRECTIONS))
+    frames = render_motion(rng, color, shape, direction, config.clip_frames, config.image_size, config.clip_travel)
+    path = f"videos/{name}.mp4"
+    write_clip(os.path.join(folder, path), frames)
+    return {"video": path, "answers": {"motion": direction, "shape": shape}}
+
+
+def _conversation(rng: random.Random, answers: dict, questions: dict, placeholder: str) -> list[dict]:
+    """The questions of ``answers``' kinds in a shuffled order, the media's placeholder in the first."""
+    kinds = list(answers)
     rng.shuffle(kinds)
     turns = []
     for index, kind in enumerate(kinds):
-        question = QUESTIONS[kind][0]
-        turns.append({"from": "human", "value": f"<image>\n{question}" if index == 0 else question})
+        question = questions[kind][0]
+        turns.append({"from": "human", "value": f"{placeholder}\n{question}" if index == 0 else question})
         turns.append({"from": "gpt", "value": answers[kind]})
     return turns
 
@@ -178,7 +253,8 @@ def _write_json(path: str, value) -> None:
 def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig()) -> str:
     """Write the demo data into ``folder`` (created) and return the path of its meta.json. A folder that
     already holds this exact generation (same seed, config and generator version) is reused."""
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    for media in ("images", "videos"):
+        os.makedirs(os.path.join(folder, media), exist_ok=True)
     stamp = {"seed": seed, "config": config.__dict__, "version": GENERATOR_VERSION}
     stamp_path = os.path.join(folder, "generated.json")
     meta_path = os.path.join(folder, "meta.json")
@@ -191,7 +267,7 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
     train = []
     for index in range(config.train_images):
         record = _image_record(rng, config, folder, f"train_{index:05d}")
-        train.append({"image": record["image"], "conversations": _conversation(rng, record["answers"])})
+        train.append({"image": record["image"], "conversations": _conversation(rng, record["answers"], QUESTIONS, "<image>")})
     _write_jsonl(os.path.join(folder, "shapes.jsonl"), train)
 
     evaluation = []
@@ -202,7 +278,6 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
                 "image": record["image"], "kind": kind, "question": f"<image>\n{question}",
                 "answer": record["answers"][kind], "candidates": list(candidates),
             })
-    _write_jsonl(os.path.join(folder, "eval.jsonl"), evaluation)
 
     preference = []
     for index in range(config.preference_pairs):
@@ -212,13 +287,31 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
         preference.append({"image": record["image"], "question": f"<image>\n{QUESTIONS['color'][0]}", "chosen": chosen, "rejected": rejected})
     _write_jsonl(os.path.join(folder, "preference.jsonl"), preference)
 
+    # The clips are drawn last: the images of a seed are those of the generator before clips were added.
+    video_questions = {"motion": MOTION_QUESTION, "shape": QUESTIONS["shape"]}
+    motion = []
+    for index in range(config.train_videos):
+        record = _video_record(rng, config, folder, f"train_{index:05d}")
+        motion.append({"video": record["video"], "conversations": _conversation(rng, record["answers"], video_questions, "<video>")})
+    _write_jsonl(os.path.join(folder, "motion.jsonl"), motion)
+    for index in range(config.eval_videos):
+        record = _video_record(rng, config, folder, f"eval_{index:05d}")
+        evaluation.append({
+            "video": record["video"], "kind": "motion", "question": f"<video>\n{MOTION_QUESTION[0]}",
+            "answer": record["answers"]["motion"], "candidates": list(MOTION_QUESTION[1]),
+        })
+    _write_jsonl(os.path.join(folder, "eval.jsonl"), evaluation)
+
     corpus = [{"text": paragraph} for paragraph in corpus_paragraphs()]
     _write_jsonl(os.path.join(folder, "corpus.jsonl"), corpus)
 
-    _write_json(meta_path, {
+    meta = {
         "demo_shapes": {"root": ".", "annotation": "shapes.jsonl", "repeat_time": 1, "length": len(train), "data_augment": False},
         "demo_corpus": {"root": ".", "annotation": "corpus.jsonl", "repeat_time": config.corpus_repeat, "length": len(corpus), "kind": "text"},
-    })
+    }
+    if motion:
+        meta["demo_motion"] = {"root": ".", "annotation": "motion.jsonl", "repeat_time": 1, "length": len(motion), "data_augment": False}
+    _write_json(meta_path, meta)
     _write_json(os.path.join(folder, "meta_mpo.json"), {
         "demo_preference": {"root": ".", "annotation": "preference.jsonl", "repeat_time": 1, "length": len(preference), "kind": "preference"},
     })

@@ -10,14 +10,33 @@ from typing import Optional
 import torch
 
 from ..data import ConversationEncoder, ImageTiler, PackingConfig, collate, load_image
+from ..data.video import frame_tiles, read_video, with_video_prompt
+
+
+def _question_media(record: dict, root: str, tiler: ImageTiler, video_frames: int, cache: dict) -> tuple[str, list]:
+    """The question's text and its media's tiles (one tensor per image or frame), as the training data builds
+    them: an image path or a list of them (sharing the tile budget), or a video (sampled frames, one tile
+    each, the ``<video>`` placeholder replaced by the frames' prompt). ``cache``: tiles by path."""
+    question, video, images = record["question"], record.get("video"), record.get("image")
+    if video:
+        if video not in cache:
+            cache[video] = frame_tiles(read_video(os.path.join(root, video), video_frames), tiler.tile_size)
+        return with_video_prompt(question, len(cache[video])), cache[video]
+    paths = [images] if isinstance(images, str) else list(images or [])
+    shared = tiler.for_images(len(paths))
+    for path in paths:
+        if (path, len(paths)) not in cache:
+            cache[path, len(paths)] = shared(load_image(os.path.join(root, path)))
+    return question, [cache[path, len(paths)] for path in paths]
 
 
 def evaluate_choices(model, eval_file: str, encoder: ConversationEncoder, tiler: ImageTiler, device, autocast=contextlib.nullcontext,
-                     delta: float = 0.25, limit: Optional[int] = None, pack_size: int = 96) -> dict:
-    """Accuracy on multiple-choice questions ({"image", "question", "answer", "candidates", "kind"} a line):
-    every candidate answer is scored by its summed log-probability (answer tokens and <|im_end|>) after the
-    question, and the best one is the model's answer. Returns accuracy and chance (1 / candidates), overall
-    and per kind."""
+                     delta: float = 0.25, limit: Optional[int] = None, pack_size: int = 96, video_frames: int = 8) -> dict:
+    """Accuracy on multiple-choice questions ({"question", "answer", "candidates", "kind"} and its media:
+    "image" (a path or a list of paths) or "video", a line): every candidate answer is scored by its summed
+    log-probability (answer tokens and <|im_end|>) after the question, and the best one is the model's
+    answer. ``video_frames``: frames sampled per video. Returns accuracy and chance (1 / candidates),
+    overall and per kind."""
     from .mpo import segment_sums
 
     with open(eval_file, encoding="utf-8") as handle:
@@ -26,17 +45,12 @@ def evaluate_choices(model, eval_file: str, encoder: ConversationEncoder, tiler:
         records = records[:limit]
     root = os.path.dirname(os.path.abspath(eval_file))
     config = PackingConfig(max_packed_tokens=2**31 - 1, max_tiles=2**31 - 1, delta=delta)
-    tiles_cache: dict[str, torch.Tensor] = {}
+    cache: dict = {}
     samples, owners = [], []
     for index, record in enumerate(records):
-        image = record.get("image")
-        pixel_values = []
-        if image:
-            if image not in tiles_cache:
-                tiles_cache[image] = tiler(load_image(os.path.join(root, image)))
-            pixel_values = [tiles_cache[image]]
+        question, pixel_values = _question_media(record, root, tiler, video_frames, cache)
         for candidate in record["candidates"]:
-            conversation = [{"from": "human", "value": record["question"]}, {"from": "gpt", "value": candidate}]
+            conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": candidate}]
             samples.append(encoder.encode_conversation(conversation, pixel_values, f"{eval_file}:{index + 1}"))
             owners.append((index, candidate))
     was_training = model.training

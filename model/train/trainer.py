@@ -679,7 +679,8 @@ class Trainer:
         if self.eval_file:
             # Every rank evaluates: a sharded model's forward needs all of them.
             result.accuracy = evaluate_choices(self.model, self.eval_file, self.encoder, self.tiler, self.device,
-                                               self._autocast, config.logging.eval_delta, config.logging.eval_examples)
+                                               self._autocast, config.logging.eval_delta, config.logging.eval_examples,
+                                               video_frames=config.data.video_frames)
             summary["accuracy"] = result.accuracy
             log.write({"event": "eval", "step": step, **result.accuracy})
         if self.is_main:

@@ -33,7 +33,7 @@ def losses(output: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def meta(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("launch_data")
-    generate(str(folder), seed=0, config=DemoDataConfig(train_images=16, eval_images=2, preference_pairs=4, image_size=56))
+    generate(str(folder), seed=0, config=DemoDataConfig(train_images=16, eval_images=2, preference_pairs=4, image_size=56, train_videos=0, eval_videos=0))
     return str(folder / "meta.json")
 
 

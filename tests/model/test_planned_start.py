@@ -54,7 +54,7 @@ def test_the_planners_plans_start_in_the_trainer(tmp_path):
     assert {plan.dp_replicate for plan in plans} == {1, 2} and {plan.tp for plan in plans} >= {1, 2}
     assert {plan.cp for plan in plans} == {1, 2}
     (tmp_path / "plans.json").write_text(json.dumps([plan.to_dict() for plan in plans]))
-    generate(str(tmp_path / "data"), seed=0, config=DemoDataConfig(train_images=8, eval_images=1, preference_pairs=1, image_size=56))
+    generate(str(tmp_path / "data"), seed=0, config=DemoDataConfig(train_images=8, eval_images=1, preference_pairs=1, image_size=56, train_videos=0, eval_videos=0))
     settings = {**SETTINGS, "data": {**SETTINGS["data"], "path": str(tmp_path / "data" / "meta.json")}, "output_dir": str(tmp_path / "runs")}
     (tmp_path / "config.json").write_text(json.dumps(settings))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),

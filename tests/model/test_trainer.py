@@ -22,14 +22,16 @@ from model.modeling import InternVL3
 from model.train.checkpointing import list_checkpoints
 from model.train.cli import build_parser, config_from_args, main
 from model.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
-from model.train.demo_data import DemoDataConfig, generate
+from model.data.video import read_video
+from model.train.demo_data import DIRECTIONS, SHAPES, DemoDataConfig, generate
 from model.train.distributed import resolve_device
 from model.train.metrics import MetricsLog, read_metrics
 from model.train.optim import WarmupCosine, parameter_groups
 from model.train.presets import preset_config
 from model.train.trainer import Trainer
 
-SMALL_DATA = DemoDataConfig(train_images=24, eval_images=4, preference_pairs=12, image_size=56, wide_fraction=0.25)
+SMALL_DATA = DemoDataConfig(train_images=24, eval_images=4, preference_pairs=12, image_size=56, wide_fraction=0.25,
+                            train_videos=6, eval_videos=2, clip_frames=6)
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +89,14 @@ def run(config, **kwargs):
 
 
 def test_demo_data_generation_is_deterministic(tmp_path):
-    tiny = DemoDataConfig(train_images=6, eval_images=2, preference_pairs=3, image_size=56)
+    tiny = DemoDataConfig(train_images=6, eval_images=2, preference_pairs=3, image_size=56, train_videos=2, eval_videos=1, clip_frames=5)
     first, second = tmp_path / "a", tmp_path / "b"
     generate(str(first), seed=3, config=tiny)
     generate(str(second), seed=3, config=tiny)
-    names = sorted(os.listdir(first)) + [f"images/{name}" for name in sorted(os.listdir(first / "images"))]
-    assert "meta.json" in names and "images/train_00000.png" in names
-    assert sorted(os.listdir(first / "images")) == sorted(os.listdir(second / "images"))
+    names = sorted(os.listdir(first)) + [f"{media}/{name}" for media in ("images", "videos") for name in sorted(os.listdir(first / media))]
+    assert "meta.json" in names and "images/train_00000.png" in names and "videos/train_00001.mp4" in names
+    for media in ("images", "videos"):
+        assert sorted(os.listdir(first / media)) == sorted(os.listdir(second / media))
     for name in names:
         if os.path.isfile(first / name):
             assert filecmp.cmp(first / name, second / name, shallow=False), name
@@ -101,7 +104,32 @@ def test_demo_data_generation_is_deterministic(tmp_path):
     generate(str(other), seed=4, config=tiny)
     assert not filecmp.cmp(first / "shapes.jsonl", other / "shapes.jsonl", shallow=False)
     meta = json.loads((first / "meta.json").read_text())
-    assert set(meta) == {"demo_shapes", "demo_corpus"}
+    assert set(meta) == {"demo_shapes", "demo_motion", "demo_corpus"}
+
+
+def test_demo_clips_move_the_way_their_answer_says(data_dir):
+    """In every clip the shape's centre (its saturated pixels) travels clip_travel image sides between the
+    first and the last frame, in the direction the answer names, and stays put across the other axis."""
+    records = [json.loads(line) for line in (data_dir / "motion.jsonl").read_text().splitlines()]
+    assert len(records) == SMALL_DATA.train_videos and len({record["video"] for record in records}) == len(records)
+    directions = set()
+    for record in records:
+        answers = {turn["value"] for turn in record["conversations"][1::2]}
+        direction = (answers & set(DIRECTIONS)).pop()
+        assert len(answers & set(SHAPES)) == 1 and "<video>" in record["conversations"][0]["value"]
+        frames = read_video(str(data_dir / record["video"]), SMALL_DATA.clip_frames)
+        assert len(frames) == SMALL_DATA.clip_frames
+
+        def centre(frame):
+            pixels = np.asarray(frame, dtype=np.float32)
+            ys, xs = np.nonzero(pixels.max(-1) - pixels.min(-1) > 80)  # coloured, not the grey background
+            return np.array([xs.mean(), ys.mean()])
+
+        moved = (centre(frames[-1]) - centre(frames[0])) / SMALL_DATA.image_size
+        expected = np.array(DIRECTIONS[direction]) * SMALL_DATA.clip_travel
+        assert np.abs(moved - expected).max() < 0.08, (record["video"], direction, moved)
+        directions.add(direction)
+    assert len(directions) >= 3  # the seeded draws cover the directions
 
 
 @pytest.mark.parametrize("suffix", ["yaml", "json"])
@@ -260,6 +288,9 @@ def test_short_run_through_the_cli_loss_falls_and_writes_everything(data_dir, tm
     assert (output / "loss.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "chance" in printed and "data errors: none" in printed
+    evaluation = [entry for entry in read_metrics(str(output / "metrics.jsonl")) if entry.get("event") == "eval"][-1]
+    assert set(evaluation["per_kind"]) == {"color", "shape", "count", "motion"}  # the clips' question too
+    assert evaluation["per_kind"]["motion"] == {"accuracy": evaluation["per_kind"]["motion"]["accuracy"], "chance": 0.25, "questions": 2}
     # The final weights load back (transformers layout) and equal the trained model's last checkpoint.
     loaded = InternVL3.from_pretrained(str(output / "final"))
     state = torch.load(output / "checkpoints" / "step_00000024" / "trainer.pt", map_location="cpu", weights_only=False)["model"]
