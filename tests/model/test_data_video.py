@@ -114,13 +114,17 @@ def test_bad_videos_are_skipped_and_counted(video_data):
         RecordDataset(spec, encoder, tiler, video_frames=0)
 
 
-def test_each_frame_gets_its_own_v2pe_delta(video_data):
+@pytest.mark.parametrize("record,frames", [(0, 4), (5, 8)], ids=["conversation", "preference-pair"])
+def test_each_frame_gets_its_own_v2pe_delta(video_data, record, frames):
+    """A conversation's 4 frames, or an MPO pair's 4 + 4 (chosen and rejected each see the video): one
+    delta per frame, by which that frame's tokens advance."""
     spec, encoder, tiler = video_data
-    sample = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False, video_frames=4).load_record(0)
+    item = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False, video_frames=4).load_record(record)
     packer = Packer(PackingConfig(max_packed_tokens=4096, max_tiles=16), seed=2)
-    batch = packer.collate((packer.add(sample, key=0) or packer.flush())[0])
-    assert len(batch.deltas) == 4 and batch.num_tiles == 4
-    visual = batch.positions[batch.is_visual].view(4, 4)
+    batch = packer.collate((packer.add(item, key=0) or packer.flush())[0])
+    assert len(batch.deltas) == frames and batch.num_tiles == frames and batch.tiles_per_image == [1] * frames
+    assert len(set(batch.deltas)) > 1  # drawn per frame
+    visual = batch.positions[batch.is_visual].view(frames, 4)
     steps = (visual[:, 1:] - visual[:, :-1]).mean(dim=1)
     assert torch.allclose(steps, torch.tensor(batch.deltas))
 
