@@ -1,17 +1,19 @@
 """The demo's data, generated deterministically into a folder in InternVL's formats.
 
 Multimodal: rendered PNG images of 1..3 shapes of one kind and one colour on a light, slightly noisy
-background (most square, some twice as wide so dynamic tiling cuts them into several tiles), each with a
-conversation asking its colour, its shape and how many shapes it shows, in a shuffled order; and short
-MPEG-4 clips (written with PyAV) of one shape moving left, right, up or down across a still background,
-each asking which way the shape moves and which shape it is. The answers depend only on the pixels (the
-direction only on how they change from frame to frame), so a tiny model that learns them has learned to look.
+background (most square, some twice as wide so dynamic tiling cuts them into several tiles), each the
+subject of three single-question records (its colour, its shape, how many shapes it shows); and short
+MPEG-4 clips (written with PyAV) of one shape crossing a still background left, right, up or down, each
+asked which way the shape moves. The answers depend only on the pixels (the direction on where the shape
+is in the frames), so a tiny model that learns them has learned to look. One question a record: asked
+together in one conversation, the easy colour question's gradient drowned the shape question's (shape
+stayed at chance; bench/results/README.md, "Demo training run").
 Language: paragraphs of an embedded English text corpus (``TEXT_CORPUS``).
 Preference (MPO): the colour question answered right (chosen) and with another colour (rejected).
 
 ``generate(folder, seed)`` writes::
 
-    meta.json         pretraining / SFT mixture: shapes (multimodal) + corpus (language)
+    meta.json         pretraining / SFT mixture: shapes and motion (multimodal) + corpus (language)
     meta_mpo.json     the preference set
     eval.jsonl        held-out questions with their candidate answers (for ``evaluate``)
     shapes.jsonl, motion.jsonl, corpus.jsonl, preference.jsonl, images/*.png, videos/*.mp4
@@ -68,7 +70,7 @@ class DemoDataConfig:
     train_videos: int = 600
     eval_videos: int = 120
     clip_frames: int = 16  # frames written per clip (the loader samples data.video_frames of them)
-    clip_travel: float = 0.45  # how far the shape moves over a clip, in image sides
+    clip_travel: float = 0.6  # how far the shape moves over a clip, in image sides
 
 
 # ---- the text corpus (written for this project)
@@ -169,17 +171,16 @@ def render(rng: random.Random, color: str, shape: str, count: int, width: int, h
 
 
 def render_motion(rng: random.Random, color: str, shape: str, direction: str, frames: int, size: int, travel: float) -> list[Image.Image]:
-    """``frames`` frames of one shape moving ``travel`` image sides in ``direction`` at constant speed over a
-    still background, from a random start that keeps it whole in every frame."""
+    """``frames`` frames of one shape moving ``travel`` image sides (at most what keeps it whole in every
+    frame) in ``direction`` at constant speed over a still background, from a random start."""
     background = _background(rng, size, size)
-    r = rng.uniform(*_radius_range(size, size))
-    distance = travel * size
+    r = rng.uniform(size * 0.10, size * 0.14)  # smaller than the images' shapes: room to travel
     dx, dy = DIRECTIONS[direction]
     margin = r * 1.25 + 2  # the triangle's corners reach 1.25 r from its centre
+    distance = min(travel * size, size - 2 * margin)
 
     def start(step: int) -> float:  # a start coordinate along an axis moving by step * distance
-        low, high = margin - min(step, 0) * distance, size - margin - max(step, 0) * distance
-        return rng.uniform(low, high)
+        return rng.uniform(margin - min(step, 0) * distance, size - margin - max(step, 0) * distance)
 
     x0, y0 = start(dx), start(dy)
     rotation = 0.0 if shape == "circle" else rng.uniform(-0.3, 0.3)
@@ -226,16 +227,8 @@ def _video_record(rng: random.Random, config: DemoDataConfig, folder: str, name:
     return {"video": path, "answers": {"motion": direction, "shape": shape}}
 
 
-def _conversation(rng: random.Random, answers: dict, questions: dict, placeholder: str) -> list[dict]:
-    """The questions of ``answers``' kinds in a shuffled order, the media's placeholder in the first."""
-    kinds = list(answers)
-    rng.shuffle(kinds)
-    turns = []
-    for index, kind in enumerate(kinds):
-        question = questions[kind][0]
-        turns.append({"from": "human", "value": f"{placeholder}\n{question}" if index == 0 else question})
-        turns.append({"from": "gpt", "value": answers[kind]})
-    return turns
+def _question(placeholder: str, question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": f"{placeholder}\n{question}"}, {"from": "gpt", "value": answer}]
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -267,7 +260,8 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
     train = []
     for index in range(config.train_images):
         record = _image_record(rng, config, folder, f"train_{index:05d}")
-        train.append({"image": record["image"], "conversations": _conversation(rng, record["answers"], QUESTIONS, "<image>")})
+        for kind, (question, _) in QUESTIONS.items():
+            train.append({"image": record["image"], "conversations": _question("<image>", question, record["answers"][kind])})
     _write_jsonl(os.path.join(folder, "shapes.jsonl"), train)
 
     evaluation = []
@@ -288,11 +282,10 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
     _write_jsonl(os.path.join(folder, "preference.jsonl"), preference)
 
     # The clips are drawn last: the images of a seed are those of the generator before clips were added.
-    video_questions = {"motion": MOTION_QUESTION, "shape": QUESTIONS["shape"]}
     motion = []
     for index in range(config.train_videos):
         record = _video_record(rng, config, folder, f"train_{index:05d}")
-        motion.append({"video": record["video"], "conversations": _conversation(rng, record["answers"], video_questions, "<video>")})
+        motion.append({"video": record["video"], "conversations": _question("<video>", MOTION_QUESTION[0], record["answers"]["motion"])})
     _write_jsonl(os.path.join(folder, "motion.jsonl"), motion)
     for index in range(config.eval_videos):
         record = _video_record(rng, config, folder, f"eval_{index:05d}")
@@ -310,7 +303,9 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
         "demo_corpus": {"root": ".", "annotation": "corpus.jsonl", "repeat_time": config.corpus_repeat, "length": len(corpus), "kind": "text"},
     }
     if motion:
-        meta["demo_motion"] = {"root": ".", "annotation": "motion.jsonl", "repeat_time": 1, "length": len(motion), "data_augment": False}
+        # A quarter of the multimodal tokens (by default each dataset's share is its epoch size).
+        meta["demo_shapes"]["weight"] = 3.0
+        meta["demo_motion"] = {"root": ".", "annotation": "motion.jsonl", "repeat_time": 1, "length": len(motion), "data_augment": False, "weight": 1.0}
     _write_json(meta_path, meta)
     _write_json(os.path.join(folder, "meta_mpo.json"), {
         "demo_preference": {"root": ".", "annotation": "preference.jsonl", "repeat_time": 1, "length": len(preference), "kind": "preference"},

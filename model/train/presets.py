@@ -18,8 +18,8 @@ DEMO = {
     "output_dir": "runs/demo",
     "max_steps": 1100,
     "cpu_threads": 1,
-    "optim": {"lr": 6e-3, "warmup_steps": 30, "betas": (0.9, 0.95)},
-    "data": {"system_message": None, "max_packed_tokens": 2048, "max_tiles": 64, "max_buffers": 4, "max_num": 2},
+    "optim": {"lr": 5e-4, "warmup_steps": 30, "betas": (0.9, 0.95)},
+    "data": {"system_message": None, "max_packed_tokens": 2048, "max_tiles": 64, "max_buffers": 4, "max_num": 2, "video_frames": 4},
     "logging": {"log_every": 10, "log": ("tensorboard",)},
     "checkpoint": {"save_every": 200, "keep_last": 2},
 }

@@ -23,7 +23,7 @@ from model.train.checkpointing import list_checkpoints
 from model.train.cli import build_parser, config_from_args, main
 from model.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
 from model.data.video import read_video
-from model.train.demo_data import DIRECTIONS, SHAPES, DemoDataConfig, generate
+from model.train.demo_data import DIRECTIONS, MOTION_QUESTION, DemoDataConfig, generate
 from model.train.distributed import resolve_device
 from model.train.metrics import MetricsLog, read_metrics
 from model.train.optim import WarmupCosine, parameter_groups
@@ -114,9 +114,9 @@ def test_demo_clips_move_the_way_their_answer_says(data_dir):
     assert len(records) == SMALL_DATA.train_videos and len({record["video"] for record in records}) == len(records)
     directions = set()
     for record in records:
-        answers = {turn["value"] for turn in record["conversations"][1::2]}
-        direction = (answers & set(DIRECTIONS)).pop()
-        assert len(answers & set(SHAPES)) == 1 and "<video>" in record["conversations"][0]["value"]
+        question, answer = record["conversations"]
+        assert question["value"] == f"<video>\n{MOTION_QUESTION[0]}" and answer["value"] in DIRECTIONS
+        direction = answer["value"]
         frames = read_video(str(data_dir / record["video"]), SMALL_DATA.clip_frames)
         assert len(frames) == SMALL_DATA.clip_frames
 
