@@ -344,3 +344,24 @@ def test_start_benchmark_records_each_rank_at_each_world_size(tmp_path):
     assert sum(rank["parameter_bytes"] for rank in two["ranks"]) >= whole  # the replicated projector twice
     assert all(rank["parameter_bytes"] < 0.6 * whole for rank in two["ranks"])
     assert "| 2 |" in next(tmp_path.glob("*_start-tiny.md")).read_text()
+
+
+def test_demo_learning_benchmark_trains_each_route_on_each_kind(tmp_path):
+    """python -m bench.demo_learning on a small generated demo folder: the head and whole-model routes on an
+    image question and the clips' question, each run's held-out curve within [0, 1] beside its chance."""
+    import json
+
+    from bench import demo_learning
+    from model.train.demo_data import DemoDataConfig, generate
+
+    data = tmp_path / "data"
+    generate(str(data), seed=0, config=DemoDataConfig(train_images=6, eval_images=3, preference_pairs=1, train_videos=4, eval_videos=3))
+    assert demo_learning.main(["--data", str(data), "--steps", "2", "--batch", "2", "--kinds", "count,motion", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*_demo-learning.json")).read_text())
+    assert [(run["route"], run["kind"]) for run in record["runs"]] == [("head", "count"), ("model", "count"), ("head", "motion"), ("model", "motion")]
+    for run in record["runs"]:
+        assert [entry["step"] for entry in run["curve"]] == [1, 2] and all(0 <= entry["accuracy"] <= 1 for entry in run["curve"])
+        assert run["chance"] == (0.25 if run["kind"] == "motion" else round(1 / 3, 4)) and run["views"] == 4
+    assert "| model | motion |" in next(tmp_path.glob("*_demo-learning.md")).read_text()
+    with pytest.raises(SystemExit):
+        demo_learning.main(["--kinds", "size"])
