@@ -7,8 +7,9 @@ from .config import TrainConfig
 
 
 # The demo: a tiny InternVL3 (the "tiny" preset widened, 112-pixel tiles of 16 tokens) on the generated
-# shapes data mixed 1:3 with the embedded corpus, sized to learn in about five minutes on 2 CPU cores
-# (single-threaded). What it learns and what did not help: bench/results/README.md, "Demo training run".
+# shapes and clips (4 frames each) mixed 1:3 with the embedded corpus, sized to run in about five minutes on
+# 2 CPU cores (single-threaded). What it learns, the learning rates and data layouts that did worse, and
+# why shape and motion stay near chance: bench/results/README.md, "Demo training run".
 DEMO = {
     "model": {
         "preset": "tiny",
