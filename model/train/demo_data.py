@@ -6,8 +6,8 @@ subject of three single-question records (its colour, its shape, how many shapes
 MPEG-4 clips (written with PyAV) of one shape crossing a still background left, right, up or down, each
 asked which way the shape moves. The answers depend only on the pixels (the direction on where the shape
 is in the frames), so a tiny model that learns them has learned to look. One question a record: asked
-together in one conversation, the easy colour question's gradient drowned the shape question's (shape
-stayed at chance; bench/results/README.md, "Demo training run").
+together in one conversation, shape and count were learnt slower (bench/results/README.md, "Demo
+training run").
 Language: paragraphs of an embedded English text corpus (``TEXT_CORPUS``).
 Preference (MPO): the colour question answered right (chosen) and with another colour (rejected).
 
