@@ -224,7 +224,7 @@ def _video_record(rng: random.Random, config: DemoDataConfig, folder: str, name:
     frames = render_motion(rng, color, shape, direction, config.clip_frames, config.image_size, config.clip_travel)
     path = f"videos/{name}.mp4"
     write_clip(os.path.join(folder, path), frames)
-    return {"video": path, "answers": {"motion": direction, "shape": shape}}
+    return {"video": path, "answer": direction}
 
 
 def _question(placeholder: str, question: str, answer: str) -> list[dict]:
@@ -281,17 +281,16 @@ def generate(folder: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig
         preference.append({"image": record["image"], "question": f"<image>\n{QUESTIONS['color'][0]}", "chosen": chosen, "rejected": rejected})
     _write_jsonl(os.path.join(folder, "preference.jsonl"), preference)
 
-    # The clips are drawn last: the images of a seed are those of the generator before clips were added.
     motion = []
     for index in range(config.train_videos):
         record = _video_record(rng, config, folder, f"train_{index:05d}")
-        motion.append({"video": record["video"], "conversations": _question("<video>", MOTION_QUESTION[0], record["answers"]["motion"])})
+        motion.append({"video": record["video"], "conversations": _question("<video>", MOTION_QUESTION[0], record["answer"])})
     _write_jsonl(os.path.join(folder, "motion.jsonl"), motion)
     for index in range(config.eval_videos):
         record = _video_record(rng, config, folder, f"eval_{index:05d}")
         evaluation.append({
             "video": record["video"], "kind": "motion", "question": f"<video>\n{MOTION_QUESTION[0]}",
-            "answer": record["answers"]["motion"], "candidates": list(MOTION_QUESTION[1]),
+            "answer": record["answer"], "candidates": list(MOTION_QUESTION[1]),
         })
     _write_jsonl(os.path.join(folder, "eval.jsonl"), evaluation)
 
