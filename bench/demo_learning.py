@@ -34,8 +34,8 @@ ROUTES = ("head", "model")
 
 
 def _questions(data: Path, kind: str) -> tuple[list, list, list]:
-    """The kind's training items (media, answer) from the demo's single-question records, its held-out
-    questions (eval.jsonl's lines) and its candidate answers."""
+    """The kind's training questions from the demo's single-question records and its held-out questions
+    (eval.jsonl's lines), both as the evaluation's records (media, "question", "answer"), and its candidates."""
     from model.train.demo_data import MOTION_QUESTION, QUESTIONS
 
     question, candidates = MOTION_QUESTION if kind == "motion" else QUESTIONS[kind]
@@ -45,28 +45,10 @@ def _questions(data: Path, kind: str) -> tuple[list, list, list]:
         record = json.loads(line)
         asked, answer = record["conversations"]
         if asked["value"].endswith(question):
-            train.append((record.get("video") or record["image"], answer["value"]))
+            media = {key: record[key] for key in ("image", "video") if key in record}
+            train.append({**media, "question": asked["value"], "answer": answer["value"]})
     held = [line for line in (data / "eval.jsonl").read_text().splitlines() if json.loads(line)["kind"] == kind]
     return train, held, list(candidates)
-
-
-class _Media:
-    """Tiles of an image (dynamic tiling) or of a clip's frames (one each), by path, decoded once."""
-
-    def __init__(self, data: Path, tiler, video_frames: int):
-        self.data, self.tiler, self.video_frames, self.cache = data, tiler, video_frames, {}
-
-    def __call__(self, path: str) -> list[torch.Tensor]:
-        from model.data import load_image
-        from model.data.video import frame_tiles, read_video
-
-        if path not in self.cache:
-            full = str(self.data / path)
-            if path.endswith(".mp4"):
-                self.cache[path] = frame_tiles(read_video(full, self.video_frames), self.tiler.tile_size)
-            else:
-                self.cache[path] = [self.tiler(load_image(full))]
-        return self.cache[path]
 
 
 def _head_features(model, media: list[list[torch.Tensor]], width: int) -> torch.Tensor:
@@ -92,14 +74,18 @@ def train_route(route: str, kind: str, data: Path, steps: int, batch: int, lr: f
     from model.data import ConversationEncoder, PackingConfig, collate
     from model.data.tokenizer import ByteTokenizer
     from model.modeling import InternVL3
-    from model.train.evaluation import evaluate_choices
+    from model.train.evaluation import evaluate_choices, question_media
     from model.train.presets import preset_config
 
     config = preset_config("demo")
     model_config = config.model_config()
     model = InternVL3(model_config, init_seed=seed)
     tiler = config.data.tiler(model_config.vision.image_size)
-    media = _Media(data, tiler, config.data.video_frames)
+    cache: dict = {}
+
+    def media(record: dict) -> tuple[str, list]:  # the question's text and tiles, as the evaluation builds them
+        return question_media(record, str(data), tiler, config.data.video_frames, cache)
+
     train, held, candidates = _questions(data, kind)
     rng = random.Random(seed)
     curve, began = [], time.perf_counter()
@@ -109,36 +95,30 @@ def train_route(route: str, kind: str, data: Path, steps: int, batch: int, lr: f
         index = {answer: row for row, answer in enumerate(candidates)}
         parameters = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
         optimizer = _optimizer(parameters, lr)
-        held_items = [(record["video"] if kind == "motion" else record["image"], record["answer"]) for record in map(json.loads, held)]
+        held_items = [json.loads(line) for line in held]
 
         def loss_of(items):
-            logits = head(_head_features(model, [media(path) for path, _ in items], model_config.text.hidden_size))
-            return logits, nn.functional.cross_entropy(logits, torch.tensor([index[answer] for _, answer in items]))
+            logits = head(_head_features(model, [media(item)[1] for item in items], model_config.text.hidden_size))
+            return logits, nn.functional.cross_entropy(logits, torch.tensor([index[item["answer"]] for item in items]))
 
         def accuracy():
             with torch.no_grad():
-                hits = sum((loss_of(held_items[i : i + 32])[0].argmax(-1) == torch.tensor([index[a] for _, a in held_items[i : i + 32]])).sum().item()
+                hits = sum((loss_of(held_items[i : i + 32])[0].argmax(-1) == torch.tensor([index[item["answer"]] for item in held_items[i : i + 32]])).sum().item()
                            for i in range(0, len(held_items), 32))
             return hits / len(held_items)
     else:
         encoder = ConversationEncoder(ByteTokenizer(), num_image_token=model_config.tokens_per_tile, system_message=None)
-        from model.train.demo_data import MOTION_QUESTION, QUESTIONS
-
-        question = (MOTION_QUESTION if kind == "motion" else QUESTIONS[kind])[0]
-        placeholder = "<video>" if kind == "motion" else "<image>"
         packing = PackingConfig(max_packed_tokens=2**31 - 1, max_tiles=2**31 - 1)
         optimizer = _optimizer(model.parameters(), lr)
         eval_file = data / f"eval-{kind}.jsonl"
         eval_file.write_text("\n".join(held) + "\n")
 
         def loss_of(items):
-            from model.data.video import with_video_prompt
-
             samples = []
-            for path, answer in items:
-                pixels = media(path)
-                text = with_video_prompt(question, len(pixels)) if kind == "motion" else f"{placeholder}\n{question}"
-                samples.append(encoder.encode_conversation([{"from": "human", "value": text}, {"from": "gpt", "value": answer}], pixels, path))
+            for item in items:
+                text, pixels = media(item)
+                conversation = [{"from": "human", "value": text}, {"from": "gpt", "value": item["answer"]}]
+                samples.append(encoder.encode_conversation(conversation, pixels, item.get("video") or item["image"]))
             pack = collate(samples, packing, rng)
             output = model(pack.input_ids, pack.pixel_values, pack.cu_seqlens, pack.positions, pack.labels, pack.loss_weights,
                            pack.max_seqlen, image_flags=pack.image_flags)

@@ -13,7 +13,7 @@ from ..data import ConversationEncoder, ImageTiler, PackingConfig, collate, load
 from ..data.video import frame_tiles, read_video, with_video_prompt
 
 
-def _question_media(record: dict, root: str, tiler: ImageTiler, video_frames: int, cache: dict) -> tuple[str, list]:
+def question_media(record: dict, root: str, tiler: ImageTiler, video_frames: int, cache: dict) -> tuple[str, list]:
     """The question's text and its media's tiles (one tensor per image or frame), as the training data builds
     them: an image path or a list of them (sharing the tile budget), or a video (sampled frames, one tile
     each, the ``<video>`` placeholder replaced by the frames' prompt). ``cache``: tiles by path."""
@@ -48,7 +48,7 @@ def evaluate_choices(model, eval_file: str, encoder: ConversationEncoder, tiler:
     cache: dict = {}
     samples, owners = [], []
     for index, record in enumerate(records):
-        question, pixel_values = _question_media(record, root, tiler, video_frames, cache)
+        question, pixel_values = question_media(record, root, tiler, video_frames, cache)
         for candidate in record["candidates"]:
             conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": candidate}]
             samples.append(encoder.encode_conversation(conversation, pixel_values, f"{eval_file}:{index + 1}"))

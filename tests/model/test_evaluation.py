@@ -14,7 +14,7 @@ from model.data import ConversationEncoder, DatasetSpec, ImageTiler, RecordDatas
 from model.data.tokenizer import ByteTokenizer  # noqa: E402
 from model.modeling import InternVL3  # noqa: E402
 from model.train.demo_data import DemoDataConfig, generate  # noqa: E402
-from model.train.evaluation import _question_media, evaluate_choices  # noqa: E402
+from model.train.evaluation import question_media, evaluate_choices  # noqa: E402
 
 FRAMES = 3
 
@@ -48,13 +48,13 @@ def test_questions_see_their_media_as_training_does(demo, tmp_path):
     dataset = RecordDataset(DatasetSpec("as_training", str(annotation), root=str(folder)), encoder, tiler, augment=False, shuffle=False,
                             video_frames=FRAMES)
     for row, record in enumerate(cases):
-        question, pixel_values = _question_media(record, str(folder), tiler, FRAMES, {})
+        question, pixel_values = question_media(record, str(folder), tiler, FRAMES, {})
         conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": record["answer"]}]
         built = encoder.encode_conversation(conversation, pixel_values, "eval")
         expected = dataset.load_record(row)
         assert torch.equal(built.input_ids, expected.input_ids) and torch.equal(built.labels, expected.labels)
         assert torch.equal(built.pixel_values, expected.pixel_values)
-    assert _question_media(video, str(folder), tiler, FRAMES, {})[0].count("Frame") == FRAMES
+    assert question_media(video, str(folder), tiler, FRAMES, {})[0].count("Frame") == FRAMES
 
 
 def test_accuracy_per_kind_includes_the_video_questions(demo):
