@@ -91,6 +91,7 @@ def train_route(route: str, kind: str, data: Path, steps: int, batch: int, lr: f
     curve, began = [], time.perf_counter()
     if route == "head":
         parts = config.data.video_frames if kind == "motion" else 1
+        torch.manual_seed(seed)  # the head's initialisation: the same curve on every run of a seed
         head = nn.Linear(model_config.text.hidden_size * parts, len(candidates))
         index = {answer: row for row, answer in enumerate(candidates)}
         parameters = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
