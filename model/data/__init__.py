@@ -17,9 +17,11 @@ from .tokenizer import (
     format_chat,
     load_tokenizer,
 )
+from .video import FRAME_OFFSETS, FrameSampling
 
 __all__ = [
     "DELTA_CHOICES",
+    "FRAME_OFFSETS",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -30,6 +32,7 @@ __all__ = [
     "DataErrors",
     "DatasetIndex",
     "DatasetSpec",
+    "FrameSampling",
     "HFTokenizer",
     "ImageTiler",
     "JsonlFile",

@@ -7,8 +7,8 @@ optional "data_augment": bool, "kind": "conversation"|"text"|"preference", "moda
 Records (one JSON object a line):
 - conversation: {"image": path | [paths] | absent, "conversations": [{"from": "human"|"gpt", "value": ...}]}
   (n images share the tile budget: each is tiled with at most max_num // n tiles, as InternVL does), or
-  with {"video": path} instead of images: frames sampled, one tile each, ``<video>`` (prepended to the first
-  human turn when absent) replaced by ``Frame1: <image>`` lines (model/data/video.py)
+  with {"video": path} instead of images: frames sampled (a FrameSampling), one tile each, ``<video>``
+  (prepended to the first human turn when absent) replaced by ``Frame1: <image>`` lines (model/data/video.py)
 - text-only: {"text": ...} (or a conversation without images)
 - preference (MPO): {"image": ..., "question" or "prompt": ..., "chosen": ..., "rejected": ...}
 
@@ -29,9 +29,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-from .conversation import ConversationEncoder, DataError, PreferencePair, Sample
+from .conversation import ConversationEncoder, DataError, PreferencePair, Sample, SampleShape
 from .tiling import ImageTiler, image_size, load_image
-from .video import VIDEO_PLACEHOLDER, frame_tiles, load_frames, sample_frame_indices, video_frame_count, with_video_prompt
+from .video import VIDEO_PLACEHOLDER, FrameSampling, frame_separator, frame_tiles, load_frames, video_frame_count, with_frames, with_video_prompt
 
 KINDS = ("conversation", "text", "preference")
 MODALITIES = ("language", "multimodal")
@@ -234,8 +234,10 @@ class RecordDataset:
     augmentation of a record is seeded from (seed, name, epoch, position), so it is the same after a resume.
     ``index`` (a DatasetIndex of the annotation file): the line offsets come from it (no scan of the file),
     and ``get_shape`` gives an item's shape without reading the record. ``images_decoded`` counts the
-    image files (and video frames) this object has decoded. ``video_frames``: frames sampled per video
-    (model.data.video).
+    image files (and video frames) this object has decoded. ``video_frames``: the frames sampled per video,
+    a FrameSampling or a fixed count (``FrameSampling.fixed``); its draws (count and offsets) are seeded
+    from (seed, name, epoch, position) like the augmentation, so the planner's shape and the decoded
+    sample agree, and a resume draws the same frames.
     """
 
     def __init__(
@@ -248,7 +250,7 @@ class RecordDataset:
         augment: bool = True,
         shuffle: bool = True,
         index=None,
-        video_frames: int = 8,
+        video_frames: Union[int, FrameSampling] = 8,
     ):
         self.spec = spec
         self.name = spec.name
@@ -259,9 +261,14 @@ class RecordDataset:
         self.augment = augment and spec.data_augment
         self.shuffle = shuffle
         self.index = index
-        if video_frames < 1:
-            raise ValueError(f"video_frames must be at least 1, got {video_frames}")
-        self.video_frames = video_frames
+        if isinstance(video_frames, int) and not isinstance(video_frames, bool):
+            if video_frames < 1:
+                raise ValueError(f"video_frames must be at least 1, got {video_frames}")
+            video_frames = FrameSampling.fixed(video_frames)
+        if not isinstance(video_frames, FrameSampling):
+            raise TypeError(f"video_frames must be an int or a FrameSampling, got {type(video_frames).__name__}")
+        self.frame_sampling = video_frames
+        self._separator_tokens: dict[int, int] = {}
         self.file = JsonlFile(spec.annotation, index.offsets, index.line_numbers) if index is not None else JsonlFile(spec.annotation)
         self.images_decoded = 0
         self.kind = spec.kind or self._infer_kind()
@@ -328,21 +335,54 @@ class RecordDataset:
             self.errors.record(self.file.path, self.file.line_number(index), str(error))
             return None
 
+    def _frames_rng(self, epoch: int, position: int) -> random.Random:
+        return seeded_rng(self.seed, self.name, "frames", epoch, position)
+
     def get(self, epoch: int, position: int) -> Optional[Item]:
         """The item at ``position`` of ``epoch``'s order, or None when the record is bad (then counted)."""
         rng = seeded_rng(self.seed, self.name, "augment", epoch, position) if self.augment else None
-        return self._read(epoch, position, lambda index: self.load_record(index, rng))
+        return self._read(epoch, position, lambda index: self.load_record(index, rng, frames_rng=self._frames_rng(epoch, position)))
 
     def get_shape(self, epoch: int, position: int):
         """The shape (SampleShape, or a PreferencePair of them) of the item ``get`` would return, from the
         index, or None when the index found the record bad (then counted)."""
         if self.index is None:
             raise ValueError(f"dataset {self.name!r} has no index: shapes come from a DatasetIndex")
-        return self._read(epoch, position, self.index.item_shape)
+        return self._read(epoch, position, lambda index: self._indexed_shape(index, self._frames_rng(epoch, position)))
 
-    def load_record(self, index: int, augment_rng: Optional[random.Random] = None, measure: bool = False) -> Item:
-        """The item of record ``index``; DataError when it cannot be built. ``measure``: its shape only (the
-        tokens are encoded, each image's tile count comes from its file's header, no pixel is decoded)."""
+    def _indexed_shape(self, index: int, frames_rng: random.Random):
+        """The index's shape of record ``index``; a video's grown to the frame count ``frames_rng`` draws."""
+        shape = self.index.item_shape(index)
+        total = self.index.video_total(index)
+        if not total:
+            return shape
+        frames = self.frame_sampling.count(total, frames_rng)
+        if isinstance(shape, PreferencePair):
+            return PreferencePair(self._with_frames(shape.chosen, frames), self._with_frames(shape.rejected, frames), shape.source)
+        return self._with_frames(shape, frames)
+
+    def _with_frames(self, shape: SampleShape, frames: int) -> SampleShape:
+        return with_frames(shape, frames, self._separator_length, self.encoder.num_image_token + 2)
+
+    def _separator_length(self, frame: int) -> int:
+        if frame not in self._separator_tokens:
+            self._separator_tokens[frame] = len(self.encoder.tokenizer.encode(frame_separator(frame)))
+        return self._separator_tokens[frame]
+
+    def load_record(self, index: int, augment_rng: Optional[random.Random] = None, frames_rng: Optional[random.Random] = None) -> Item:
+        """The item of record ``index``; DataError when it cannot be built. ``frames_rng``: the draws of a
+        video's frames (none: the sampling's least count at the segments' middles)."""
+        return self._build(index, augment_rng, frames_rng, measure=False)[0]
+
+    def measure_record(self, index: int) -> tuple:
+        """(the shape of record ``index``'s item with its video's least frame count at the segments'
+        middles, the video's frame total or 0 when it has none), without decoding a pixel: the tokens are
+        encoded, each image's tile count comes from its file's header, a video's frame total from its
+        container. DataError when the record cannot become an item."""
+        return self._build(index, None, None, measure=True)
+
+    def _build(self, index: int, augment_rng: Optional[random.Random], frames_rng: Optional[random.Random], measure: bool) -> tuple:
+        """(the item of record ``index``, or its shape when measuring; the video's frame total, or 0)."""
         record = self.file.read(index)
         source = self.source(index)
         kind = record_kind(record)
@@ -350,8 +390,9 @@ class RecordDataset:
         if record.get("video") is not None:
             if paths or kind == "text":
                 raise DataError("malformed record: a video record holds a conversation or a preference, and no images")
-            record, images = self._video(record, measure, augment_rng)
+            record, images, video_total = self._video(record, measure, frames_rng)
         else:
+            video_total = 0
             tiler = self.tiler.for_images(len(paths))  # several images share the tile budget
             if measure:
                 images = {"tiles_per_image": [self._open_image(path, lambda full: tiler.num_tiles(*image_size(full))) for path in paths]}
@@ -368,17 +409,18 @@ class RecordDataset:
             if prompt is None or "chosen" not in record or "rejected" not in record:
                 raise DataError("malformed record: a preference record needs 'question' (or 'prompt'), 'chosen' and 'rejected'")
             item = self.encoder.encode_preference(prompt, record["chosen"], record["rejected"], source=source, **images)
-        return item.shape() if measure else item
+        return (item.shape() if measure else item), video_total
 
-    def _video(self, record: dict, measure: bool, augment_rng: Optional[random.Random]) -> tuple[dict, dict]:
+    def _video(self, record: dict, measure: bool, frames_rng: Optional[random.Random]) -> tuple[dict, dict, int]:
         """The record with its ``<video>`` placeholder (prepended to the first human turn, or the prompt, when
-        absent) replaced by one ``FrameN: <image>`` line per sampled frame, and the frames (one tile each):
-        their count when measuring, their pixels otherwise."""
+        absent) replaced by one ``FrameN: <image>`` line per sampled frame, the frames (one tile each):
+        their count when measuring, their pixels otherwise, and the video's frame total."""
         video = record["video"]
         if not isinstance(video, str):
             raise DataError("malformed record: 'video' must be a path")
         path = os.path.join(self.spec.root, video)
-        indices = sample_frame_indices(video_frame_count(path), self.video_frames)
+        total = video_frame_count(path)
+        indices = self.frame_sampling.indices(total, frames_rng)
         record = copy.deepcopy(record)
         if "conversations" in record:
             turns = record["conversations"]
@@ -398,10 +440,10 @@ class RecordDataset:
                 raise DataError("malformed record: a preference record needs 'question' (or 'prompt')")
             record[key] = with_video_prompt(text, len(indices))
         if measure:
-            return record, {"tiles_per_image": [1] * len(indices)}
+            return record, {"tiles_per_image": [1] * len(indices)}, total
         frames = load_frames(path, indices)
         self.images_decoded += len(frames)
-        return record, {"pixel_values": frame_tiles(frames, self.tiler.tile_size)}
+        return record, {"pixel_values": frame_tiles(frames, self.tiler.tile_size)}, total
 
     def _decode(self, full_path: str, tiler: ImageTiler, augment_rng: Optional[random.Random]):
         self.images_decoded += 1

@@ -3,14 +3,16 @@ cached beside the file, so that a run plans its packs without decoding an image.
 
 For each line of the file: its byte offset and line number, then either the shape of the record's sample
 (or of a preference pair's two samples: tokens, first supervised position, each image's token span and
-tiles) or the reason the record cannot become one (malformed, missing image, unreadable image header).
-Measuring tokenizes the record with the run's encoder and reads each image file's header (its size gives
-the tile count) or each video's container (its frame count gives the sampled frames); no pixel is decoded. A corrupt image whose header reads is found later, by the rank that
-decodes it.
+tiles) and its video's frame total (0 without one), or the reason the record cannot become one
+(malformed, missing image, unreadable image header). Measuring tokenizes the record with the run's encoder
+and reads each image file's header (its size gives the tile count) or each video's container (its frame
+count); no pixel is decoded. A video record is measured with the frame sampling's least count; the
+dataset grows the shape to the count it draws (model.data.video.with_frames). A corrupt image whose
+header reads is found later, by the rank that decodes it.
 
 Cache: ``<annotation>.index-<fingerprint>.npz``, the fingerprint covering the file (path, size,
-modification time), the tokenizer, the encoder's and the tiler's settings and the image root: changing any
-of them builds a new index. When the annotation's folder is not writable the index goes to
+modification time), the tokenizer, the encoder's and the tiler's settings, the image root and the least frames per video:
+changing any of them builds a new index. When the annotation's folder is not writable the index goes to
 ``$INTERNVL3_INDEX_CACHE`` (default ``~/.cache/internvl3-engine/index``). Under torch.distributed the
 ranks measure interleaved shares of the records, gather them, and rank 0 writes the file.
 """
@@ -22,7 +24,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch.distributed as dist
@@ -30,13 +32,14 @@ import torch.distributed as dist
 from .conversation import ConversationEncoder, DataError, PreferencePair, SampleShape
 from .datasets import DatasetSpec, JsonlFile, RecordDataset
 from .tiling import ImageTiler
+from .video import FrameSampling
 
-FORMAT = 1
+FORMAT = 2
 KIND_CODES = {"sample": 0, "pair": 1}
 BAD = -1
 
 
-def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, video_frames: int) -> str:
+def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, frames: FrameSampling) -> str:
     status = os.stat(spec.annotation)
     settings = {
         "format": FORMAT,
@@ -48,7 +51,7 @@ def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTi
         "num_image_token": encoder.num_image_token,
         "system_message": encoder.system_message,
         "tiler": asdict(tiler),
-        "video_frames": video_frames,
+        "video_min_frames": frames.min_frames,  # the count measured; the rest of the sampling is drawn later
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -80,6 +83,7 @@ class DatasetIndex:
         self.sample_images = arrays["sample_images"]  # [S + 1]: the samples' first image
         self.image_span = arrays["image_span"]  # [I, 2]
         self.image_tiles = arrays["image_tiles"]
+        self.video_frames = arrays["video_frames"]  # [N]: each record's video frame total, 0 without a video
         self.reasons = {int(row): reason for row, reason in json.loads(str(arrays["reasons"])).items()}
 
     def __len__(self) -> int:
@@ -95,6 +99,10 @@ class DatasetIndex:
         tiles = [int(t) for t in self.image_tiles[first:last]]
         return SampleShape(int(self.sample_length[sample]), int(self.sample_first_target[sample]), spans, tiles, source)
 
+    def video_total(self, record: int) -> int:
+        """The frame total of record ``record``'s video (0: it has none)."""
+        return int(self.video_frames[record])
+
     def item_shape(self, record: int):
         if int(self.kinds[record]) == BAD:
             raise DataError(self.reasons[record])
@@ -109,7 +117,8 @@ class DatasetIndex:
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         arrays = {name: getattr(self, name) for name in ("offsets", "line_numbers", "kinds", "record_samples", "sample_length",
-                                                          "sample_first_target", "sample_images", "image_span", "image_tiles")}
+                                                          "sample_first_target", "sample_images", "image_span", "image_tiles",
+                                                          "video_frames")}
         handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, reasons=np.array(json.dumps({str(k): v for k, v in self.reasons.items()})),
@@ -136,21 +145,22 @@ class DatasetIndex:
 
 
 def _measure(dataset: RecordDataset, records) -> list:
-    """(record, shape or the reason it is bad) for ``records`` of ``dataset``."""
+    """(record, shape or the reason it is bad, video frame total) for ``records`` of ``dataset``."""
     measured = []
     for record in records:
         try:
-            measured.append((record, dataset.load_record(record, measure=True)))
+            measured.append((record, *dataset.measure_record(record)))
         except DataError as error:
-            measured.append((record, str(error)))
+            measured.append((record, str(error), 0))
     return measured
 
 
 def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str) -> DatasetIndex:
     measured = sorted(measured, key=lambda entry: entry[0])
-    kinds, record_samples, reasons = [], [0], {}
+    kinds, record_samples, reasons, video_frames = [], [0], {}, []
     lengths, first_targets, sample_images, spans, tiles = [], [], [0], [], []
-    for record, shape in measured:
+    for record, shape, video_total in measured:
+        video_frames.append(video_total)
         if isinstance(shape, str):
             kinds.append(BAD)
             reasons[record] = shape
@@ -178,6 +188,7 @@ def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str
         "sample_images": np.asarray(sample_images, dtype=np.int64),
         "image_span": np.asarray(spans, dtype=np.int64).reshape(-1, 2),
         "image_tiles": np.asarray(tiles, dtype=np.int64),
+        "video_frames": np.asarray(video_frames, dtype=np.int64),
         "reasons": np.array(json.dumps({str(k): v for k, v in reasons.items()})),
     }
     return DatasetIndex(annotation, arrays, fingerprint)
@@ -185,13 +196,14 @@ def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str
 
 def load_or_build_index(
     spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, progress: Optional[Callable] = None,
-    video_frames: int = 8,
+    video_frames: Union[int, FrameSampling] = 8,
 ) -> DatasetIndex:
     """The index of ``spec``'s annotation file: from the cache when it matches, else measured (split over
     the ranks under torch.distributed; call it on every rank) and cached. ``progress(iterable, total,
-    description)`` wraps the measuring loop (e.g. a tqdm bar); None: silent. ``video_frames``: frames
-    sampled per video (the RecordDataset's)."""
-    fingerprint = _fingerprint(spec, encoder, tiler, video_frames)
+    description)`` wraps the measuring loop (e.g. a tqdm bar); None: silent. ``video_frames``: the frame
+    sampling of videos (the RecordDataset's)."""
+    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False, video_frames=video_frames)
+    fingerprint = _fingerprint(spec, encoder, tiler, dataset.frame_sampling)
     path = cache_path(spec, fingerprint)
     index = DatasetIndex.load(path, spec.annotation, fingerprint)
     distributed = dist.is_available() and dist.is_initialized()
@@ -202,7 +214,6 @@ def load_or_build_index(
             index = None
     if index is not None:
         return index
-    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False, video_frames=video_frames)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     records = range(rank, len(dataset.file), world)
     if progress is not None:

@@ -28,7 +28,7 @@ from typing import ClassVar, Optional
 import torch
 
 from ..config import InternVL3Config
-from ..data import INTERNVL3_SYSTEM_MESSAGE, ImageTiler, PackingConfig
+from ..data import FRAME_OFFSETS, INTERNVL3_SYSTEM_MESSAGE, FrameSampling, ImageTiler, PackingConfig
 from .metrics import log_backends
 from .mpo import MPO_BETA, MPO_WEIGHTS
 
@@ -104,7 +104,12 @@ class DataConfig(_Settings):
     ``max_num`` / ``min_num``: tiles per image (dynamic tiling), a thumbnail added when more than one.
     ``language_weight`` / ``multimodal_weight``: the mix of text-only and image datasets. ``num_workers``:
     DataLoader worker processes decoding each rank's packs (0: in the training process), each holding
-    ``prefetch_factor`` steps ahead. ``video_frames``: frames sampled per video record, one tile each."""
+    ``prefetch_factor`` steps ahead. ``video_frames``: frames sampled per video record, one tile each (the
+    most a training sample takes, and what evaluation takes); ``video_min_frames``: the least a training
+    sample takes, its count drawn per sample between the two (InternVL's min_num_frame / max_num_frame;
+    None: always video_frames); ``video_frame_offsets``: each frame from the middle of its segment of the
+    video ("middle", as transformers' processor samples) or from a random place in it ("random", as
+    InternVL trains)."""
 
     SECTION: ClassVar[str] = "data"
 
@@ -125,6 +130,8 @@ class DataConfig(_Settings):
     num_workers: int = 2
     prefetch_factor: int = 2
     video_frames: int = 8
+    video_min_frames: Optional[int] = None
+    video_frame_offsets: str = "middle"
 
     def __post_init__(self):
         try:  # the packer's and the tiler's own checks, run now
@@ -136,10 +143,18 @@ class DataConfig(_Settings):
             self._require(name, getattr(self, name) >= 0, ">= 0")
         self._at_least(0, "num_workers")
         self._at_least(1, "prefetch_factor", "video_frames")
+        self._require("video_min_frames", self.video_min_frames is None or 1 <= self.video_min_frames <= self.video_frames,
+                      f"None or in [1, video_frames={self.video_frames}]")
+        self._require("video_frame_offsets", self.video_frame_offsets in FRAME_OFFSETS, f"one of {FRAME_OFFSETS}")
 
     def packing(self, blank_tile_size: Optional[int] = None) -> PackingConfig:
         return PackingConfig(max_packed_tokens=self.max_packed_tokens, max_tiles=self.max_tiles, max_buffers=self.max_buffers,
                              overlong=self.overlong, loss_mode=self.loss_mode, blank_tile_size=blank_tile_size)
+
+    def frame_sampling(self) -> FrameSampling:
+        """The frames a training sample takes of a video."""
+        least = self.video_frames if self.video_min_frames is None else self.video_min_frames
+        return FrameSampling(least, self.video_frames, self.video_frame_offsets)
 
     def tiler(self, tile_size: Optional[int] = None) -> ImageTiler:
         sizes = {} if tile_size is None else {"tile_size": tile_size}

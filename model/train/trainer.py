@@ -295,14 +295,14 @@ class Trainer:
         indexes = {
             spec.name: load_or_build_index(spec, self.encoder, self.tiler,
                                            lambda items, total, what: progress_bar(total, 0, show, items, what, unit="record"),
-                                           video_frames=data.video_frames)
+                                           video_frames=data.frame_sampling())
             for spec in specs
         }
 
         def datasets():
             # Built twice: the planner's and the decoder's datasets report bad records to different journals.
             built = [RecordDataset(spec, self.encoder, self.tiler, seed=config.seed, augment=data.augment, index=indexes[spec.name],
-                                   video_frames=data.video_frames) for spec in specs]
+                                   video_frames=data.frame_sampling()) for spec in specs]
             if config.mode == "mpo":
                 built = [dataset for dataset in built if dataset.kind == "preference"]
                 if not built:

@@ -15,6 +15,7 @@ from model.data import (  # noqa: E402
     ConversationEncoder,
     DataErrors,
     DatasetSpec,
+    FrameSampling,
     ImageTiler,
     Packer,
     PackingConfig,
@@ -42,6 +43,16 @@ def write_video(path, frames: int, size=(32, 24)):
     container.close()
 
 
+def video_dataset(folder, name: str, records: list):
+    """(spec, encoder, tiler) of the dataset ``name`` holding ``records``, written to ``folder``."""
+    with open(folder / f"{name}.jsonl", "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    spec = DatasetSpec(name, str(folder / f"{name}.jsonl"), root=str(folder))
+    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=4, system_message=None)
+    return spec, encoder, ImageTiler(tile_size=TILE, max_num=4)
+
+
 @pytest.fixture
 def video_data(tmp_path):
     write_video(tmp_path / "clip.mp4", 20)
@@ -54,12 +65,7 @@ def video_data(tmp_path):
         {"video": "clip.mp4", "image": "a.png", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
         {"video": "clip.mp4", "question": "<video>\nWhich way?", "chosen": "left", "rejected": "right"},
     ]
-    with open(tmp_path / "videos.jsonl", "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    spec = DatasetSpec("videos", str(tmp_path / "videos.jsonl"), root=str(tmp_path))
-    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=4, system_message=None)
-    return spec, encoder, ImageTiler(tile_size=TILE, max_num=4)
+    return video_dataset(tmp_path, "videos", records)
 
 
 def test_frames_are_sampled_as_transformers_samples_them():
@@ -136,20 +142,22 @@ def test_a_video_without_frames_is_a_data_error():
         sample_frame_indices(0, 4)
 
 
-def test_resume_mid_epoch_over_video_data_is_exact(video_data):
+@pytest.mark.parametrize("sampling", [3, FrameSampling(1, 5, "random")], ids=["fixed", "drawn"])
+def test_resume_mid_epoch_over_video_data_is_exact(video_data, sampling):
     """The per-rank loader over a video dataset: a resumed loader continues with the packs (frames and all)
-    of the uninterrupted one, decoding nothing again on restore."""
+    of the uninterrupted one, decoding nothing again on restore; with drawn frame counts and offsets the
+    planner's shapes (from the index) are those of the decoded samples (no record is reported changed)."""
     from model.data import MixedStream, PackDecoder, StepPlanner, build_loader
 
     spec, encoder, tiler = video_data
-    index = load_or_build_index(spec, encoder, tiler, video_frames=3)
+    index = load_or_build_index(spec, encoder, tiler, video_frames=sampling)
     packing = PackingConfig(max_packed_tokens=200, max_tiles=8, max_buffers=2)
 
     def loader():
-        planning = RecordDataset(spec, encoder, tiler, seed=1, index=index, video_frames=3)
+        planning = RecordDataset(spec, encoder, tiler, seed=1, index=index, video_frames=sampling)
         planning = [planning] if planning.kind != "preference" else []
         stream = MixedStream(planning, 1, 3, DataErrors(journal=[]), shapes=True)
-        decoding = RecordDataset(spec, encoder, tiler, seed=1, index=index, video_frames=3)
+        decoding = RecordDataset(spec, encoder, tiler, seed=1, index=index, video_frames=sampling)
         return build_loader(StepPlanner(stream, Packer(packing, seed=1), 1), PackDecoder({spec.name: decoding}, packing, 1), 0, 2, False, 1)
 
     expected = [step for step, _ in zip(loader(), range(8))]
@@ -164,3 +172,89 @@ def test_resume_mid_epoch_over_video_data_is_exact(video_data):
         assert [b.sources for b in got.batches] == [b.sources for b in want.batches]
         assert all(torch.equal(a.pixel_values, b.pixel_values) and a.deltas == b.deltas for a, b in zip(got.batches, want.batches))
     assert sum(step.images_decoded for step in tail) == sum(step.images_decoded for step in expected[3:]) > 0
+    assert not [error for step in expected for error in step.decode_errors]
+    counts = {len(tiles) for step in expected for batch in step.batches for tiles in [batch.tiles_per_image] if tiles}
+    assert len(counts) > 1 if isinstance(sampling, FrameSampling) else counts <= {3, 6, 9}
+
+
+def test_frame_sampling_draws_a_count_between_its_bounds_and_a_frame_in_each_segment():
+    import random
+
+    middle = FrameSampling(3, 3)
+    assert middle == FrameSampling.fixed(3) and middle.indices(20, random.Random(0)) == sample_frame_indices(20, 3)
+    drawn = FrameSampling(2, 6, "random")
+    assert drawn.indices(20) == sample_frame_indices(20, 2)  # no generator: the least count at the middles
+    counts = set()
+    for seed in range(200):
+        indices = drawn.indices(20, random.Random(seed))
+        count = len(indices)
+        counts.add(count)
+        bounds = [segment * 20 // count for segment in range(count + 1)]
+        assert all(start <= index < end for index, start, end in zip(indices, bounds, bounds[1:]))
+    assert counts == {2, 3, 4, 5, 6}
+    assert {len(drawn.indices(4, random.Random(seed))) for seed in range(50)} == {2, 3, 4}  # never more than the video has
+    assert len({tuple(drawn.indices(100, random.Random(seed))) for seed in range(20)}) == 20
+
+
+@pytest.mark.parametrize("settings,message", [((0, 4), "min_frames"), ((5, 4), "max_frames"), ((2, 4, "uniform"), "offsets"),
+                                              ((2.5, 4), "min_frames")])
+def test_bad_frame_bounds_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FrameSampling(*settings)
+
+
+def test_the_training_config_checks_its_frame_bounds():
+    from model.train.config import DataConfig
+
+    assert DataConfig(video_frames=6, video_min_frames=2, video_frame_offsets="random").frame_sampling() == FrameSampling(2, 6, "random")
+    assert DataConfig(video_frames=6).frame_sampling() == FrameSampling.fixed(6)
+    for settings, name in [({"video_min_frames": 0}, "data.video_min_frames"), ({"video_min_frames": 9}, "data.video_min_frames"),
+                           ({"video_frames": 0}, "data.video_frames"), ({"video_frame_offsets": "rand"}, "data.video_frame_offsets")]:
+        with pytest.raises(ValueError, match=name):
+            DataConfig(**settings)
+
+
+@pytest.fixture
+def drawn_videos(tmp_path):
+    """Video records whose shapes the index grows: text before and after the video, the video in a later
+    human turn (the first target comes before it), a preference pair, and a video shorter than the bounds."""
+    write_video(tmp_path / "clip.mp4", 20)
+    write_video(tmp_path / "short.mp4", 3)
+    records = [
+        {"video": "clip.mp4", "conversations": [{"from": "human", "value": "Look: <video>\nWhere does it go?"}, {"from": "gpt", "value": "left"}]},
+        {"video": "clip.mp4", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                                {"from": "human", "value": "<video> and?"}, {"from": "gpt", "value": "up"}]},
+        {"video": "short.mp4", "conversations": [{"from": "human", "value": "Which way?"}, {"from": "gpt", "value": "down"}]},
+        {"video": "clip.mp4", "question": "<video>\nWhich way?", "chosen": "left", "rejected": "right"},
+    ]
+    return video_dataset(tmp_path, "drawn", records)
+
+
+def test_drawn_frames_give_the_shape_the_index_predicts_and_the_frames_they_name(drawn_videos):
+    """For every (epoch, position), the shape planned from the index (measured with the least count, grown to
+    the drawn one) equals the decoded sample's, and the decoded tiles are the drawn frames: one from each of
+    the count's equal segments of the video."""
+    spec, encoder, tiler = drawn_videos
+    sampling = FrameSampling(2, 12, "random")
+    index = load_or_build_index(spec, encoder, tiler, video_frames=sampling)
+    assert [index.video_total(record) for record in range(4)] == [20, 20, 3, 20]
+    dataset = RecordDataset(spec, encoder, tiler, seed=3, index=index, video_frames=sampling)
+    counts = set()
+    mean, std = 0.485, 0.229
+    for epoch in range(16):
+        for position in range(len(dataset)):
+            item, shape = dataset.get(epoch, position), dataset.get_shape(epoch, position)
+            assert item.shape() == shape
+            sample = item.chosen if hasattr(item, "chosen") else item
+            total = index.video_total(dataset.epoch_order(epoch)[position])
+            count = sample.num_tiles
+            counts.add(count)
+            assert 2 <= count <= 12
+            # frame i of the test video is grey level 12 i: the decoded level names the frame
+            frames = ((sample.pixel_values[:, 0].mean(dim=(1, 2)) * std + mean) * 255 / 12).round().int().tolist()
+            bounds = [segment * total // count for segment in range(count + 1)]
+            assert all(start <= frame < end for frame, start, end in zip(frames, bounds, bounds[1:])), (frames, bounds)
+    assert {2, 3, 11, 12} <= counts  # "Frame10: " and on are a token longer
+    # The index is measured with the least count: other upper bounds and offsets share it, another least count does not.
+    assert load_or_build_index(spec, encoder, tiler, video_frames=FrameSampling(2, 4)).fingerprint == index.fingerprint
+    assert load_or_build_index(spec, encoder, tiler, video_frames=FrameSampling(3, 12)).fingerprint != index.fingerprint

@@ -350,12 +350,15 @@ def test_an_asynchronous_checkpoint_holds_the_state_at_its_step_and_appears_once
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [5]
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "mpo"])
-def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(data_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode,frames", [("pretrain", {}), ("mpo", {}),
+                                         ("pretrain", {"video_min_frames": 2, "video_frames": 5, "video_frame_offsets": "random"})],
+                         ids=["pretrain", "mpo", "pretrain-drawn-frames"])
+def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(data_dir, tmp_path, mode, frames):
     data = str(data_dir / ("meta_mpo.json" if mode == "mpo" else "meta.json"))
-    settings = {"mode": mode, "data": {"path": data}, "max_steps": 8, "checkpoint": {"save_every": 4}, "grad_accum": 2}
+    settings = {"mode": mode, "data": {"path": data, **frames}, "max_steps": 8, "checkpoint": {"save_every": 4}, "grad_accum": 2}
     full = run(small_config(data_dir, tmp_path / "full", **settings))
     assert all(loss is not None and math.isfinite(loss) for loss in full.losses)
+    assert not full.data_errors  # the planned video shapes are those decoded
     halfway = dict(list_checkpoints(str(tmp_path / "full")))[4]
     resumed = run(small_config(data_dir, tmp_path / "resumed", **settings), resume=halfway)
     assert resumed.losses == full.losses[4:]
