@@ -6,11 +6,13 @@ kind of the demo data (shape, count, colour or motion) trained alone, from the d
 2. ``model``: the whole model answering that question only, in packs of ``--batch`` samples with V2PE
    deltas drawn as in training, scored as the demo's evaluation scores (``evaluate_choices``): how fast
    they are learnt through the language model, as the demo must learn them.
+3. ``head-then-model``: the head route, then the model route from the vision tower and projector it
+   trained: whether the language model learns the kind once the visual features carry it.
 
 AdamW (betas 0.9, 0.95, weight decay 0.05) at a constant ``--lr``, gradients clipped at 1, single-threaded.
 The record keeps the held-out accuracy at every fifth of the steps, and the seconds taken.
 
-    python -m bench.demo_learning [--kinds shape,motion] [--routes head,model] [--steps 600] [--lr 5e-4]
+    python -m bench.demo_learning [--kinds shape,motion] [--routes head,model,head-then-model] [--steps 600] [--lr 5e-4]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .harness import command_line, device_info, provenance, utc_now, versions, w
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("color", "shape", "count", "motion")
-ROUTES = ("head", "model")
+ROUTES = ("head", "model", "head-then-model")
 
 
 def _questions(data: Path, kind: str) -> tuple[list, list, list]:
@@ -69,12 +71,67 @@ def _optimizer(parameters, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
 
 
-def train_route(route: str, kind: str, data: Path, steps: int, batch: int, lr: float, seed: int, checkpoints: int = 5) -> dict:
-    """Held-out accuracy of ``kind`` at every ``steps / checkpoints`` steps of training it alone by ``route``."""
+class _Route:
+    """One way of training a kind alone: ``loss_of(items)``, ``accuracy()`` on the held-out questions, and
+    the parameters it trains."""
+
+    def __init__(self, loss_of, accuracy, parameters):
+        self.loss_of, self.accuracy, self.parameters = loss_of, accuracy, parameters
+
+
+def _head_route(model, model_config, media, kind: str, held: list, candidates: list, parts: int, seed: int) -> _Route:
+    torch.manual_seed(seed)  # the head's initialisation: the same curve on every run of a seed
+    head = nn.Linear(model_config.text.hidden_size * parts, len(candidates))
+    index = {answer: row for row, answer in enumerate(candidates)}
+    held_items = [json.loads(line) for line in held]
+
+    def loss_of(items):
+        logits = head(_head_features(model, [media(item)[1] for item in items], model_config.text.hidden_size))
+        return logits, nn.functional.cross_entropy(logits, torch.tensor([index[item["answer"]] for item in items]))
+
+    def accuracy():
+        with torch.no_grad():
+            hits = sum((loss_of(held_items[i : i + 32])[0].argmax(-1) == torch.tensor([index[item["answer"]] for item in held_items[i : i + 32]])).sum().item()
+                       for i in range(0, len(held_items), 32))
+        return hits / len(held_items)
+
+    return _Route(loss_of, accuracy, [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()])
+
+
+def _model_route(model, model_config, media, kind: str, held: list, data: Path, tiler, video_frames: int, rng: random.Random) -> _Route:
     from model.data import ConversationEncoder, PackingConfig, collate
     from model.data.tokenizer import ByteTokenizer
+    from model.train.evaluation import evaluate_choices
+
+    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=model_config.tokens_per_tile, system_message=None)
+    packing = PackingConfig(max_packed_tokens=2**31 - 1, max_tiles=2**31 - 1)
+    eval_file = data / f"eval-{kind}.jsonl"
+    eval_file.write_text("\n".join(held) + "\n")
+
+    def loss_of(items):
+        samples = []
+        for item in items:
+            text, pixels = media(item)
+            conversation = [{"from": "human", "value": text}, {"from": "gpt", "value": item["answer"]}]
+            samples.append(encoder.encode_conversation(conversation, pixels, item.get("video") or item["image"]))
+        pack = collate(samples, packing, rng)
+        output = model(pack.input_ids, pack.pixel_values, pack.cu_seqlens, pack.positions, pack.labels, pack.loss_weights,
+                       pack.max_seqlen, image_flags=pack.image_flags)
+        return None, output.loss
+
+    def accuracy():
+        result = evaluate_choices(model, str(eval_file), encoder, tiler, torch.device("cpu"), video_frames=video_frames)
+        return result["per_kind"][kind]["accuracy"]
+
+    return _Route(loss_of, accuracy, list(model.parameters()))
+
+
+def train_route(route: str, kind: str, data: Path, steps: int, batch: int, lr: float, seed: int, checkpoints: int = 5) -> dict:
+    """Held-out accuracy of ``kind`` at every ``steps / checkpoints`` steps of training it alone by ``route``
+    (``head-then-model``: ``steps`` of the head route, then ``steps`` of the model route from its vision
+    tower and projector, the curve of the second part)."""
     from model.modeling import InternVL3
-    from model.train.evaluation import evaluate_choices, question_media
+    from model.train.evaluation import question_media
     from model.train.presets import preset_config
 
     config = preset_config("demo")
@@ -88,59 +145,24 @@ def train_route(route: str, kind: str, data: Path, steps: int, batch: int, lr: f
 
     train, held, candidates = _questions(data, kind)
     rng = random.Random(seed)
+    head = _head_route(model, model_config, media, kind, held, candidates, config.data.video_frames if kind == "motion" else 1, seed)
+    whole = _model_route(model, model_config, media, kind, held, data, tiler, config.data.video_frames, rng)
+    stages = {"head": [head], "model": [whole], "head-then-model": [head, whole]}[route]
     curve, began = [], time.perf_counter()
-    if route == "head":
-        parts = config.data.video_frames if kind == "motion" else 1
-        torch.manual_seed(seed)  # the head's initialisation: the same curve on every run of a seed
-        head = nn.Linear(model_config.text.hidden_size * parts, len(candidates))
-        index = {answer: row for row, answer in enumerate(candidates)}
-        parameters = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
-        optimizer = _optimizer(parameters, lr)
-        held_items = [json.loads(line) for line in held]
-
-        def loss_of(items):
-            logits = head(_head_features(model, [media(item)[1] for item in items], model_config.text.hidden_size))
-            return logits, nn.functional.cross_entropy(logits, torch.tensor([index[item["answer"]] for item in items]))
-
-        def accuracy():
-            with torch.no_grad():
-                hits = sum((loss_of(held_items[i : i + 32])[0].argmax(-1) == torch.tensor([index[item["answer"]] for item in held_items[i : i + 32]])).sum().item()
-                           for i in range(0, len(held_items), 32))
-            return hits / len(held_items)
-    else:
-        encoder = ConversationEncoder(ByteTokenizer(), num_image_token=model_config.tokens_per_tile, system_message=None)
-        packing = PackingConfig(max_packed_tokens=2**31 - 1, max_tiles=2**31 - 1)
-        optimizer = _optimizer(model.parameters(), lr)
-        eval_file = data / f"eval-{kind}.jsonl"
-        eval_file.write_text("\n".join(held) + "\n")
-
-        def loss_of(items):
-            samples = []
-            for item in items:
-                text, pixels = media(item)
-                conversation = [{"from": "human", "value": text}, {"from": "gpt", "value": item["answer"]}]
-                samples.append(encoder.encode_conversation(conversation, pixels, item.get("video") or item["image"]))
-            pack = collate(samples, packing, rng)
-            output = model(pack.input_ids, pack.pixel_values, pack.cu_seqlens, pack.positions, pack.labels, pack.loss_weights,
-                           pack.max_seqlen, image_flags=pack.image_flags)
-            return None, output.loss
-
-        def accuracy():
-            result = evaluate_choices(model, str(eval_file), encoder, tiler, torch.device("cpu"), video_frames=config.data.video_frames)
-            return result["per_kind"][kind]["accuracy"]
-
-        parameters = list(model.parameters())
-    for step in range(1, steps + 1):
-        _, loss = loss_of(rng.sample(train, batch))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        if step % max(steps // checkpoints, 1) == 0 or step == steps:
-            curve.append({"step": step, "loss": round(loss.item(), 4), "accuracy": round(accuracy(), 4)})
-            print(f"bench.demo_learning: {route} {kind} step {step}: held-out {curve[-1]['accuracy']:.1%}", file=sys.stderr)
+    for stage, part in enumerate(stages):
+        optimizer = _optimizer(part.parameters, lr)
+        last = stage == len(stages) - 1
+        for step in range(1, steps + 1):
+            _, loss = part.loss_of(rng.sample(train, batch))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(part.parameters, 1.0)
+            optimizer.step()
+            if last and (step % max(steps // checkpoints, 1) == 0 or step == steps):
+                curve.append({"step": step, "loss": round(loss.item(), 4), "accuracy": round(part.accuracy(), 4)})
+                print(f"bench.demo_learning: {route} {kind} step {step}: held-out {curve[-1]['accuracy']:.1%}", file=sys.stderr)
     return {"route": route, "kind": kind, "lr": lr, "batch": batch, "steps": steps, "chance": round(1 / len(candidates), 4),
-            "views": steps * batch, "seconds": round(time.perf_counter() - began, 1), "curve": curve}
+            "views": steps * batch * len(stages), "seconds": round(time.perf_counter() - began, 1), "curve": curve}
 
 
 def markdown(record: dict) -> str:

@@ -347,8 +347,9 @@ def test_start_benchmark_records_each_rank_at_each_world_size(tmp_path):
 
 
 def test_demo_learning_benchmark_trains_each_route_on_each_kind(tmp_path):
-    """python -m bench.demo_learning on a small generated demo folder: the head and whole-model routes on an
-    image question and the clips' question, each run's held-out curve within [0, 1] beside its chance."""
+    """python -m bench.demo_learning on a small generated demo folder: the head, whole-model and
+    head-then-model routes on an image question and the clips' question, each run's held-out curve within
+    [0, 1] beside its chance."""
     import json
 
     from bench import demo_learning
@@ -356,12 +357,15 @@ def test_demo_learning_benchmark_trains_each_route_on_each_kind(tmp_path):
 
     data = tmp_path / "data"
     generate(str(data), seed=0, config=DemoDataConfig(train_images=6, eval_images=3, preference_pairs=1, train_videos=4, eval_videos=3))
-    assert demo_learning.main(["--data", str(data), "--steps", "2", "--batch", "2", "--kinds", "count,motion", "--out", str(tmp_path)]) == 0
+    assert demo_learning.main(["--data", str(data), "--steps", "2", "--batch", "2", "--kinds", "count,motion", "--out", str(tmp_path),
+                               "--routes", "head,model,head-then-model"]) == 0
     record = json.loads(next(tmp_path.glob("*_demo-learning.json")).read_text())
-    assert [(run["route"], run["kind"]) for run in record["runs"]] == [("head", "count"), ("model", "count"), ("head", "motion"), ("model", "motion")]
+    assert [(run["route"], run["kind"]) for run in record["runs"]] == [(route, kind) for kind in ("count", "motion")
+                                                                       for route in ("head", "model", "head-then-model")]
     for run in record["runs"]:
         assert [entry["step"] for entry in run["curve"]] == [1, 2] and all(0 <= entry["accuracy"] <= 1 for entry in run["curve"])
-        assert run["chance"] == (0.25 if run["kind"] == "motion" else round(1 / 3, 4)) and run["views"] == 4
+        assert run["chance"] == (0.25 if run["kind"] == "motion" else round(1 / 3, 4))
+        assert run["views"] == (8 if run["route"] == "head-then-model" else 4)
     assert "| model | motion |" in next(tmp_path.glob("*_demo-learning.md")).read_text()
     with pytest.raises(SystemExit):
         demo_learning.main(["--kinds", "size"])
