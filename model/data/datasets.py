@@ -261,13 +261,7 @@ class RecordDataset:
         self.augment = augment and spec.data_augment
         self.shuffle = shuffle
         self.index = index
-        if isinstance(video_frames, int) and not isinstance(video_frames, bool):
-            if video_frames < 1:
-                raise ValueError(f"video_frames must be at least 1, got {video_frames}")
-            video_frames = FrameSampling.fixed(video_frames)
-        if not isinstance(video_frames, FrameSampling):
-            raise TypeError(f"video_frames must be an int or a FrameSampling, got {type(video_frames).__name__}")
-        self.frame_sampling = video_frames
+        self.frame_sampling = FrameSampling.of(video_frames)
         self._separator_tokens: dict[int, int] = {}
         self.file = JsonlFile(spec.annotation, index.offsets, index.line_numbers) if index is not None else JsonlFile(spec.annotation)
         self.images_decoded = 0
@@ -348,15 +342,15 @@ class RecordDataset:
         index, or None when the index found the record bad (then counted)."""
         if self.index is None:
             raise ValueError(f"dataset {self.name!r} has no index: shapes come from a DatasetIndex")
-        return self._read(epoch, position, lambda index: self._indexed_shape(index, self._frames_rng(epoch, position)))
+        return self._read(epoch, position, lambda index: self._indexed_shape(index, epoch, position))
 
-    def _indexed_shape(self, index: int, frames_rng: random.Random):
-        """The index's shape of record ``index``; a video's grown to the frame count ``frames_rng`` draws."""
+    def _indexed_shape(self, index: int, epoch: int, position: int):
+        """The index's shape of record ``index``; a video's grown to the frame count drawn for (epoch, position)."""
         shape = self.index.item_shape(index)
         total = self.index.video_total(index)
         if not total:
             return shape
-        frames = self.frame_sampling.count(total, frames_rng)
+        frames = self.frame_sampling.count(total, self._frames_rng(epoch, position))
         if isinstance(shape, PreferencePair):
             return PreferencePair(self._with_frames(shape.chosen, frames), self._with_frames(shape.rejected, frames), shape.source)
         return self._with_frames(shape, frames)

@@ -83,7 +83,7 @@ class DatasetIndex:
         self.sample_images = arrays["sample_images"]  # [S + 1]: the samples' first image
         self.image_span = arrays["image_span"]  # [I, 2]
         self.image_tiles = arrays["image_tiles"]
-        self.video_frames = arrays["video_frames"]  # [N]: each record's video frame total, 0 without a video
+        self.video_frame_totals = arrays["video_frame_totals"]  # [N]: each record's video frame total, 0 without a video
         self.reasons = {int(row): reason for row, reason in json.loads(str(arrays["reasons"])).items()}
 
     def __len__(self) -> int:
@@ -101,7 +101,7 @@ class DatasetIndex:
 
     def video_total(self, record: int) -> int:
         """The frame total of record ``record``'s video (0: it has none)."""
-        return int(self.video_frames[record])
+        return int(self.video_frame_totals[record])
 
     def item_shape(self, record: int):
         if int(self.kinds[record]) == BAD:
@@ -118,7 +118,7 @@ class DatasetIndex:
         os.makedirs(folder, exist_ok=True)
         arrays = {name: getattr(self, name) for name in ("offsets", "line_numbers", "kinds", "record_samples", "sample_length",
                                                           "sample_first_target", "sample_images", "image_span", "image_tiles",
-                                                          "video_frames")}
+                                                          "video_frame_totals")}
         handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, reasons=np.array(json.dumps({str(k): v for k, v in self.reasons.items()})),
@@ -157,10 +157,10 @@ def _measure(dataset: RecordDataset, records) -> list:
 
 def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str) -> DatasetIndex:
     measured = sorted(measured, key=lambda entry: entry[0])
-    kinds, record_samples, reasons, video_frames = [], [0], {}, []
+    kinds, record_samples, reasons, video_frame_totals = [], [0], {}, []
     lengths, first_targets, sample_images, spans, tiles = [], [], [0], [], []
     for record, shape, video_total in measured:
-        video_frames.append(video_total)
+        video_frame_totals.append(video_total)
         if isinstance(shape, str):
             kinds.append(BAD)
             reasons[record] = shape
@@ -188,7 +188,7 @@ def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str
         "sample_images": np.asarray(sample_images, dtype=np.int64),
         "image_span": np.asarray(spans, dtype=np.int64).reshape(-1, 2),
         "image_tiles": np.asarray(tiles, dtype=np.int64),
-        "video_frames": np.asarray(video_frames, dtype=np.int64),
+        "video_frame_totals": np.asarray(video_frame_totals, dtype=np.int64),
         "reasons": np.array(json.dumps({str(k): v for k, v in reasons.items()})),
     }
     return DatasetIndex(annotation, arrays, fingerprint)
@@ -202,8 +202,7 @@ def load_or_build_index(
     the ranks under torch.distributed; call it on every rank) and cached. ``progress(iterable, total,
     description)`` wraps the measuring loop (e.g. a tqdm bar); None: silent. ``video_frames``: the frame
     sampling of videos (the RecordDataset's)."""
-    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False, video_frames=video_frames)
-    fingerprint = _fingerprint(spec, encoder, tiler, dataset.frame_sampling)
+    fingerprint = _fingerprint(spec, encoder, tiler, FrameSampling.of(video_frames))
     path = cache_path(spec, fingerprint)
     index = DatasetIndex.load(path, spec.annotation, fingerprint)
     distributed = dist.is_available() and dist.is_initialized()
@@ -214,6 +213,7 @@ def load_or_build_index(
             index = None
     if index is not None:
         return index
+    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False, video_frames=video_frames)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     records = range(rank, len(dataset.file), world)
     if progress is not None:

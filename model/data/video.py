@@ -61,6 +61,17 @@ class FrameSampling:
         """``frames`` frames at the segments' middles: transformers' processor with num_frames=frames."""
         return cls(frames, frames)
 
+    @classmethod
+    def of(cls, video_frames) -> "FrameSampling":
+        """``video_frames`` as a FrameSampling: one already, or a fixed count (an int)."""
+        if isinstance(video_frames, cls):
+            return video_frames
+        if isinstance(video_frames, int) and not isinstance(video_frames, bool):
+            if video_frames < 1:
+                raise ValueError(f"video_frames must be at least 1, got {video_frames}")
+            return cls.fixed(video_frames)
+        raise TypeError(f"video_frames must be an int or a FrameSampling, got {type(video_frames).__name__}")
+
     def count(self, total: int, rng: Optional[random.Random] = None) -> int:
         """How many frames of a video of ``total`` frames a sample takes."""
         if total < 1:

@@ -118,6 +118,8 @@ def test_bad_videos_are_skipped_and_counted(video_data):
     assert len(items) == 3 and errors.total == 3
     with pytest.raises(ValueError, match="video_frames"):
         RecordDataset(spec, encoder, tiler, video_frames=0)
+    with pytest.raises(TypeError, match="video_frames"):
+        RecordDataset(spec, encoder, tiler, video_frames="8")
 
 
 @pytest.mark.parametrize("record,frames", [(0, 4), (5, 8)], ids=["conversation", "preference-pair"])
