@@ -143,6 +143,27 @@ def test_prerotate_k_returns_the_rotated_q_and_k(device):
 
 
 @pytest.mark.parametrize("device", devices(), ids=str)
+def test_the_backward_operator_in_either_mode_gives_the_gradients_of_the_unrotated_q_and_k(device):
+    """Called directly with positions, the backward operator in 'separate' mode takes the unrotated q and k,
+    in 'prerotate_k' mode the forward's rotated ones; both give the public function's gradients."""
+    q, k, v, cu_seqlens, max_seqlen, positions = _pack([13, 1, 0, 22], 4, 2, 32, 5_000.0, device, torch.float32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = v2pe_attention(*leaves, cu_seqlens, max_seqlen, positions, theta=1e4)
+    grad_out = torch.randn_like(out)
+    expected = torch.autograd.grad(out, leaves, grad_out)
+    for kind in backends_for(device):
+        with ie.backend(kind):
+            for mode in ("separate", "prerotate_k"):
+                out, lse, q_rotated, k_rotated = torch.ops.internvl3_engine.v2pe_attention(
+                    q, k, v, cu_seqlens, max_seqlen, positions, 1e4, True, 32**-0.5, mode)
+                given = (q_rotated, k_rotated) if mode == "prerotate_k" else (q, k)
+                grads = torch.ops.internvl3_engine.v2pe_attention_backward(
+                    grad_out, None, *given, v, out, lse, cu_seqlens, max_seqlen, positions, 1e4, True, 32**-0.5, mode)
+                for got, want in zip(grads, expected):
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda text: f"{kind} {mode}: {text}")
+
+
+@pytest.mark.parametrize("device", devices(), ids=str)
 def test_positions_equal_apply_rotary_then_attention(device):
     q, k, v, cu_seqlens, max_seqlen, positions = _pack([9, 30, 2], 4, 2, 64, 30_000.0, device, torch.float32)
     for kind in backends_for(device):

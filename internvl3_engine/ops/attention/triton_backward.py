@@ -5,9 +5,10 @@
 2. dK/dV: one program per (key block, segment, kv head) walks the q heads of its GQA group and their
    query blocks, recomputing P from the saved lse, and accumulates dK and dV in registers.
 3. dQ: one program per (query block, segment, q head) walks the key blocks, as the forward does.
-Rotary: the kernels read q and k as given, already rotated (the forward's q_rotated and k_rotated; in
-'separate' mode apply_rotary rotated them and no positions reach the kernels); with positions the epilogues
-rotate dq and dk by -angle before storing them, giving the gradient of the unrotated q and k.
+Rotary: the kernels read q and k rotated (the forward's q_rotated and k_rotated; in 'separate' mode
+apply_rotary rotated them and no positions reach the kernels, unless the operator is called directly with
+positions: then q and k are rotated first); with positions the epilogues rotate dq and dk by -angle before
+storing them, giving the gradient of the unrotated q and k.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rotary.op import ROTARY
+from ..rotary.reference import rotary_inv_freq
 from .blocks import attention_blocks
+from .op import keeps_rotated
 from .triton_common import (
     LOG2E, head_constants, key_block_scores, load_halves, load_tile, program_block_halves,
     query_block_key_bounds, positions_table, segment_block, segment_head_ptr, store_halves, store_tile,
@@ -208,6 +212,11 @@ def attention_backward_triton(
     num_sequences = cu_seqlens.shape[0] - 1
     if tokens == 0 or num_sequences == 0 or max_seqlen == 0:
         return dq, dk, dv
+    if positions is not None and not keeps_rotated(positions, rotary_mode):
+        # q and k unrotated ('separate' mode with positions, a direct call of the operator): rotated here as
+        # the forward rotated them, so that the kernels read what it attended.
+        rotate, inv_freq = ROTARY.select(q.device), rotary_inv_freq(head_dim, theta, q.device)
+        q, k = rotate(q, positions, inv_freq, False), rotate(k, positions, inv_freq, False)
     constants = head_constants(head_dim, q.dtype)
     # The kernels index lse, delta and the lse gradient as contiguous [Hq, T].
     lse = lse.contiguous()
