@@ -14,7 +14,8 @@ Cache: ``<annotation>.index-<fingerprint>.npz``, the fingerprint covering the fi
 modification time), the tokenizer, the encoder's and the tiler's settings, the image root and the least frames per video:
 changing any of them builds a new index. When the annotation's folder is not writable the index goes to
 ``$INTERNVL3_INDEX_CACHE`` (default ``~/.cache/internvl3-engine/index``). Under torch.distributed the
-ranks measure interleaved shares of the records, gather them, and rank 0 writes the file.
+ranks measure interleaved shares of the records, gather them, and rank 0 writes the file. A cached index
+is memory-mapped: the ranks of a node share its pages, and each holds in memory only what it reads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict
 from typing import Callable, Optional, Union
 
@@ -131,17 +133,49 @@ class DatasetIndex:
 
     @classmethod
     def load(cls, path: str, annotation: str, fingerprint: str) -> Optional["DatasetIndex"]:
-        """The cached index at ``path``, or None when absent or not of this fingerprint."""
+        """The cached index at ``path``, or None when absent or not of this fingerprint. Its arrays are
+        memory-mapped read-only (``_mapped_arrays``): the ranks of a node share one copy in the page cache,
+        and a rank's memory holds only the pages it reads."""
         if not os.path.isfile(path):
             return None
         try:
             with np.load(path) as stored:
                 if str(stored["fingerprint"]) != fingerprint:
                     return None
-                arrays = {name: stored[name] for name in stored.files}
-        except (OSError, ValueError, KeyError):
+                arrays = _mapped_arrays(path, stored)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             return None  # unreadable or from another format: rebuilt
         return cls(annotation, arrays, fingerprint)
+
+
+def _mapped_arrays(path: str, stored) -> dict:
+    """The arrays of the .npz file at ``path`` (``stored``: it opened by np.load): each array of rank >= 1
+    stored uncompressed (as np.savez stores them) as a read-only np.memmap of its bytes inside the file,
+    anything else read into memory."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for member in archive.infolist():
+            name = member.filename[: -len(".npy")]
+            if member.compress_type != zipfile.ZIP_STORED:
+                arrays[name] = stored[name]
+                continue
+            raw.seek(member.header_offset)
+            local = raw.read(30)  # the local file header; its name and extra field lengths end it
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: a corrupt zip member {member.filename}")
+            name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            raw.seek(member.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(raw)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                arrays[name] = stored[name]
+                continue
+            shape, fortran_order, dtype = readers[version](raw)
+            if len(shape) == 0 or dtype.hasobject or 0 in shape:
+                arrays[name] = stored[name]
+                continue
+            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape, order="F" if fortran_order else "C")
+    return arrays
 
 
 def _measure(dataset: RecordDataset, records) -> list:
@@ -228,4 +262,6 @@ def load_or_build_index(
         index.save(path)
     if distributed:
         dist.barrier()
-    return index
+    # The saved file, mapped (see DatasetIndex.load), where this rank sees it; else the arrays in memory.
+    saved = DatasetIndex.load(path, spec.annotation, fingerprint)
+    return saved if saved is not None else index

@@ -6,11 +6,13 @@ without decoding anything again."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from model.data import (
+    DataError,
     ConversationEncoder,
     DataErrors,
     DatasetIndex,
@@ -164,6 +166,54 @@ def test_index_is_cached_and_rebuilt_when_its_inputs_change(data, monkeypatch):
     assert len(changed) == len(first) + 1 and changed.fingerprint != first.fingerprint
     names = [name for name in os.listdir(os.path.dirname(specs[0].annotation)) if ".index-" in name]
     assert len(names) == 1  # the stale index was replaced
+
+
+def test_a_cached_index_is_memory_mapped_and_equal_to_the_built_one(data):
+    specs, encoder, tiler = data
+    for spec in specs:
+        built = load_or_build_index(spec, encoder, tiler)
+        cached = load_or_build_index(spec, encoder, tiler)
+        for name in ("offsets", "line_numbers", "kinds", "record_samples", "sample_length", "sample_first_target",
+                     "sample_images", "image_span", "image_tiles", "video_frame_totals"):
+            stored, original = getattr(cached, name), getattr(built, name)
+            assert isinstance(stored, np.memmap) or stored.size == 0, name
+            assert stored.dtype == original.dtype and np.array_equal(stored, original), name
+        assert cached.reasons == built.reasons
+        for record in range(len(built)):
+            try:
+                assert cached.item_shape(record) == built.item_shape(record)
+            except DataError as error:
+                assert str(error) == built.reasons[record]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident set size from /proc")
+def test_loading_a_large_index_reads_only_what_is_used(tmp_path):
+    """An index of 2M records (160 MB of arrays): loading it from the cache adds a small fraction of that to
+    the process's resident memory (the arrays are mapped, not read), and a record's shape reads fine."""
+    records = 2_000_000
+    arrays = {
+        "offsets": np.arange(records, dtype=np.int64) * 100, "line_numbers": np.arange(1, records + 1, dtype=np.int64),
+        "kinds": np.zeros(records, dtype=np.int8), "record_samples": np.arange(records + 1, dtype=np.int64),
+        "sample_length": np.full(records, 300, dtype=np.int64), "sample_first_target": np.full(records, 280, dtype=np.int64),
+        "sample_images": np.arange(records + 1, dtype=np.int64), "image_span": np.tile(np.array([[10, 28]], dtype=np.int64), (records, 1)),
+        "image_tiles": np.ones(records, dtype=np.int64), "video_frame_totals": np.zeros(records, dtype=np.int64),
+        "reasons": np.array("{}"),
+    }
+    size = sum(array.nbytes for array in arrays.values())
+    path = str(tmp_path / "big.jsonl.index-0.npz")
+    index_module.DatasetIndex(str(tmp_path / "big.jsonl"), arrays, "0").save(path)
+    del arrays
+    before = _resident_bytes()
+    index = index_module.DatasetIndex.load(path, str(tmp_path / "big.jsonl"), "0")
+    added = _resident_bytes() - before
+    assert added < 0.05 * size, (added, size)
+    shape = index.item_shape(records - 1)
+    assert (shape.length, shape.first_target, shape.spans, shape.tiles_per_image) == (300, 280, [(10, 28)], [1])
 
 
 def test_index_of_a_read_only_folder_goes_to_the_cache_folder(data, tmp_path, monkeypatch):
