@@ -7,7 +7,8 @@ the rank's StepShare. Its state (stream cursors, the packer's open buffers and t
 out, as stream keys) is the same on every rank and at every world size.
 
 PackDecoder (the loader's dataset, in the worker processes): a StepShare's records are read, decoded,
-tiled and tokenized, fitted to the budgets as planned and collated into StepData. A record that fails
+tiled and tokenized, fitted to the budgets as planned and collated into StepData; the ranks sharing a
+share's packs (tensor- and context-parallel peers) each decode every peers-th pack of it. A record that fails
 here (a corrupt image whose header read, a file changed since it was indexed) leaves its pack and is
 reported with the step; a pack left with no record becomes a one-token pack with no target, so the rank
 still takes part in the step's collectives.
@@ -45,9 +46,9 @@ class StepShare:
 
 @dataclass
 class StepData:
-    """One rank's packs of a step, decoded: ``errors`` are the planning's skips (the same on every rank),
-    ``decode_errors`` this rank's decoding's, ``images_decoded`` the image files decoded for it,
-    ``decode_s`` the worker's time on it."""
+    """One rank's packs of a step, decoded (None: a pack another peer decodes, see PackDecoder): ``errors``
+    are the planning's skips (the same on every rank), ``decode_errors`` this rank's decoding's,
+    ``images_decoded`` the image files decoded for it, ``decode_s`` the worker's time on it."""
 
     step: int
     batches: list
@@ -58,7 +59,7 @@ class StepData:
     decode_s: float = 0.0
 
     def pin_memory(self) -> "StepData":
-        return replace(self, batches=[batch.pin_memory() for batch in self.batches])
+        return replace(self, batches=[batch.pin_memory() if batch is not None else None for batch in self.batches])
 
 
 class StepPlanner(torch.utils.data.Sampler):
@@ -129,9 +130,15 @@ class StepPlanner(torch.utils.data.Sampler):
 
 class PackDecoder(torch.utils.data.Dataset):
     """StepShare -> StepData (see the module docstring). ``datasets``: by name, the RecordDatasets the plans'
-    keys name (this object's own: their errors are journaled here)."""
+    keys name (this object's own: their errors are journaled here). ``peer`` of ``peers``: this rank's place
+    among the ranks that train on the same packs (tensor- and context-parallel peers): it decodes the
+    share's packs j with j % peers == peer and leaves None for the others, which their decoding peers send
+    (the trainer broadcasts them), so the peers decode each pack once between them."""
 
-    def __init__(self, datasets: Mapping[str, RecordDataset], packing: PackingConfig, seed: int):
+    def __init__(self, datasets: Mapping[str, RecordDataset], packing: PackingConfig, seed: int, peer: int = 0, peers: int = 1):
+        if not (isinstance(peers, int) and peers >= 1 and isinstance(peer, int) and 0 <= peer < peers):
+            raise ValueError(f"need peers >= 1 and 0 <= peer < peers, got peer {peer!r} of {peers!r}")
+        self.peer, self.peers = peer, peers
         self.datasets = dict(datasets)
         self.errors = DataErrors(journal=[])
         for dataset in self.datasets.values():
@@ -141,7 +148,7 @@ class PackDecoder(torch.utils.data.Dataset):
     def __getitem__(self, share: StepShare) -> StepData:
         began = time.perf_counter()
         decoded = sum(dataset.images_decoded for dataset in self.datasets.values())
-        batches = [self.decode(plan) for plan in share.plans]
+        batches = [self.decode(plan) if index % self.peers == self.peer else None for index, plan in enumerate(share.plans)]
         return StepData(share.step, batches, share.balance, list(share.errors), self.errors.take_journal(),
                         sum(dataset.images_decoded for dataset in self.datasets.values()) - decoded, time.perf_counter() - began)
 

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from internvl3_engine.parallel import (
     ContextShard,
     ParallelPlan,
@@ -315,7 +316,12 @@ class Trainer:
         stream = MixedStream(datasets(), data.language_weight, data.multimodal_weight, DataErrors(journal=[]), shapes=True)
         self.planner = StepPlanner(stream, Packer(self.packing, seed=config.seed), config.grad_accum, self.dp_rank, self.dp_world,
                                    cost=self._plan_flops)
-        decoder = PackDecoder({dataset.name: dataset for dataset in datasets()}, self.packing, config.seed)
+        decoder = PackDecoder({dataset.name: dataset for dataset in datasets()}, self.packing, config.seed,
+                              self.rank % self._pack_peers, self._pack_peers)
+        self._peer_group = None
+        if self._pack_peers > 1:  # the ranks of a data-parallel index: contiguous, tensor- and context-parallel ranks innermost
+            peers = init_device_mesh(self.device.type, (self.world // self._pack_peers, self._pack_peers), mesh_dim_names=("data", "peer"))
+            self._peer_group = peers["peer"].get_group()
         self.loader = build_loader(self.planner, decoder, data.num_workers, data.prefetch_factor, self.device.type == "cuda", config.seed)
         self._steps = None  # the loader's iterator, started at the first step (after a resume restored the loader)
         self._decode_errors: list = []  # this rank's decoding skips not yet recorded by the other ranks
@@ -343,6 +349,11 @@ class Trainer:
         if self._steps is None:
             self._steps = iter(self.loader)
         data = next(self._steps)
+        if self._peer_group is not None:  # pack j comes from the peer that decoded it (PackDecoder)
+            for index in range(len(data.batches)):
+                holder = [data.batches[index]]
+                dist.broadcast_object_list(holder, group=self._peer_group, group_src=index % self._pack_peers)
+                data.batches[index] = holder[0]
         for file, line, reason in data.errors + data.decode_errors:
             self.errors.record(file, line, reason)
         self._decode_errors += data.decode_errors
@@ -649,7 +660,7 @@ class Trainer:
         return {
             "data_wait_s": waits[slowest], "data_wait_rank": slowest, "data_waited": int(waits[slowest] > 0.1 * elapsed),
             "decode_s": max(float(entry[1]) for entry in ranks),
-            "images_decoded": int(sum(float(entry[2]) for entry in ranks)) // self._pack_peers,
+            "images_decoded": int(sum(float(entry[2]) for entry in ranks)),
         }
 
     def _chosen_mask(self, batch) -> torch.Tensor:

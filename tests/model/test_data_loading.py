@@ -95,8 +95,8 @@ def _planner(specs, encoder, tiler, indexes, dp_rank=0, dp_world=1, packs_per_ra
     return StepPlanner(stream, Packer(PACKING, seed=SEED), packs_per_rank, dp_rank, dp_world, cost=lambda plan: float(plan.num_tokens))
 
 
-def _decoder(specs, encoder, tiler, indexes):
-    return PackDecoder({d.name: d for d in _datasets(specs, encoder, tiler, indexes)}, PACKING, SEED)
+def _decoder(specs, encoder, tiler, indexes, peer=0, peers=1):
+    return PackDecoder({d.name: d for d in _datasets(specs, encoder, tiler, indexes)}, PACKING, SEED, peer, peers)
 
 
 def _same_batch(a, b):
@@ -258,6 +258,26 @@ def test_ranks_decode_only_their_own_packs(data):
         assert sum(part.images_decoded for part in parts) == whole.images_decoded
         assert parts[0].balance == parts[1].balance and parts[0].balance["imbalance"] <= parts[0].balance["imbalance_naive"]
     assert sum(d.images_decoded for d in decoders[0].datasets.values()) < sum(d.images_decoded for d in single_decoder.datasets.values())
+
+
+def test_peers_sharing_packs_decode_each_pack_once(data):
+    """Three peers (tensor- or context-parallel ranks) on the same shares of 4 packs: peer p decodes packs
+    p, p + 3, ... and leaves the others None; together they give every pack of one decoder, decoding
+    the images it did."""
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    planners = [_planner(specs, encoder, tiler, indexes, packs_per_rank=4) for _ in range(4)]
+    whole_decoder = _decoder(specs, encoder, tiler, indexes)
+    peers = [_decoder(specs, encoder, tiler, indexes, peer, 3) for peer in range(3)]
+    for _ in range(4):
+        whole = whole_decoder[planners[0].plan_step()]
+        parts = [decoder[planner.plan_step()] for planner, decoder in zip(planners[1:], peers)]
+        for index, batch in enumerate(whole.batches):
+            assert [part.batches[index] is not None for part in parts] == [peer == index % 3 for peer in range(3)]
+            assert _same_batch(parts[index % 3].batches[index], batch)
+        assert sum(part.images_decoded for part in parts) == whole.images_decoded
+    with pytest.raises(ValueError, match="peer"):
+        _decoder(specs, encoder, tiler, indexes, 3, 3)
 
 
 def test_a_record_failing_to_decode_leaves_its_pack_and_is_reported(data):

@@ -775,6 +775,17 @@ def test_context_parallel_plans_train_as_one_process(data_dir, tmp_path, ranks, 
         assert resumed[0]["loss"] == pytest.approx(single.losses[2], rel=1e-5)
 
 
+def test_context_parallel_peers_decode_each_pack_once(data_dir, tmp_path):
+    """cp 2 accumulating two packs a step: each peer decodes one of them and sends it to the other
+    (model.data.PackDecoder's peers); the losses are one process's accumulating the two, and the ranks
+    together decode the images it did."""
+    output = tmp_path / "ranks"
+    entries = _torchrun_train(data_dir, tmp_path, "cp: 2\n", output, "--max-steps", "3", settings={"grad_accum": 2})
+    single = run(small_config(data_dir, tmp_path / "single", max_steps=3, grad_accum=2))
+    assert [entry["loss"] for entry in entries] == pytest.approx(single.losses, rel=1e-5)
+    assert entries[-1]["images_decoded"] == single_metrics(tmp_path / "single")[-1]["images_decoded"] > 0
+
+
 def test_two_process_plan_matches_one_process_with_accumulation(data_dir, tmp_path):
     """torchrun with 2 gloo ranks under a ParallelPlan: the balancer shares each step's two packs between the
     ranks, so a step sees the same two packs as one process accumulating 2, and the square-averaged loss
