@@ -138,11 +138,14 @@ class SampleShape:
 
 @dataclass
 class PreferencePair:
-    """An MPO pair: the same prompt (and images) answered by ``chosen`` and by ``rejected``; packed together."""
+    """An MPO pair: the same prompt (and images) answered by ``chosen`` and by ``rejected``; packed together.
+    ``reference``: the reference model's summed log-probabilities of (chosen, rejected) when the record
+    carries them (``ref_chosen_logp``, ``ref_rejected_logp``), else None."""
 
     chosen: Sample
     rejected: Sample
     source: str = ""
+    reference: Optional[tuple] = None
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
@@ -152,7 +155,7 @@ class PreferencePair:
         return self.chosen.num_tiles + self.rejected.num_tiles
 
     def shape(self) -> "PreferencePair":
-        return PreferencePair(self.chosen.shape(), self.rejected.shape(), self.source)
+        return PreferencePair(self.chosen.shape(), self.rejected.shape(), self.source, self.reference)
 
 
 class ConversationEncoder:

@@ -10,7 +10,8 @@ Records (one JSON object a line):
   with {"video": path} instead of images: frames sampled (a FrameSampling), one tile each, ``<video>``
   (prepended to the first human turn when absent) replaced by ``Frame1: <image>`` lines (model/data/video.py)
 - text-only: {"text": ...} (or a conversation without images)
-- preference (MPO): {"image": ..., "question" or "prompt": ..., "chosen": ..., "rejected": ...}
+- preference (MPO): {"image": ..., "question" or "prompt": ..., "chosen": ..., "rejected": ..., optional
+  "ref_chosen_logp" and "ref_rejected_logp": the reference model's log-probabilities, precomputed}
 
 A malformed record or a missing or corrupt image is skipped and counted in a DataErrors with its file
 and line (once, however often it is read); iteration goes on. repeat_time < 1 keeps a seeded subsample,
@@ -34,6 +35,7 @@ from .tiling import ImageTiler, image_size, load_image
 from .video import VIDEO_PLACEHOLDER, FrameSampling, frame_separator, frame_tiles, load_frames, video_frame_count, with_frames, with_video_prompt
 
 KINDS = ("conversation", "text", "preference")
+REFERENCE_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")  # a preference record's precomputed reference log-probs
 MODALITIES = ("language", "multimodal")
 Item = Union[Sample, PreferencePair]
 
@@ -214,6 +216,15 @@ def record_kind(record: dict) -> str:
     if "text" in record:
         return "text"
     raise DataError("malformed record: no 'conversations', 'text' or 'chosen'/'rejected' field")
+
+
+def record_reference(record: dict) -> Optional[tuple]:
+    """(ref_chosen_logp, ref_rejected_logp) of a preference record when it holds both as finite numbers,
+    else None (then a run needs a reference model)."""
+    values = [record.get(name) for name in REFERENCE_FIELDS]
+    if all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) for value in values):
+        return float(values[0]), float(values[1])
+    return None
 
 
 def record_images(record: dict) -> list[str]:
@@ -403,6 +414,7 @@ class RecordDataset:
             if prompt is None or "chosen" not in record or "rejected" not in record:
                 raise DataError("malformed record: a preference record needs 'question' (or 'prompt'), 'chosen' and 'rejected'")
             item = self.encoder.encode_preference(prompt, record["chosen"], record["rejected"], source=source, **images)
+            item.reference = record_reference(record)
         return (item.shape() if measure else item), video_total
 
     def _video(self, record: dict, measure: bool, frames_rng: Optional[random.Random]) -> tuple[dict, dict, int]:

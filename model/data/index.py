@@ -3,7 +3,8 @@ cached beside the file, so that a run plans its packs without decoding an image.
 
 For each line of the file: its byte offset and line number, then either the shape of the record's sample
 (or of a preference pair's two samples: tokens, first supervised position, each image's token span and
-tiles) and its video's frame total (0 without one), or the reason the record cannot become one
+tiles), its video's frame total (0 without one) and whether it carries precomputed reference
+log-probabilities (MPO), or the reason the record cannot become one
 (malformed, missing image, unreadable image header). Measuring tokenizes the record with the run's encoder
 and reads each image file's header (its size gives the tile count) or each video's container (its frame
 count); no pixel is decoded. A video record is measured with the frame sampling's least count; the
@@ -36,7 +37,7 @@ from .datasets import DatasetSpec, JsonlFile, RecordDataset
 from .tiling import ImageTiler
 from .video import FrameSampling
 
-FORMAT = 2
+FORMAT = 3
 KIND_CODES = {"sample": 0, "pair": 1}
 BAD = -1
 
@@ -86,6 +87,7 @@ class DatasetIndex:
         self.image_span = arrays["image_span"]  # [I, 2]
         self.image_tiles = arrays["image_tiles"]
         self.video_frame_totals = arrays["video_frame_totals"]  # [N]: each record's video frame total, 0 without a video
+        self.has_reference = arrays["has_reference"]  # [N]: 1 for a preference record carrying reference log-probs
         self.reasons = {int(row): reason for row, reason in json.loads(str(arrays["reasons"])).items()}
 
     def __len__(self) -> int:
@@ -100,6 +102,11 @@ class DatasetIndex:
         spans = [tuple(int(v) for v in span) for span in self.image_span[first:last]]
         tiles = [int(t) for t in self.image_tiles[first:last]]
         return SampleShape(int(self.sample_length[sample]), int(self.sample_first_target[sample]), spans, tiles, source)
+
+    def preference_pairs(self) -> tuple[int, int]:
+        """(the preference records, how many of them carry precomputed reference log-probabilities)."""
+        pairs = self.kinds == KIND_CODES["pair"]
+        return int(pairs.sum()), int((self.has_reference[pairs] != 0).sum())
 
     def video_total(self, record: int) -> int:
         """The frame total of record ``record``'s video (0: it has none)."""
@@ -120,7 +127,7 @@ class DatasetIndex:
         os.makedirs(folder, exist_ok=True)
         arrays = {name: getattr(self, name) for name in ("offsets", "line_numbers", "kinds", "record_samples", "sample_length",
                                                           "sample_first_target", "sample_images", "image_span", "image_tiles",
-                                                          "video_frame_totals")}
+                                                          "video_frame_totals", "has_reference")}
         handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, reasons=np.array(json.dumps({str(k): v for k, v in self.reasons.items()})),
@@ -191,10 +198,11 @@ def _measure(dataset: RecordDataset, records) -> list:
 
 def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str) -> DatasetIndex:
     measured = sorted(measured, key=lambda entry: entry[0])
-    kinds, record_samples, reasons, video_frame_totals = [], [0], {}, []
+    kinds, record_samples, reasons, video_frame_totals, has_reference = [], [0], {}, [], []
     lengths, first_targets, sample_images, spans, tiles = [], [], [0], [], []
     for record, shape, video_total in measured:
         video_frame_totals.append(video_total)
+        has_reference.append(int(isinstance(shape, PreferencePair) and shape.reference is not None))
         if isinstance(shape, str):
             kinds.append(BAD)
             reasons[record] = shape
@@ -223,6 +231,7 @@ def _assemble(annotation: str, file: JsonlFile, measured: list, fingerprint: str
         "image_span": np.asarray(spans, dtype=np.int64).reshape(-1, 2),
         "image_tiles": np.asarray(tiles, dtype=np.int64),
         "video_frame_totals": np.asarray(video_frame_totals, dtype=np.int64),
+        "has_reference": np.asarray(has_reference, dtype=np.int8),
         "reasons": np.array(json.dumps({str(k): v for k, v in reasons.items()})),
     }
     return DatasetIndex(annotation, arrays, fingerprint)

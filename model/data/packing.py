@@ -70,7 +70,8 @@ class PackedBatch:
     positions float32 [T] (V2PE, restarting at 0 per sample); loss_weights float32 [T];
     pixel_values float32 [tiles, 3, H, W] or None; image_flags int64 [tiles] (0 for a blank tile);
     tiles_per_image (host ints, images in order); deltas (host floats, one per image);
-    sources ('file:line' per sample); roles ('sample', or 'chosen'/'rejected' for MPO pairs);
+    sources ('file:line' per sample); roles ('sample', or 'chosen'/'rejected' for MPO pairs); references
+    (per MPO pair, in order: its precomputed reference log-probabilities (chosen, rejected), or None);
     batch_index (its rank among a Packer's batches) and keys (its items' stream keys), for resuming.
     """
 
@@ -87,6 +88,7 @@ class PackedBatch:
     deltas: list = field(default_factory=list)
     sources: list = field(default_factory=list)
     roles: list = field(default_factory=list)
+    references: list = field(default_factory=list)
     batch_index: int = -1
     keys: list = field(default_factory=list)
 
@@ -175,6 +177,7 @@ def collate(items: Sequence[Item], config: PackingConfig, rng: Optional[random.R
         deltas=deltas,
         sources=[sample.source for sample, _ in samples],
         roles=[role for _, role in samples],
+        references=[item.reference for item in items if isinstance(item, PreferencePair)],
     )
 
 

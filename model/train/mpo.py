@@ -16,7 +16,6 @@ sums and counts, so the trainer can normalise them over gradient accumulation an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -27,7 +26,6 @@ from ..data import IGNORE_INDEX
 
 MPO_WEIGHTS = (0.8, 0.2, 1.0)  # preference, quality, generation
 MPO_BETA = 0.1
-REFERENCE_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
 def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -142,34 +140,3 @@ class RunningMean:
     def load_state_dict(self, state: dict) -> None:
         self.total = float(state["total"])
         self.count = int(state["count"])
-
-
-class PrecomputedReference:
-    """Reference log-probabilities carried by the preference records (``ref_chosen_logp``, ``ref_rejected_logp``),
-    looked up by a pack's sources ('file:line', as model.data reports them)."""
-
-    def __init__(self, annotation_files: Sequence[str]):
-        self.values: dict[tuple[str, int], tuple[float, float]] = {}
-        self.complete = True
-        for path in annotation_files:
-            with open(path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        self.values[(path, number)] = (float(record[REFERENCE_FIELDS[0]]), float(record[REFERENCE_FIELDS[1]]))
-                    except (ValueError, KeyError, TypeError):
-                        self.complete = False  # a record without them (or malformed): use a reference model
-
-    def lookup(self, sources: Sequence[str], roles: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen = []
-        rejected = []
-        for source, role in zip(sources, roles):
-            if role != "chosen":
-                continue
-            path, line = source.rsplit(":", 1)
-            values = self.values[(path, int(line))]
-            chosen.append(values[0])
-            rejected.append(values[1])
-        return torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)

@@ -65,7 +65,7 @@ from .config import TrainConfig
 from .distributed import init_distributed, resolve_device, seed_everything
 from .evaluation import evaluate_choices, format_accuracy
 from .metrics import MetricsLog, build_sinks, peak_flops, plot_loss_curve, progress_bar
-from .mpo import PrecomputedReference, RunningMean, batch_reward_mean, mpo_terms, pair_logps
+from .mpo import RunningMean, batch_reward_mean, mpo_terms, pair_logps
 from .optim import COMPONENTS, apply_freezing, build_optimizer, build_scheduler, parameter_groups
 
 
@@ -204,10 +204,12 @@ class Trainer:
         self.model_shape = ModelShape.from_modules(self.model_config.to_hf(), self.model)  # for FLOPs: before sharding
         components = self.model.engine_components()
         apply_freezing(components, config.optim.frozen())
+        self._build_indexes()
         self.reference = None
+        self.precomputed = False
         if config.mode == "mpo":
-            self.precomputed = self._precomputed_reference()
-            if self.precomputed is None:
+            self.precomputed = self._reference_is_precomputed()
+            if not self.precomputed:
                 # The frozen policy, copied before the model is sharded; under a plan sharded the same way.
                 self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         if self.distributed:
@@ -279,26 +281,33 @@ class Trainer:
                 "give the model's tokenizer (--config data: {tokenizer: folder})"
             )
 
-    def _precomputed_reference(self) -> Optional[PrecomputedReference]:
-        files = [spec.annotation for spec in load_meta(self.meta_path)]
-        reference = PrecomputedReference(files)
-        return reference if reference.complete and reference.values else None
-
-    def _build_loader(self) -> None:
-        """The data: the datasets' indexes (cached), this rank's StepPlanner and the PackDecoder its
-        workers run (model.data.loading)."""
-        config, data, model_config = self.config, self.config.data, self.model_config
-        self.errors = DataErrors()
+    def _build_indexes(self) -> None:
+        """The encoder, the tiler and the datasets' indexes (cached; under torch.distributed built by all
+        ranks together)."""
+        data, model_config = self.config.data, self.model_config
         self.encoder = ConversationEncoder(self.tokenizer, num_image_token=model_config.tokens_per_tile, system_message=data.system_text())
         self.tiler = data.tiler(model_config.vision.image_size)
-        specs = load_meta(self.meta_path)
+        self.specs = load_meta(self.meta_path)
         show = self.is_main and self.show_progress
-        indexes = {
+        self.indexes = {
             spec.name: load_or_build_index(spec, self.encoder, self.tiler,
                                            lambda items, total, what: progress_bar(total, 0, show, items, what, unit="record"),
                                            video_frames=data.frame_sampling())
-            for spec in specs
+            for spec in self.specs
         }
+
+    def _reference_is_precomputed(self) -> bool:
+        """Whether every preference record carries its reference log-probabilities (then MPO needs no
+        reference model), from the indexes."""
+        pairs, with_reference = (sum(counts) for counts in zip(*(index.preference_pairs() for index in self.indexes.values())))
+        return pairs > 0 and with_reference == pairs
+
+    def _build_loader(self) -> None:
+        """The data: this rank's StepPlanner over the datasets' indexes and the PackDecoder its workers run
+        (model.data.loading)."""
+        config, data, model_config = self.config, self.config.data, self.model_config
+        self.errors = DataErrors()
+        specs, indexes = self.specs, self.indexes
 
         def datasets():
             # Built twice: the planner's and the decoder's datasets report bad records to different journals.
@@ -472,8 +481,12 @@ class Trainer:
         return pair_logps(token_logps, batch.labels, batch.cu_seqlens, batch.roles)
 
     def _reference_logps(self, batch):
-        if self.precomputed is not None:
-            return self.precomputed.lookup(batch.sources, batch.roles, self.device)
+        if self.precomputed:
+            missing = [source for source, reference in zip(batch.sources[::2], batch.references) if reference is None]
+            if missing:
+                raise RuntimeError(f"{missing[0]}: the record's reference log-probabilities are gone since it was indexed")
+            values = torch.tensor(batch.references, dtype=torch.float32, device=self.device).reshape(-1, 2)
+            return values[:, 0], values[:, 1]
         with torch.no_grad():
             logps = self._pair_logps(self.reference, batch)
         return logps.chosen, logps.rejected

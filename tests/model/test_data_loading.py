@@ -174,7 +174,7 @@ def test_a_cached_index_is_memory_mapped_and_equal_to_the_built_one(data):
         built = load_or_build_index(spec, encoder, tiler)
         cached = load_or_build_index(spec, encoder, tiler)
         for name in ("offsets", "line_numbers", "kinds", "record_samples", "sample_length", "sample_first_target",
-                     "sample_images", "image_span", "image_tiles", "video_frame_totals"):
+                     "sample_images", "image_span", "image_tiles", "video_frame_totals", "has_reference"):
             stored, original = getattr(cached, name), getattr(built, name)
             assert isinstance(stored, np.memmap) or stored.size == 0, name
             assert stored.dtype == original.dtype and np.array_equal(stored, original), name
@@ -202,6 +202,7 @@ def test_loading_a_large_index_reads_only_what_is_used(tmp_path):
         "sample_length": np.full(records, 300, dtype=np.int64), "sample_first_target": np.full(records, 280, dtype=np.int64),
         "sample_images": np.arange(records + 1, dtype=np.int64), "image_span": np.tile(np.array([[10, 28]], dtype=np.int64), (records, 1)),
         "image_tiles": np.ones(records, dtype=np.int64), "video_frame_totals": np.zeros(records, dtype=np.int64),
+        "has_reference": np.zeros(records, dtype=np.int8),
         "reasons": np.array("{}"),
     }
     size = sum(array.nbytes for array in arrays.values())

@@ -1,4 +1,4 @@
-"""The MPO loss (model/train/mpo.py) against a float64 hand computation, term by term."""
+"""The MPO loss (model/train/mpo.py) against a float64 hand computation, term by term; precomputed reference values through the data path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from model.train.mpo import (
     MPO_BETA,
     MPO_WEIGHTS,
-    PrecomputedReference,
     RunningMean,
     batch_reward_mean,
     mpo_terms,
@@ -113,16 +112,25 @@ def test_pair_logps_rejects_unpaired_packs():
         pair_logps(torch.zeros(3), torch.zeros(3, dtype=torch.int64), torch.tensor([0, 3], dtype=torch.int32), ["sample"])
 
 
-def test_precomputed_reference_lookup_by_source(tmp_path):
-    path = tmp_path / "pref.jsonl"
+def test_precomputed_reference_values_travel_with_the_pairs(tmp_path):
+    """A preference record's ref_chosen_logp / ref_rejected_logp reach its PreferencePair (None when absent
+    or not numbers), the data index counts the pairs carrying them, and a pack lists them pair by pair."""
+    from model.data import ConversationEncoder, DatasetSpec, ImageTiler, PackingConfig, RecordDataset, collate, load_or_build_index
+    from model.data.tokenizer import ByteTokenizer
+
     records = [
         {"question": "q", "chosen": "a", "rejected": "b", "ref_chosen_logp": -1.5, "ref_rejected_logp": -2.5},
-        {"question": "q", "chosen": "c", "rejected": "d", "ref_chosen_logp": -3.0, "ref_rejected_logp": -0.5},
+        {"question": "q", "chosen": "c", "rejected": "d", "ref_chosen_logp": -3, "ref_rejected_logp": -0.5},
+        {"question": "q", "chosen": "e", "rejected": "f", "ref_chosen_logp": "-1", "ref_rejected_logp": -0.5},
+        {"question": "q", "chosen": "g", "rejected": "h"},
     ]
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    reference = PrecomputedReference([str(path)])
-    assert reference.complete
-    chosen, rejected = reference.lookup([f"{path}:2", f"{path}:2", f"{path}:1", f"{path}:1"], ["chosen", "rejected", "chosen", "rejected"], "cpu")
-    assert chosen.tolist() == [-3.0, -1.5] and rejected.tolist() == [-0.5, -2.5]
-    path.write_text(json.dumps({"question": "q", "chosen": "a", "rejected": "b"}) + "\n")
-    assert not PrecomputedReference([str(path)]).complete
+    path = tmp_path / "pref.jsonl"
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    spec = DatasetSpec("pref", str(path), root=str(tmp_path))
+    encoder, tiler = ConversationEncoder(ByteTokenizer(), num_image_token=4, system_message=None), ImageTiler(tile_size=28)
+    dataset = RecordDataset(spec, encoder, tiler, augment=False, shuffle=False)
+    pairs = [dataset.load_record(index) for index in range(4)]
+    assert [pair.reference for pair in pairs] == [(-1.5, -2.5), (-3.0, -0.5), None, None]
+    assert load_or_build_index(spec, encoder, tiler).preference_pairs() == (4, 2)
+    batch = collate([pairs[1], pairs[3], pairs[0]], PackingConfig(delta=0.25))
+    assert batch.references == [(-3.0, -0.5), None, (-1.5, -2.5)] and batch.roles == ["chosen", "rejected"] * 3

@@ -498,6 +498,31 @@ def test_mpo_mode_trains_on_preference_pairs(data_dir, tmp_path):
         Trainer(small_config(data_dir, tmp_path / "x", mode="mpo"), show_progress=False, echo=lambda m: None)
 
 
+def test_mpo_reads_precomputed_reference_log_probabilities_from_the_records(data_dir, tmp_path):
+    """Preference records all carrying ref_chosen_logp / ref_rejected_logp: no reference model is built and
+    the step's preference term is computed against those values (here the chosen one far below the
+    rejected one, so the log-ratio margin is large: the term is far from the log 2 of a reference equal to
+    the policy). One record without them: the reference model again."""
+    lines = (data_dir / "preference.jsonl").read_text().splitlines()
+    records = [{**json.loads(line), "ref_chosen_logp": -400.0, "ref_rejected_logp": -1.0} for line in lines]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "preference.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    meta = {"pref": {"annotation": "preference.jsonl", "root": str(data_dir), "kind": "preference"}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    config = small_config(data_dir, tmp_path / "run", mode="mpo", data={"path": str(folder / "meta.json")}, max_steps=2, optim={"lr": 1e-3})
+    trainer = Trainer(config, show_progress=False, echo=lambda m: None)
+    assert trainer.precomputed and trainer.reference is None
+    trainer.train()
+    steps = [entry for entry in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "event" not in entry]
+    assert all(math.isfinite(entry["loss"]) for entry in steps) and steps[0]["preference"] < 0.01
+    del records[3]["ref_rejected_logp"]
+    (folder / "preference.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    again = Trainer(small_config(data_dir, tmp_path / "again", mode="mpo", data={"path": str(folder / "meta.json")}),
+                    show_progress=False, echo=lambda m: None)
+    assert not again.precomputed and again.reference is not None
+
+
 # ---- TensorBoard and Weights & Biases
 
 
