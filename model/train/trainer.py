@@ -62,7 +62,7 @@ from ..modeling import InternVL3
 from ..weights import load_weights_distributed, read_config, save_weights_distributed
 from . import checkpointing
 from .config import TrainConfig
-from .distributed import init_distributed, resolve_device, seed_everything
+from .distributed import broadcast_batch, init_distributed, resolve_device, seed_everything
 from .evaluation import evaluate_choices, format_accuracy
 from .metrics import MetricsLog, build_sinks, peak_flops, plot_loss_curve, progress_bar
 from .mpo import RunningMean, batch_reward_mean, mpo_terms, pair_logps
@@ -359,10 +359,8 @@ class Trainer:
             self._steps = iter(self.loader)
         data = next(self._steps)
         if self._peer_group is not None:  # pack j comes from the peer that decoded it (PackDecoder)
-            for index in range(len(data.batches)):
-                holder = [data.batches[index]]
-                dist.broadcast_object_list(holder, group=self._peer_group, group_src=index % self._pack_peers)
-                data.batches[index] = holder[0]
+            data.batches = [broadcast_batch(batch, self._peer_group, index % self._pack_peers, self.device)
+                            for index, batch in enumerate(data.batches)]
         for file, line, reason in data.errors + data.decode_errors:
             self.errors.record(file, line, reason)
         self._decode_errors += data.decode_errors
