@@ -79,7 +79,7 @@ class _Route:
         self.loss_of, self.accuracy, self.parameters = loss_of, accuracy, parameters
 
 
-def _head_route(model, model_config, media, kind: str, held: list, candidates: list, parts: int, seed: int) -> _Route:
+def _head_route(model, model_config, media, held: list, candidates: list, parts: int, seed: int) -> _Route:
     torch.manual_seed(seed)  # the head's initialisation: the same curve on every run of a seed
     head = nn.Linear(model_config.text.hidden_size * parts, len(candidates))
     index = {answer: row for row, answer in enumerate(candidates)}
@@ -145,9 +145,11 @@ def train_route(route: str, kind: str, data: Path, steps: int, batch: int, lr: f
 
     train, held, candidates = _questions(data, kind)
     rng = random.Random(seed)
-    head = _head_route(model, model_config, media, kind, held, candidates, config.data.video_frames if kind == "motion" else 1, seed)
-    whole = _model_route(model, model_config, media, kind, held, data, tiler, config.data.video_frames, rng)
-    stages = {"head": [head], "model": [whole], "head-then-model": [head, whole]}[route]
+    builders = {
+        "head": lambda: _head_route(model, model_config, media, held, candidates, config.data.video_frames if kind == "motion" else 1, seed),
+        "model": lambda: _model_route(model, model_config, media, kind, held, data, tiler, config.data.video_frames, rng),
+    }
+    stages = [builders[name]() for name in route.split("-then-")]  # only the routes this one runs
     curve, began = [], time.perf_counter()
     for stage, part in enumerate(stages):
         optimizer = _optimizer(part.parameters, lr)
