@@ -346,7 +346,8 @@ class RecordDataset:
     def get(self, epoch: int, position: int) -> Optional[Item]:
         """The item at ``position`` of ``epoch``'s order, or None when the record is bad (then counted)."""
         rng = seeded_rng(self.seed, self.name, "augment", epoch, position) if self.augment else None
-        return self._read(epoch, position, lambda index: self.load_record(index, rng, frames_rng=self._frames_rng(epoch, position)))
+        return self._read(epoch, position, lambda index: self.load_record(
+            index, rng, self._frames_rng(epoch, position), self.index.video_total(index) if self.index is not None else None))
 
     def get_shape(self, epoch: int, position: int):
         """The shape (SampleShape, or a PreferencePair of them) of the item ``get`` would return, from the
@@ -374,10 +375,13 @@ class RecordDataset:
             self._separator_tokens[frame] = len(self.encoder.tokenizer.encode(frame_separator(frame)))
         return self._separator_tokens[frame]
 
-    def load_record(self, index: int, augment_rng: Optional[random.Random] = None, frames_rng: Optional[random.Random] = None) -> Item:
+    def load_record(self, index: int, augment_rng: Optional[random.Random] = None, frames_rng: Optional[random.Random] = None,
+                    video_total: Optional[int] = None) -> Item:
         """The item of record ``index``; DataError when it cannot be built. ``frames_rng``: the draws of a
-        video's frames (none: the sampling's least count at the segments' middles)."""
-        return self._build(index, augment_rng, frames_rng, measure=False)[0]
+        video's frames (none: the sampling's least count at the segments' middles). ``video_total``: its
+        video's frame total when known (the index's: the planner drew from it too); else its container
+        is opened to count them."""
+        return self._build(index, augment_rng, frames_rng, measure=False, video_total=video_total)[0]
 
     def measure_record(self, index: int) -> tuple:
         """(the shape of record ``index``'s item with its video's least frame count at the segments'
@@ -386,7 +390,8 @@ class RecordDataset:
         container. DataError when the record cannot become an item."""
         return self._build(index, None, None, measure=True)
 
-    def _build(self, index: int, augment_rng: Optional[random.Random], frames_rng: Optional[random.Random], measure: bool) -> tuple:
+    def _build(self, index: int, augment_rng: Optional[random.Random], frames_rng: Optional[random.Random], measure: bool,
+               video_total: Optional[int] = None) -> tuple:
         """(the item of record ``index``, or its shape when measuring; the video's frame total, or 0)."""
         record = self.file.read(index)
         source = self.source(index)
@@ -395,7 +400,7 @@ class RecordDataset:
         if record.get("video") is not None:
             if paths or kind == "text":
                 raise DataError("malformed record: a video record holds a conversation or a preference, and no images")
-            record, images, video_total = self._video(record, measure, frames_rng)
+            record, images, video_total = self._video(record, measure, frames_rng, video_total)
         else:
             video_total = 0
             tiler = self.tiler.for_images(len(paths))  # several images share the tile budget
@@ -417,15 +422,16 @@ class RecordDataset:
             item.reference = record_reference(record)
         return (item.shape() if measure else item), video_total
 
-    def _video(self, record: dict, measure: bool, frames_rng: Optional[random.Random]) -> tuple[dict, dict, int]:
+    def _video(self, record: dict, measure: bool, frames_rng: Optional[random.Random], total: Optional[int]) -> tuple[dict, dict, int]:
         """The record with its ``<video>`` placeholder (prepended to the first human turn, or the prompt, when
         absent) replaced by one ``FrameN: <image>`` line per sampled frame, the frames (one tile each):
-        their count when measuring, their pixels otherwise, and the video's frame total."""
+        their count when measuring, their pixels otherwise, and the video's frame total (``total``, when
+        known)."""
         video = record["video"]
         if not isinstance(video, str):
             raise DataError("malformed record: 'video' must be a path")
         path = os.path.join(self.spec.root, video)
-        total = video_frame_count(path)
+        total = total or video_frame_count(path)  # 0 or None: not known (an index gives 0 for a bad record)
         indices = self.frame_sampling.indices(total, frames_rng)
         record = copy.deepcopy(record)
         if "conversations" in record:

@@ -232,7 +232,7 @@ def drawn_videos(tmp_path):
     return video_dataset(tmp_path, "drawn", records)
 
 
-def test_drawn_frames_give_the_shape_the_index_predicts_and_the_frames_they_name(drawn_videos):
+def test_drawn_frames_give_the_shape_the_index_predicts_and_the_frames_they_name(drawn_videos, monkeypatch):
     """For every (epoch, position), the shape planned from the index (measured with the least count, grown to
     the drawn one) equals the decoded sample's, and the decoded tiles are the drawn frames: one from each of
     the count's equal segments of the video."""
@@ -257,6 +257,15 @@ def test_drawn_frames_give_the_shape_the_index_predicts_and_the_frames_they_name
             bounds = [segment * total // count for segment in range(count + 1)]
             assert all(start <= frame < end for frame, start, end in zip(frames, bounds, bounds[1:])), (frames, bounds)
     assert {2, 3, 11, 12} <= counts  # "Frame10: " and on are a token longer
+    # Decoding takes the frame total from the index (the count the planner drew from): no container is opened to count.
+    from model.data import datasets as datasets_module
+
+    def counted(path):
+        raise AssertionError(f"{path} opened to count its frames")
+
+    monkeypatch.setattr(datasets_module, "video_frame_count", counted)
+    assert all(dataset.get(0, position).shape() == dataset.get_shape(0, position) for position in range(len(dataset)))
+    monkeypatch.undo()
     # The index is measured with the least count: other upper bounds and offsets share it, another least count does not.
     assert load_or_build_index(spec, encoder, tiler, video_frames=FrameSampling(2, 4)).fingerprint == index.fingerprint
     assert load_or_build_index(spec, encoder, tiler, video_frames=FrameSampling(3, 12)).fingerprint != index.fingerprint
