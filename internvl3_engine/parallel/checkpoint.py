@@ -68,10 +68,20 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> N
 class PendingSave:
     """A save that async_save_sharded started. ``wait`` (collective: every rank calls it, at the same point of
     its program) returns once every rank's shards are written and the folder renamed into place; it raises
-    what the writer raised (the folder then stays absent)."""
+    what the writer raised (the folder then stays absent). ``done`` and ``join`` look at this rank's writer
+    alone."""
 
     def __init__(self, future, staging: str, path: str):
         self._future, self._staging, self.path = future, staging, path
+
+    def done(self) -> bool:
+        """Whether this rank's writer has finished (no collective: the ranks finish at different times)."""
+        return self._future.done()
+
+    def join(self) -> None:
+        """Wait for this rank's writer only, renaming nothing (no collective): for a run ending on an error,
+        whose ranks may never reach ``wait``. Raises what the writer raised."""
+        self._future.result()
 
     def wait(self) -> None:
         self._future.result()

@@ -20,6 +20,7 @@ resume reads no record again but the open buffers' shapes (from the index).
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -178,6 +179,12 @@ def _as_is(data):
     return data
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker ignores SIGTERM: a scheduler signalling the whole process group (preemption, scancel) must
+    not kill the workers under the step being finished; the training process stops them when it ends."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(planner: StepPlanner, decoder: PackDecoder, num_workers: int, prefetch_factor: int, pin_memory: bool, seed: int):
     """torchdata's StatefulDataLoader yielding this rank's StepData, one per optimizer step."""
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -188,4 +195,5 @@ def build_loader(planner: StepPlanner, decoder: PackDecoder, num_workers: int, p
             decoder, batch_size=None, sampler=planner, num_workers=num_workers, collate_fn=_as_is, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers else None, snapshot_every_n_steps=1,
             generator=torch.Generator().manual_seed(seed),  # the workers' seeds, without drawing from the global RNG
+            worker_init_fn=_ignore_stop_signals,
         )

@@ -5,14 +5,17 @@ A checkpoint is a folder ``<output>/checkpoints/step_<N>``:
   (python, numpy, torch, CUDA), the data loader's position and the MPO reward shift;
 - under a parallel plan: ``model/`` (model and optimizer through internvl3_engine.parallel.save_sharded,
   loadable at another world size) and ``trainer.pt`` without them.
-Everything is written into ``step_<N>.tmp`` and renamed to ``step_<N>`` (os.replace) once complete, so a
-crash never leaves a folder that looks like a checkpoint; ``latest`` only considers renamed folders.
-CheckpointWriter can write in the background: the state is copied to CPU memory at the save, a thread
-writes it while training goes on, and the rename happens when the next save (or the end) waits for it.
+Everything is written into ``step_<N>.tmp`` and renamed to ``step_<N>`` (os.replace) once complete on
+every rank, so a crash never leaves a folder that looks like a checkpoint; ``latest`` only considers
+renamed folders, and a new run removes the ``.tmp`` folders a crash left. CheckpointWriter can write in the
+background: the state is copied to CPU memory at the save, a thread writes it while training goes on, and
+the loop publishes it (the rename) at the first step end where every rank's writer has finished
+(``publish_finished``), so a crash loses at most the steps since the last finished save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -26,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+STAGING_PATTERN = re.compile(r"^step_(\d+)\.tmp$")
 TRAINER_FILE = "trainer.pt"
 SHARDED_FOLDER = "model"
 
@@ -90,17 +94,22 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
 
 class CheckpointWriter:
     """Writes the run's checkpoints into ``<output_dir>/checkpoints`` and keeps the last ``keep_last``.
-    Every rank calls ``save`` and ``wait`` at the same steps (a sharded save is collective); rank 0 writes
-    trainer_state (which, unsharded, also holds model and optimizer). ``asynchronous``: ``save`` returns
-    once the state is copied to CPU memory, a thread writes it, and the folder is renamed into place by the
-    next ``save`` or ``wait`` (call ``wait`` before the run ends); else ``save`` returns once it is in place."""
+    Every rank calls ``save``, ``publish_finished`` and ``wait`` at the same steps (a sharded save is
+    collective); rank 0 writes trainer_state (which, unsharded, also holds model and optimizer).
+    ``asynchronous``: ``save`` returns once the state is copied to CPU memory and a thread writes it; the
+    folder is renamed into place by the first ``publish_finished`` that finds every rank's writer done, or
+    by the next ``save`` or ``wait`` (call ``wait`` or ``close`` before the run ends); else ``save`` returns
+    once it is in place. ``device``: where the ranks' done flags are reduced (the training backend's device).
+    Removes the staging folders a crashed run left (rank 0, at construction)."""
 
-    def __init__(self, output_dir: str, sharded: bool, keep_last: int, asynchronous: bool):
+    def __init__(self, output_dir: str, sharded: bool, keep_last: int, asynchronous: bool, device: Optional[torch.device] = None):
         self.output_dir, self.sharded, self.keep_last, self.asynchronous = output_dir, sharded, keep_last, asynchronous
+        self.device = device or torch.device("cpu")
         self._pending = None  # (what to wait for, staging folder, final folder)
         self._thread = ThreadPoolExecutor(max_workers=1) if asynchronous and not sharded else None
         # The DCP writer thread's collectives go over a group of their own, apart from training's.
         self._group = dist.new_group(backend="gloo") if asynchronous and sharded else None
+        self.removed_staging = remove_staging(output_dir) if _rank() == 0 else []
 
     def save(self, step: int, trainer_state: dict, model, optimizer) -> str:
         """Write (or start writing) the checkpoint of ``step``; returns its folder's final path."""
@@ -135,6 +144,21 @@ class CheckpointWriter:
             self.wait()
         return final
 
+    def publish_finished(self) -> Optional[str]:
+        """Publish the save in flight if its writer has finished on every rank (one all-reduce of a done flag
+        while a save is in flight; nothing otherwise): returns its folder, else None. Call it on every rank
+        at the same steps (the loop: after each step)."""
+        if self._pending is None:
+            return None
+        done = torch.tensor(float(_finished(self._pending[0])), device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item() < 1:
+            return None
+        final = self._pending[2]
+        self.wait()
+        return final
+
     def wait(self) -> None:
         """Finish the save in flight, if any: wait for its writer, then rename it into place and drop the
         checkpoints beyond keep_last. Raises what the writer raised (the checkpoint then stays absent)."""
@@ -153,6 +177,50 @@ class CheckpointWriter:
             for _, old in list_checkpoints(self.output_dir)[:-self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
+
+    def close(self, publish: bool = True) -> None:
+        """End the writer: with ``publish``, finish and publish the save in flight (``wait``: collective);
+        without (a failed run, whose ranks may not reach a collective), only let this rank's writer finish,
+        leaving its staging folder unpublished. Then stop the writer thread and free the writer's group."""
+        if publish:
+            self.wait()
+        elif self._pending is not None:
+            with contextlib.suppress(Exception):  # the failure that ends the run is the one to report
+                _result(self._pending[0])
+            self._pending = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+
+def _finished(waiting) -> bool:
+    """Whether this rank's writer of a save is done (a Future, a PendingSave or None: written already)."""
+    return waiting is None or waiting.done()
+
+
+def _result(waiting) -> None:
+    """Wait for this rank's writer of a save, without publishing it."""
+    if isinstance(waiting, Future):
+        waiting.result()
+    elif waiting is not None:
+        waiting.join()
+
+
+def remove_staging(output_dir: str) -> list[str]:
+    """Remove the staging folders (``step_<N>.tmp``) in output_dir's checkpoints: saves a crashed run never
+    published (unfinished on some rank, or finished after the last step end that could publish them).
+    Returns the folders removed."""
+    folder = checkpoint_dir(output_dir)
+    removed = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if STAGING_PATTERN.match(name):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                removed.append(os.path.join(folder, name))
+    return removed
 
 
 def _cpu_copy(value):

@@ -28,6 +28,10 @@
     numbers of each metrics line, and the final evaluation's accuracy.
 --resume with a larger --max-steps than the checkpoint's run: the learning-rate schedule is this run's (the
     cosine runs to the new --max-steps, as in a run started with it).
+SIGTERM (preemption, scancel): the run finishes the step it is taking, checkpoints it, publishes it and exits
+    with status 143; --resume auto continues from it. A background checkpoint is published (renamed into
+    place) at the first step end where every rank has finished writing it; a new run removes the
+    unpublished ones a crash left.
 --max-steps 0: a dry run: build the model, load --init, shard it under the plan (and restore --resume), print
     each rank's memory, take no step. Under a plan, --init's checkpoint (transformers layout) is read
     shard by shard: each rank holds and reads only its part (model.weights.load_weights_distributed).
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -53,6 +58,11 @@ from .checkpointing import resolve_resume
 from .config import MODES, load_config_file
 from .presets import TRAIN_PRESETS, preset_config
 from .trainer import Trainer, check_plan
+
+
+# The exit status of a run a stop signal ended after checkpointing (as a shell reports a SIGTERM death: the
+# scheduler sees an unfinished job and can requeue it; --resume auto continues it).
+STOPPED_STATUS = 128 + signal.SIGTERM
 
 
 def load_plan(path: str):
@@ -147,8 +157,11 @@ def main(argv: Optional[list] = None) -> int:
         trainer = Trainer(config, plan=plan, resume=args.resume, show_progress=not args.no_progress)
     except (FileNotFoundError, MissingPackageError) as error:  # checked first: missing data files, --log packages
         return _fail(parser, error)
-    trainer.train()
-    if args.export:
-        trainer.export(args.export)
+    with trainer:  # on every way out: the loader's workers, the checkpoint writer and the process group ended
+        result = trainer.train()
+        if result.stopped:
+            return STOPPED_STATUS
+        if args.export:
+            trainer.export(args.export)
     return 0
 

@@ -66,6 +66,7 @@ from .distributed import broadcast_batch, init_distributed, resolve_device, seed
 from .evaluation import evaluate_choices, format_accuracy
 from .metrics import MetricsLog, build_sinks, peak_flops, plot_loss_curve, progress_bar
 from .mpo import RunningMean, batch_reward_mean, mpo_terms, pair_logps
+from .preemption import StopRequest
 from .optim import COMPONENTS, apply_freezing, build_optimizer, build_scheduler, parameter_groups
 
 
@@ -126,6 +127,7 @@ class TrainResult:
     accuracy: Optional[dict] = None
     data_errors: Optional[DataErrors] = None
     memory: Optional[list] = None  # a dry run's per-rank report (start.json): bytes held, peak memory, start time
+    stopped: bool = False  # a stop signal (SIGTERM) ended the run early, after checkpointing its last step
 
 
 @dataclass
@@ -156,6 +158,7 @@ class Trainer:
         self.echo = echo
         self.distributed = plan is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = resolve_device(config.device)
+        self._owns_process_group = self.distributed and not dist.is_initialized()  # close() ends what it began
         if self.distributed:
             self.rank, self.world = init_distributed(self.device)
         else:
@@ -241,7 +244,9 @@ class Trainer:
         self.trainable = [p for group in groups for p in group["params"]]
         self.reward_shift = RunningMean()
         self.checkpoints = checkpointing.CheckpointWriter(config.output_dir, self.distributed, config.checkpoint.keep_last,
-                                                          config.checkpoint.asynchronous)
+                                                          config.checkpoint.asynchronous, self.device)
+        for folder in self.checkpoints.removed_staging:
+            self._say(f"removed {folder}: a checkpoint an earlier run did not finish")
         self._build_loader()
 
     def _sharded(self, model: InternVL3, plan: ParallelPlan) -> ParallelState:
@@ -573,53 +578,95 @@ class Trainer:
         os.makedirs(config.output_dir, exist_ok=True)
         log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), enabled=self.is_main,
                          resume_step=start if resume_path else None, sinks=self.sinks)
-        try:
-            if self.is_main and not resume_path:
-                with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
-                    json.dump({"train": dataclasses.asdict(config), "model": self.model_config.to_dict()}, handle, indent=2, default=str)
-            self._say(self._banner(self.parameter_counts))
-            peak = peak_flops(self.device)
-            losses, skipped = [], []
-            bar = progress_bar(config.max_steps, start, self.show_progress and self.is_main)
-            window_tokens, window_time = 0, 0.0
-            self.model.train()
-            step = start
-            for step in range(start + 1, config.max_steps + 1):
-                began = time.perf_counter()
-                result = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - began
-                losses.append(None if result.skipped else result.loss)
-                if result.skipped:
-                    skipped.append(step)
-                    self._report_skipped(step, result, log, bar)
-                # The ranks sharing a pack (tensor- and context-parallel peers) count it once.
-                tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in result.batches)), device=self.device)).item() / self._pack_peers
-                window_tokens += tokens
-                window_time += elapsed
-                saving = step % config.checkpoint.save_every == 0 or step == config.max_steps
-                logging = step % config.logging.log_every == 0 or step == config.max_steps or step == start + 1
-                if saving or logging:
-                    self._share_errors()
-                if logging:
-                    entry = self._step_entry(step, result, tokens, window_tokens / max(window_time, 1e-9), elapsed, peak)
-                    log.write(entry)
-                    window_tokens, window_time = 0, 0.0
+        with StopRequest() as stop:  # SIGTERM: checkpoint the step being taken, then stop
+            try:
+                if self.is_main and not resume_path:
+                    with open(os.path.join(config.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
+                        json.dump({"train": dataclasses.asdict(config), "model": self.model_config.to_dict()}, handle, indent=2, default=str)
+                self._say(self._banner(self.parameter_counts))
+                peak = peak_flops(self.device)
+                losses, skipped = [], []
+                bar = progress_bar(config.max_steps, start, self.show_progress and self.is_main)
+                window_tokens, window_time = 0, 0.0
+                self.model.train()
+                step, stopping = start, False
+                for step in range(start + 1, config.max_steps + 1):
+                    began = time.perf_counter()
+                    result = self.train_step()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - began
+                    losses.append(None if result.skipped else result.loss)
+                    if result.skipped:
+                        skipped.append(step)
+                        self._report_skipped(step, result, log, bar)
+                    # The ranks sharing a pack (tensor- and context-parallel peers) count it once.
+                    tokens = _all_reduce(torch.tensor(float(sum(b.num_tokens for b in result.batches)), device=self.device)).item() / self._pack_peers
+                    window_tokens += tokens
+                    window_time += elapsed
+                    stopping = stop.requested_anywhere(self.device)  # then the step just taken is checkpointed
+                    saving = step % config.checkpoint.save_every == 0 or step == config.max_steps or stopping
+                    logging = step % config.logging.log_every == 0 or step == config.max_steps or step == start + 1
+                    if saving or logging:
+                        self._share_errors()
+                    if logging:
+                        entry = self._step_entry(step, result, tokens, window_tokens / max(window_time, 1e-9), elapsed, peak)
+                        log.write(entry)
+                        window_tokens, window_time = 0, 0.0
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
+                        bar.update(1)
+                    if saving:
+                        self.checkpoints.save(step, self._trainer_state(step), self.model, self.optimizer)
+                    else:
+                        self.checkpoints.publish_finished()  # a finished background save, published within a step
+                    if stopping:
+                        break
                 if bar is not None:
-                    bar.update(1)
-                if saving:
-                    self.checkpoints.save(step, self._trainer_state(step), self.model, self.optimizer)
-            if bar is not None:
-                bar.close()
-            self.checkpoints.wait()  # the last checkpoint in place before the run reports and exports
-            self._stop_loader()
-            return self._finish(step, losses, skipped, log)
-        finally:
-            self._stop_loader()
-            log.close()
+                    bar.close()
+                self.checkpoints.close()  # the last checkpoint in place before the run reports and exports
+                self._stop_loader()
+                if stopping:
+                    return self._stopped(step, losses, skipped, log, stop)
+                return self._finish(step, losses, skipped, log)
+            except BaseException:
+                # A failed run publishes its finished save only in one process: the ranks of a failed
+                # distributed run may never reach the collective that agrees it is complete on all of them.
+                with contextlib.suppress(Exception):
+                    self.checkpoints.close(publish=not self.distributed)
+                raise
+            finally:
+                self._stop_loader()
+                log.close()
+
+    def _stopped(self, step: int, losses: list, skipped: list, log: MetricsLog, stop: StopRequest) -> TrainResult:
+        """The end of a run stopped by a signal: its last step is checkpointed; no final weights, no evaluation."""
+        folder = checkpointing.latest_checkpoint(self.config.output_dir)
+        log.write({"event": "stopped", "step": step, "signal": stop.name or "received by another rank", "checkpoint": folder})
+        self._say(f"stopped by {stop.name or 'a signal to another rank'} after step {step}: checkpoint {folder}; "
+                  "continue with --resume auto")
+        return TrainResult(losses=losses, final_step=step, skipped_steps=skipped, output_dir=self.config.output_dir,
+                           data_errors=self.errors, stopped=True)
+
+    def close(self, failed: bool = False) -> None:
+        """End what the trainer started: the loader's workers, the checkpoint writer (a save in flight is left
+        unpublished: train() publishes on its way out) and the process group it initialised, its threads
+        joined before the interpreter exits (left to the interpreter's teardown, gloo's can abort the process
+        after a run that did all its work). ``failed``: the process group is left alone, since a rank whose
+        peers are still in a collective can hang tearing it down (the process exits with an error anyway).
+        ``with Trainer(...) as trainer:`` closes it on the way out."""
+        self._stop_loader()
+        self.checkpoints.close(publish=False)
+        if self._owns_process_group and dist.is_initialized() and not failed:
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(failed=kind is not None)
 
     def _resume_point(self) -> tuple[int, Optional[str]]:
         """The step the run continues after and the checkpoint restored (0 and None: a fresh start)."""
