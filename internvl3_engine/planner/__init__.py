@@ -2,7 +2,7 @@
 of memory per GPU and step time (``python -m internvl3_engine.planner``)."""
 
 from .calibration import DEFAULT_EFFICIENCY, Calibration, calibrate
-from .cost import Assumptions, ComponentCost, PlanCost, Workload, estimate, start_memory_bytes
+from .cost import Assumptions, ComponentCost, PlanCost, Workload, estimate, reference_memory_bytes, start_memory_bytes
 from .flops import training_flops
 from .hardware import GPU, GPUS, datasheet_bf16_flops
 from ..architectures import PRESETS, preset_config
@@ -28,6 +28,7 @@ __all__ = [
     "model_shape",
     "preset_config",
     "recommend",
+    "reference_memory_bytes",
     "start_memory_bytes",
     "training_flops",
 ]

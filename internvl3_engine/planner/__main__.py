@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"packs per rank and optimizer step: gradient accumulation (default {defaults.micro_batches})")
     parser.add_argument("--sample-length", type=int, default=defaults.sample_length,
                         help=f"mean sample length in a pack, for attention's FLOPs (default {defaults.sample_length})")
+    parser.add_argument("--reference-model", action="store_true",
+                        help="MPO with a reference model (model.train --mode mpo on pairs without precomputed reference "
+                        "log-probabilities): count its zero3 shards and its no-grad forward on every pack")
     parser.add_argument("--efficiency", type=float, default=None,
                         help="compute efficiency (achieved / peak FLOP/s) instead of the calibrated or default one")
     parser.add_argument("--results", type=Path, default=None,
@@ -78,7 +81,8 @@ def cost_dict(cost: PlanCost) -> dict:
         "memory_bytes": cost.memory_bytes, "memory_budget_bytes": cost.memory_budget_bytes,
         "compute_s": cost.compute_s, "exposed_communication_s": cost.exposed_communication_s,
         "tensor_parallel_s": cost.tensor_parallel_s, "context_parallel_s": cost.context_parallel_s,
-        "optimizer_s": cost.optimizer_s, "step_s": cost.step_s,
+        "optimizer_s": cost.optimizer_s, "reference_bytes": cost.reference_bytes, "reference_s": cost.reference_s,
+        "step_s": cost.step_s,
         "tokens_per_s_per_gpu": cost.tokens_per_s_per_gpu, "mfu": cost.mfu, "model_flops_per_gpu": cost.model_flops_per_gpu,
     }
 
@@ -142,13 +146,17 @@ def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptio
             table.add_row("tp", "all-reduce", "", "", "", "", "", "", _ms(best.tensor_parallel_s), _ms(best.tensor_parallel_s))
         if best.plan.cp > 1:
             table.add_row("cp", "all-to-all", "", "", "", "", "", "", _ms(best.context_parallel_s), _ms(best.context_parallel_s))
+        if workload.reference_model:
+            table.add_row("reference", "zero3, no grad", _gib(best.reference_bytes), "", "", "", _gib(best.reference_bytes),
+                          _ms(best.reference_s), "", "")
         table.add_row("AdamW", "HBM-bound", "", "", "", "", "", _ms(best.optimizer_s), "", "")
         table.add_row("total", f"of {_gib(best.memory_budget_bytes)}", "", "", "", "", _gib(best.memory_bytes),
                       _ms(best.compute_s + best.optimizer_s), "", _ms(best.exposed_communication_s))
         console.print(table)
         console.print(
             f"step {best.step_s:.3f} s = compute {best.compute_s:.3f} s + exposed communication "
-            f"{best.exposed_communication_s:.3f} s + optimizer {best.optimizer_s:.3f} s; "
+            f"{best.exposed_communication_s:.3f} s + optimizer {best.optimizer_s:.3f} s"
+            + (f" + reference forwards {best.reference_s:.3f} s" if workload.reference_model else "") + "; "
             f"{best.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {best.mfu:.1%}"
         )
     if recommendation.alternatives:
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpu = gpu_kind(args.gpu)
     shape = model_shape(args.config if args.config is not None else args.preset)
-    workload = Workload(args.tokens_per_pack, args.tiles_per_pack, args.micro_batches, args.sample_length)
+    workload = Workload(args.tokens_per_pack, args.tiles_per_pack, args.micro_batches, args.sample_length, args.reference_model)
     if args.efficiency is not None:
         assumptions = Assumptions(compute_efficiency=args.efficiency, efficiency_source="--efficiency")
     else:

@@ -24,6 +24,9 @@ Stated assumptions (each a named constant here or a field of Assumptions / Workl
   log-sum-exp); with activation checkpointing only each block's input plus one block being recomputed.
   The LM head's logits are never materialised (the fused linear cross-entropy chunks them).
 - The optimizer step is HBM-bound: OPTIMIZER_HBM_BYTES per local parameter.
+- MPO's reference model (Workload.reference_model): its float32 shards, zero3 over dp_shard x cp whatever
+  the policy's plan (reference_memory_bytes), and one no-grad forward a pack with its gathers; its gathered
+  blocks are freed before the policy's forward, so only the shards add to the peak.
 """
 
 from __future__ import annotations
@@ -54,12 +57,17 @@ class Workload:
     tiles_per_pack: int = 48
     micro_batches: int = 1  # gradient accumulation
     sample_length: int = 4096  # mean sample length in a pack, for attention's sum of L^2
+    # MPO with a reference model (not precomputed reference log-probabilities): a frozen copy of the model
+    # held beside it (reference_memory_bytes) and run forward, without gradients, on every pack.
+    reference_model: bool = False
 
     def __post_init__(self):
         for name in ("tokens_per_pack", "tiles_per_pack", "micro_batches", "sample_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "tiles_per_pack" else 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.reference_model, bool):
+            raise TypeError(f"reference_model must be a bool, got {self.reference_model!r}")
 
     def sample_lengths(self) -> list[int]:
         whole, rest = divmod(self.tokens_per_pack, self.sample_length)
@@ -119,6 +127,8 @@ class PlanCost:
     mfu: float
     model_flops_per_gpu: float  # per step
     context_parallel_s: float = 0.0  # per step, exposed (Ulysses all-to-alls and the image rows' gather)
+    reference_bytes: float = 0.0  # an MPO reference model's shards (Workload.reference_model)
+    reference_s: float = 0.0  # per step: its no-grad forwards, with their exposed parameter gathers
 
     @property
     def fits(self) -> bool:
@@ -225,6 +235,14 @@ def start_memory_bytes(shape: ModelShape, plan: ParallelPlan, gpus: int) -> floa
     return total
 
 
+def reference_memory_bytes(shape: ModelShape, plan: ParallelPlan, gpus: int) -> float:
+    """Bytes one GPU holds of an MPO reference model between its forwards: a frozen float32 copy of the model,
+    every component zero3 over the dp_shard x cp ranks whatever the policy's plan (a no-grad forward gathers
+    a block at a time and frees it; replicated or zero2 it would stay whole on every GPU)."""
+    dp_shard = _sharding_ranks(plan, gpus)
+    return sum(_local_parameters(shape, name, plan.tp)[0] for name in COMPONENTS) / dp_shard * MASTER_PARAM_BYTES
+
+
 def estimate(
     shape: ModelShape, plan: ParallelPlan, gpus: int, gpu: GPU, workload: Workload, assumptions: Assumptions
 ) -> PlanCost:
@@ -240,7 +258,7 @@ def estimate(
     }
     flop_rate = gpu.peak_bf16_flops * assumptions.compute_efficiency
     overlap = 1.0 if plan.prefetch else assumptions.prefetch0_overlap
-    costs, optimizer_parameters = {}, 0.0
+    costs, optimizer_parameters, reference_s = {}, 0.0, 0.0
     for name in COMPONENTS:
         component = plan.component(name)
         local, block, root = _local_parameters(shape, name, tp)
@@ -275,6 +293,10 @@ def estimate(
             max(comm / units, comm - overlap * pass_s)
             for comm, pass_s in ((forward_comm, forward_s), (backward_comm, backward_s))
         )
+        if workload.reference_model:  # its forward: a third of the training FLOPs, its zero3 gathers behind it
+            reference_gather = (ring_fraction(dp_shard) * local * COMPUTE_PARAM_BYTES / _bandwidth(gpu, dp_shard * tp, assumptions)
+                                + units * _latency(gpu, dp_shard, dp_shard * tp, assumptions))
+            reference_s += compute / 3 + max(reference_gather / units, reference_gather - overlap * compute / 3)
         costs[name] = ComponentCost(
             parameters_bytes=local / shards * MASTER_PARAM_BYTES + gathered * COMPUTE_PARAM_BYTES,
             gradients_bytes=local / shards * GRADIENT_BYTES + max(root, block) * UNSHARDED_GRADIENT_BYTES,
@@ -300,7 +322,9 @@ def estimate(
         context_parallel_s = per_micro_batch * workload.micro_batches
     optimizer_s = optimizer_parameters * OPTIMIZER_HBM_BYTES / gpu.hbm_bandwidth
     per_micro_batch = sum(cost.compute_s + cost.exposed_communication_s for cost in costs.values())
-    step_s = per_micro_batch * workload.micro_batches + tensor_parallel_s + context_parallel_s + optimizer_s
+    reference_s *= workload.micro_batches
+    step_s = per_micro_batch * workload.micro_batches + tensor_parallel_s + context_parallel_s + optimizer_s + reference_s
+    reference_bytes = reference_memory_bytes(shape, plan, gpus) if workload.reference_model else 0.0
     model_flops_per_gpu = flops["total"] * workload.micro_batches / (tp * cp)
     return PlanCost(
         plan=plan,
@@ -309,10 +333,12 @@ def estimate(
         tensor_parallel_s=tensor_parallel_s,
         optimizer_s=optimizer_s,
         step_s=step_s,
-        memory_bytes=sum(cost.memory_bytes for cost in costs.values()),
+        memory_bytes=sum(cost.memory_bytes for cost in costs.values()) + reference_bytes,
         memory_budget_bytes=gpu.hbm_bytes * assumptions.memory_fraction,
         tokens_per_s_per_gpu=workload.tokens_per_pack * workload.micro_batches / (tp * cp) / step_s,
         mfu=model_flops_per_gpu / step_s / gpu.peak_bf16_flops,
         model_flops_per_gpu=model_flops_per_gpu,
         context_parallel_s=context_parallel_s,
+        reference_bytes=reference_bytes,
+        reference_s=reference_s,
     )

@@ -94,6 +94,20 @@ def check_plan(plan: ParallelPlan, config: TrainConfig) -> None:
         check_context_parallel_heads(plan.cp, text.num_heads // plan.tp, text.num_kv_heads // plan.tp)
 
 
+def reference_plan(plan: ParallelPlan) -> ParallelPlan:
+    """The plan of MPO's frozen reference model: the policy's layout and dtypes with every component zero3.
+    It only runs no-grad forwards, and FSDP2 reshards a zero2 or replicated component only after a
+    backward, so under the policy's plan those would stay whole on every rank after the first forward."""
+    return dataclasses.replace(plan, **{
+        name: dataclasses.replace(plan.component(name), sharding="zero3", activation_checkpointing=False) for name in COMPONENTS
+    })
+
+
+def _local_bytes(model) -> int:
+    """Bytes of ``model``'s parameters this rank holds (its shards of DTensors)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
+
+
 def _anonymous_bytes() -> Optional[int]:
     """This process's resident anonymous memory (RssAnon: allocations, not mapped files), on Linux; else None."""
     try:
@@ -227,7 +241,7 @@ class Trainer:
             self.dp_rank, self.dp_world = self.parallel_state.dp_rank, self.parallel_state.dp_world_size
             self.cp_group = self.parallel_state.cp_group
             if self.reference is not None:
-                self._sharded(self.reference, plan)
+                self._sharded(self.reference, reference_plan(plan))
         else:
             self.model.to(self.device)
             if self.reference is not None:
@@ -789,10 +803,11 @@ class Trainer:
         memory and take no step."""
         import resource
 
-        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in self.model.parameters())
-        report = {"rank": self.rank, "parameter_bytes": local, "start_s": time.perf_counter() - self._began,
+        report = {"rank": self.rank, "parameter_bytes": _local_bytes(self.model), "start_s": time.perf_counter() - self._began,
                   "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "anon_bytes": _anonymous_bytes()}
+        if self.reference is not None:
+            report["reference_bytes"] = _local_bytes(self.reference)
         if self.device.type == "cuda":
             report["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
         reports = [report]
@@ -804,7 +819,8 @@ class Trainer:
             self._say(self._banner(self.parameter_counts))
             for entry in reports:
                 device = f", peak device memory {entry['peak_device_bytes'] / gib:.2f} GiB" if "peak_device_bytes" in entry else ""
-                self._say(f"rank {entry['rank']}: parameters {entry['parameter_bytes'] / gib:.3f} GiB, "
+                reference = f", MPO reference model {entry['reference_bytes'] / gib:.3f} GiB" if "reference_bytes" in entry else ""
+                self._say(f"rank {entry['rank']}: parameters {entry['parameter_bytes'] / gib:.3f} GiB{reference}, "
                           f"peak host memory {entry['peak_host_bytes'] / gib:.2f} GiB{device}")
             self._say(f"dry run (max_steps 0): built, {'loaded, ' if self.config.init else ''}"
                       f"{'sharded over ' + str(self.world) + ' ranks' if self.distributed else 'one process'} "

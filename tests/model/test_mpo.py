@@ -134,3 +134,37 @@ def test_precomputed_reference_values_travel_with_the_pairs(tmp_path):
     assert load_or_build_index(spec, encoder, tiler).preference_pairs() == (4, 2)
     batch = collate([pairs[1], pairs[3], pairs[0]], PackingConfig(delta=0.25))
     assert batch.references == [(-3.0, -0.5), None, (-1.5, -2.5)] and batch.roles == ["chosen", "rejected"] * 3
+
+def test_the_reference_model_stays_sharded_under_the_default_plan_and_the_dry_run_reports_it(tmp_path, monkeypatch):
+    """Under the default plan (the vision tower zero2, the projector replicated) MPO's reference model is
+    parallelized zero3: after a step, every parameter of it is its shard again (a zero2 component, resharded
+    only after a backward, would stay whole after its no-grad forwards). A dry run reports its bytes per
+    rank, the planner's reference_memory_bytes."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from internvl3_engine.parallel import ParallelPlan
+    from internvl3_engine.planner import ModelShape, reference_memory_bytes
+    from model.train.demo_data import generate
+    from model.train.trainer import Trainer
+    from test_trainer import SMALL_DATA, small_config
+
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    data = tmp_path / "data"
+    generate(str(data), seed=0, config=SMALL_DATA)
+    config = small_config(data, tmp_path / "run", mode="mpo", max_steps=1, data={"path": str(data / "meta_mpo.json")})
+    try:
+        with Trainer(config, plan=ParallelPlan(), show_progress=False, echo=lambda message: None) as trainer:
+            assert trainer.reference is not None
+            trainer.train_step()
+            whole = [name for name, parameter in trainer.reference.named_parameters() if not isinstance(parameter, DTensor)]
+            assert not whole, whole[:4]
+        dry = config.updated({"max_steps": 0, "output_dir": str(tmp_path / "dry")})
+        with Trainer(dry, plan=ParallelPlan(), show_progress=False, echo=lambda message: None) as trainer:
+            report = trainer.train().memory[0]
+            shape = ModelShape.from_modules(trainer.model_config.to_hf(), trainer.model)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert report["reference_bytes"] == report["parameter_bytes"] == pytest.approx(reference_memory_bytes(shape, ParallelPlan(), 1), rel=1e-3)

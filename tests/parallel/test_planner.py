@@ -126,6 +126,26 @@ def test_memory_by_hand_and_ordering():
     assert memory == sorted(memory) and len(set(memory)) == 3
 
 
+def test_an_mpo_reference_model_by_hand():
+    """Workload(reference_model=True): the reference's float32 shards, zero3 over all 4 ranks whatever the
+    plan (100 + 30 + 250 parameters), add to the memory; its forwards (a third of each component's training
+    compute, plus their exposed gathers) add to the step; MFU still counts the training FLOPs only."""
+    from internvl3_engine.planner import reference_memory_bytes
+
+    shape, gpu = tiny_shape(), GPUS["h100"]
+    plan = plan_of("zero2", "replicate", "zero3", prefetch=0)
+    workload = Workload(tokens_per_pack=10, tiles_per_pack=3, sample_length=5)
+    plain = estimate(shape, plan, 4, gpu, workload, Assumptions())
+    mpo = estimate(shape, plan, 4, gpu, dataclasses.replace(workload, reference_model=True), Assumptions())
+    assert reference_memory_bytes(shape, plan, 4) == (100 + 30 + 250) / 4 * 4 == mpo.reference_bytes
+    assert mpo.memory_bytes == plain.memory_bytes + mpo.reference_bytes and plain.reference_bytes == 0
+    forward = sum(part.compute_s for part in plain.components.values()) / 3
+    assert forward < mpo.reference_s and mpo.step_s == pytest.approx(plain.step_s + mpo.reference_s)
+    assert mpo.model_flops_per_gpu == plain.model_flops_per_gpu
+    with pytest.raises(TypeError, match="reference_model"):
+        Workload(reference_model=1)
+
+
 def test_collective_latency_by_hand():
     """A tiny model's communication is latency: zero3 over 4 ranks of one node runs, per FSDP unit (2 blocks +
     the rest), a gather in forward and a gather plus a reduce-scatter in backward."""
@@ -242,6 +262,13 @@ def test_cli_json(tmp_path, capsys):
     assert result["best"]["memory_bytes"] <= result["best"]["memory_budget_bytes"]
     assert result["best"]["plan"]["language"]["param_dtype"] == "bfloat16"
     assert len(result["alternatives"]) == 2 and result["model"]["layers"] == 28
+
+
+def test_cli_counts_an_mpo_reference_model(capsys):
+    assert main(["--preset", "internvl3-8b", "--gpus", "8", "--json", "--top", "1", "--reference-model"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["workload"]["reference_model"] is True
+    assert result["best"]["reference_bytes"] > 0 and result["best"]["reference_s"] > 0
 
 
 def test_cli_saves_a_plan_the_trainer_loads(tmp_path, capsys):
