@@ -1,8 +1,9 @@
 """The reference model under context parallelism: a pack with images, V2PE positions (per-image deltas),
 several samples (one of a single token) and square-averaged loss weights, split over cp gloo ranks by
 ``context_parallel_group``, gives the single process's loss and every parameter's gradient (summed over the
-ranks), at cp 2 and 4 (GQA key-value heads split, then repeated); a pack shorter than cp trains too; the
-elements each rank sends are the planner's context_parallel_bytes formula's."""
+ranks; sharded by FSDP2 over the cp ranks under ParallelPlan(cp=cp), as the trainer runs it, the gathered
+gradients), at cp 2 and 4 (GQA key-value heads split, then repeated); a pack shorter than cp trains too;
+the elements each rank sends are the planner's context_parallel_bytes formula's."""
 
 from __future__ import annotations
 
@@ -84,6 +85,32 @@ def _loss_and_grads(model, pack, **kwargs):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def _sharded_loss_and_grads(config, pack, cp: int):
+    """The trainer's context-parallel step on one pack: the model sharded by FSDP2 over the cp ranks
+    (ParallelPlan(cp=cp)), this rank's sum(w * CE) through data_parallel_loss with its share of sum(w) (FSDP2
+    averages the ranks' gradients). Returns the loss (the mean of the ranks' terms) and the gathered gradients."""
+    from torch.distributed.tensor import DTensor
+
+    from internvl3_engine.parallel import ContextShard, ParallelPlan, data_parallel_loss, parallelize
+
+    model = InternVL3(config, init_seed=0)
+    state = parallelize(model, ParallelPlan(cp=cp))
+    output = model(**pack, loss_normalizer=1.0, context_parallel_group=state.cp_group)
+    weights = ContextShard.of(pack["input_ids"].shape[0], dist.get_rank(state.cp_group), cp).local(pack["loss_weights"], 0.0)
+    term = data_parallel_loss(output.loss, weights.sum())
+    term.backward()
+    loss = term.detach()
+    dist.all_reduce(loss)
+    grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for name, p in model.named_parameters() if p.grad is not None}
+    return loss / cp, grads
+
+
+def _assert_grads_close(grads: dict, expected: dict) -> None:
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _worker(rank: int, cp: int, init_file: str, errors):
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cp)
@@ -92,10 +119,12 @@ def _worker(rank: int, cp: int, init_file: str, errors):
         loss, grads = _loss_and_grads(InternVL3(config, init_seed=0), _pack(config), context_parallel_group=dist.group.WORLD)
         dist.all_reduce(loss)
         torch.testing.assert_close(loss, single_loss, rtol=1e-5, atol=0)
-        assert grads.keys() == single_grads.keys()
-        for name, grad in grads.items():
+        for grad in grads.values():
             dist.all_reduce(grad)
-            torch.testing.assert_close(grad, single_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        _assert_grads_close(grads, single_grads)
+        loss, grads = _sharded_loss_and_grads(config, _pack(config), cp)
+        torch.testing.assert_close(loss, single_loss, rtol=1e-5, atol=0)
+        _assert_grads_close(grads, single_grads)
         # The communication per rank is the planner's formula (in elements: the formula counts bf16 bytes).
         from internvl3_engine.parallel import ParallelPlan
         from internvl3_engine.planner import ModelShape, Workload

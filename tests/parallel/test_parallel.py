@@ -1,6 +1,7 @@
 """The parallelism scheduler on CPU with gloo: sharded training equals a single-process run on the same
-global batch, for every combination of component shardings, at world sizes 2 and 4, with and without
-tensor parallelism of the LLM and HSDP; checkpoints load across world sizes and tensor-parallel degrees."""
+global batch (its weights, its whole gradients of the first step and its gradient norm at every step), for
+every combination of component shardings, at world sizes 2 and 4, with and without tensor parallelism of
+the LLM and HSDP; checkpoints load across world sizes and tensor-parallel degrees."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import itertools
 import os
 import tempfile
 import traceback
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from internvl3_engine.parallel import (
     ComponentPlan, ParallelPlan, build_meshes, checkpoint_blocks, clip_grad_norm_, data_parallel_loss, load_sharded,
@@ -28,6 +31,8 @@ STEPS = 3
 WIDTH = 8
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 2
 # Small enough that the gradients are clipped at every step: clipping across meshes is part of the check.
+# Clipping and AdamW also make the weights blind to a gradient scaled by a constant factor, so the runs
+# compare their gradients before clipping too.
 MAX_NORM = 0.05
 
 
@@ -149,36 +154,52 @@ def _sums(model, batch):
     return (weight * per_row).sum(), weight.sum()
 
 
-def _single_process_reference(dp_world_size: int):
-    torch.manual_seed(0)
-    model = ThreeComponents()
+@dataclass
+class Training:
+    """STEPS steps of AdamW: the model and optimizer after them, the gradient norm of each step before
+    clipping, and the whole gradients of the first step (before clipping; DTensors gathered)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    norms: list[torch.Tensor]
+    first_gradients: dict[str, torch.Tensor]
+
+
+def _train(model, step_loss) -> Training:
+    """STEPS steps of ``model`` on the loss ``step_loss(model)``, clipped to MAX_NORM."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(STEPS):
-        sums = [_sums(model, batch) for batch in _global_batch(dp_world_size)]
-        loss = sum(s for s, _ in sums) / sum(w for _, w in sums)
+    norms, first_gradients = [], {}
+    for step in range(STEPS):
         optimizer.zero_grad()
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        assert norm > MAX_NORM
+        step_loss(model).backward()
+        if step == 0:
+            first_gradients = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+                               for name, p in model.named_parameters()}
+        norms.append(clip_grad_norm_(model.parameters(), MAX_NORM))
         optimizer.step()
-    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+    return Training(model, optimizer, norms, first_gradients)
 
 
-def _train_sharded(plan: ParallelPlan, meshes):
+def _single_process_reference(dp_world_size: int) -> Training:
+    """One process on the global batch of ``dp_world_size`` micro-batches, clipped at every step."""
+    torch.manual_seed(0)
+
+    def step_loss(model):
+        sums = [_sums(model, batch) for batch in _global_batch(dp_world_size)]
+        return sum(s for s, _ in sums) / sum(w for _, w in sums)
+
+    reference = _train(ThreeComponents(), step_loss)
+    assert all(norm > MAX_NORM for norm in reference.norms)
+    return reference
+
+
+def _train_sharded(plan: ParallelPlan, meshes) -> Training:
     """STEPS steps under ``plan``; each data-parallel rank (tensor-parallel peers alike) on its micro-batch."""
     torch.manual_seed(0)
     model = ThreeComponents()
     state = parallelize(model, plan, mesh=meshes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = _global_batch(state.dp_world_size)[state.dp_rank]
-    for _ in range(STEPS):
-        weighted, weight_sum = _sums(model, batch)
-        loss = data_parallel_loss(weighted, weight_sum)
-        optimizer.zero_grad()
-        loss.backward()
-        clip_grad_norm_(model.parameters(), MAX_NORM)
-        optimizer.step()
-    return model, optimizer
+    return _train(model, lambda model: data_parallel_loss(*_sums(model, batch)))
 
 
 def _full_state(model):
@@ -190,6 +211,18 @@ def _full_state(model):
 def _assert_states_close(state, reference, what):
     for name, expected in reference.items():
         torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} {name}: {m}")
+
+
+def _assert_trains_as_one_process(state, training: Training, reference: Training, what: str) -> None:
+    """The sharded run's weights (its full ``state``), first gradients and pre-clip gradient norms are the
+    single process's (up to float32 summation order)."""
+    _assert_states_close(state, reference.model.state_dict(), what)
+    assert training.first_gradients.keys() == reference.first_gradients.keys()
+    for name, expected in reference.first_gradients.items():
+        torch.testing.assert_close(training.first_gradients[name], expected, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{what} gradient of {name}: {m}")
+    torch.testing.assert_close(torch.stack(training.norms), torch.stack(reference.norms), rtol=1e-5, atol=0,
+                               msg=lambda m: f"{what} gradient norms: {m}")
 
 
 def _worker(rank: int, world_size: int, init_file: str, checkpoint_dir: str, errors):
@@ -212,19 +245,19 @@ def _worker(rank: int, world_size: int, init_file: str, checkpoint_dir: str, err
         # Explicit prefetch off, and deeper than the default (across component boundaries).
         plans += [ParallelPlan(prefetch=0), ParallelPlan(prefetch=3, tp=tp)]
         for plan in plans:
-            model, _ = _train_sharded(plan, meshes[plan.dp_replicate, plan.tp])
-            state = _full_state(model)
+            training = _train_sharded(plan, meshes[plan.dp_replicate, plan.tp])
+            state = _full_state(training.model)
             if rank == 0:
                 what = (f"world {world_size} dp_replicate {plan.dp_replicate} tp {plan.tp} prefetch {plan.prefetch} "
                         f"{[plan.component(n).sharding for n in ('vision', 'projector', 'language')]}")
-                _assert_states_close(state, _single_process_reference(world_size // plan.tp), what)
+                _assert_trains_as_one_process(state, training, _single_process_reference(world_size // plan.tp), what)
         # Checkpoints: world 2 saves one without and one with tensor parallelism; world 4 loads them into other
         # layouts (resharding data-parallel and tensor-parallel dims) and must hold the same weights.
         checkpoints = {1: os.path.join(checkpoint_dir, "dp"), tp: os.path.join(checkpoint_dir, "tp")}
         for saved_tp, load_plan in ((1, ParallelPlan(tp=tp)), (tp, ParallelPlan())):
             if world_size == 2:
-                model, optimizer = _train_sharded(ParallelPlan(tp=saved_tp), meshes[1, saved_tp])
-                save_sharded(checkpoints[saved_tp], model, optimizer)
+                training = _train_sharded(ParallelPlan(tp=saved_tp), meshes[1, saved_tp])
+                save_sharded(checkpoints[saved_tp], training.model, training.optimizer)
             else:
                 torch.manual_seed(1)
                 fresh = ThreeComponents()
@@ -232,7 +265,7 @@ def _worker(rank: int, world_size: int, init_file: str, checkpoint_dir: str, err
                 load_sharded(checkpoints[saved_tp], fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
                 state = _full_state(fresh)
                 if rank == 0:
-                    _assert_states_close(state, _single_process_reference(2 // saved_tp), f"tp {saved_tp} loaded at world 4")
+                    _assert_states_close(state, _single_process_reference(2 // saved_tp).model.state_dict(), f"tp {saved_tp} loaded at world 4")
         dist.barrier()
         dist.destroy_process_group()
     except Exception:
@@ -267,10 +300,10 @@ def _compiled_worker(rank: int, world_size: int, init_file: str, errors):
         for tp in (1, 2):
             blocks = ComponentPlan(sharding="zero3", activation_checkpointing=True, compile=True)
             plan = ParallelPlan(vision=blocks, projector=ComponentPlan(sharding="replicate", compile=True), language=blocks, tp=tp)
-            model, _ = _train_sharded(plan, build_meshes(plan, "cpu"))
-            state = _full_state(model)
+            training = _train_sharded(plan, build_meshes(plan, "cpu"))
+            state = _full_state(training.model)
             if rank == 0:
-                _assert_states_close(state, _single_process_reference(world_size // tp), f"compiled, checkpointed, tp {tp}")
+                _assert_trains_as_one_process(state, training, _single_process_reference(world_size // tp), f"compiled, checkpointed, tp {tp}")
         dist.destroy_process_group()
     except Exception:
         errors.put(f"rank {rank}: {traceback.format_exc()}")
