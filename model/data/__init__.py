@@ -4,7 +4,7 @@ the resumable language/multimodal mixing stream, the data index and per-rank loa
 from .conversation import IGNORE_INDEX, ConversationEncoder, DataError, PreferencePair, Sample, SampleShape, num_image_tokens
 from .datasets import DataErrors, DatasetSpec, JsonlFile, RecordDataset, load_meta
 from .index import DatasetIndex, load_or_build_index
-from .loading import PackDecoder, StepData, StepPlanner, StepShare, build_loader
+from .loading import PackDecoder, StepData, StepPlanner, StepShare, build_loader, decoding_peer
 from .mixing import MixedStream
 from .packing import DELTA_CHOICES, PackedBatch, Packer, PackingConfig, PackPlan, collate, shift_labels
 from .tiling import IMAGENET_MEAN, IMAGENET_STD, ImageTiler, candidate_grids, closest_grid, image_size, load_image, tile_image
@@ -51,6 +51,7 @@ __all__ = [
     "StepShare",
     "Tokenizer",
     "build_loader",
+    "decoding_peer",
     "candidate_grids",
     "chat_turn",
     "closest_grid",

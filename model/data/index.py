@@ -93,6 +93,15 @@ class DatasetIndex:
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
 
+    def content_digest(self) -> int:
+        """A signed 64-bit digest of the measured shapes (what planning reads): equal on ranks whose copies of
+        the annotation file give the same packs, so the ranks can compare it (one all-reduce)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for array in (self.kinds, self.record_samples, self.sample_length, self.sample_first_target, self.sample_images,
+                      self.image_span, self.image_tiles, self.video_frame_totals):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return int.from_bytes(digest.digest(), "little", signed=True)
+
     @property
     def bad_records(self) -> int:
         return len(self.reasons)

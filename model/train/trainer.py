@@ -54,6 +54,7 @@ from ..data import (
     RecordDataset,
     StepPlanner,
     build_loader,
+    decoding_peer,
     load_meta,
     load_or_build_index,
     load_tokenizer,
@@ -94,6 +95,11 @@ def check_plan(plan: ParallelPlan, config: TrainConfig) -> None:
         check_context_parallel_heads(plan.cp, text.num_heads // plan.tp, text.num_kv_heads // plan.tp)
 
 
+# Steps the data planner plans ahead of the loader, in its own thread (StepPlanner's ahead): planning every
+# rank's packs overlaps the training step instead of running between two.
+PLAN_AHEAD = 2
+
+
 def reference_plan(plan: ParallelPlan) -> ParallelPlan:
     """The plan of MPO's frozen reference model: the policy's layout and dtypes with every component zero3.
     It only runs no-grad forwards, and FSDP2 reshards a zero2 or replicated component only after a
@@ -101,6 +107,21 @@ def reference_plan(plan: ParallelPlan) -> ParallelPlan:
     return dataclasses.replace(plan, **{
         name: dataclasses.replace(plan.component(name), sharding="zero3", activation_checkpointing=False) for name in COMPONENTS
     })
+
+
+def check_ranks_agree(digests: dict, specs: list, device: torch.device, what: str) -> None:
+    """ValueError on every rank when a dataset's digest (``digests``: by dataset name) differs between the
+    ranks (two all-reduces of one int64 per dataset of ``specs``), naming its annotation file: a node-local
+    copy that differs, or a file changed between the ranks' reads, would give the ranks different packs
+    without a word. ``what``: what the digests are of, for the message."""
+    values = torch.tensor([digests.get(spec.name, 0) for spec in specs], dtype=torch.int64, device=device)
+    low, high = values.clone(), values.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differing = [spec.annotation for spec, a, b in zip(specs, low.tolist(), high.tolist()) if a != b]
+    if differing:
+        raise ValueError(f"{differing[0]}: {what} differ between the ranks; every rank must read the same file "
+                         "(a node-local copy that differs, or a file changed while the ranks read it)")
 
 
 def _local_bytes(model) -> int:
@@ -158,6 +179,7 @@ class StepResult:
     batches: list  # this rank's packs of the step
     images_decoded: int = 0  # image files decoded for this rank's packs
     decode_s: float = 0.0  # the worker's time on this rank's packs
+    digests: Optional[dict] = None  # the planner's per-dataset digests after this step (StepPlanner.digests)
 
 
 # ---- the trainer
@@ -314,6 +336,9 @@ class Trainer:
                                            video_frames=data.frame_sampling())
             for spec in self.specs
         }
+        if self.distributed:
+            check_ranks_agree({name: index.content_digest() for name, index in self.indexes.items()}, self.specs, self.device,
+                              "the data index's record shapes")
 
     def _reference_is_precomputed(self) -> bool:
         """Whether every preference record carries its reference log-probabilities (then MPO needs no
@@ -343,7 +368,7 @@ class Trainer:
         self.packing = data.packing(blank_tile_size=model_config.vision.image_size if self.distributed else None)
         stream = MixedStream(datasets(), data.language_weight, data.multimodal_weight, DataErrors(journal=[]), shapes=True)
         self.planner = StepPlanner(stream, Packer(self.packing, seed=config.seed), config.grad_accum, self.dp_rank, self.dp_world,
-                                   cost=self._plan_flops)
+                                   cost=self._plan_flops, ahead=PLAN_AHEAD)
         decoder = PackDecoder({dataset.name: dataset for dataset in datasets()}, self.packing, config.seed,
                               self.rank % self._pack_peers, self._pack_peers)
         self._peer_group = None
@@ -377,8 +402,8 @@ class Trainer:
         if self._steps is None:
             self._steps = iter(self.loader)
         data = next(self._steps)
-        if self._peer_group is not None:  # pack j comes from the peer that decoded it (PackDecoder)
-            data.batches = [broadcast_batch(batch, self._peer_group, index % self._pack_peers, self.device)
+        if self._peer_group is not None:  # each pack comes from the peer that decoded it (PackDecoder)
+            data.batches = [broadcast_batch(batch, self._peer_group, decoding_peer(data.step, index, self._pack_peers), self.device)
                             for index, batch in enumerate(data.batches)]
         for file, line, reason in data.errors + data.decode_errors:
             self.errors.record(file, line, reason)
@@ -392,6 +417,7 @@ class Trainer:
         if self._steps is not None and hasattr(self._steps, "_shutdown_workers"):  # num_workers 0: no workers
             self._steps._shutdown_workers()  # what the iterator's __del__ runs; DataLoader has no public close
         self._steps = None
+        self.planner.close()
 
     def _share_errors(self) -> None:
         """Every rank's decoding skips recorded on every rank (a collective: call it on all ranks)."""
@@ -579,7 +605,7 @@ class Trainer:
         self.scheduler.step()
         return StepResult(loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, skipped=skipped, parts=parts,
                           balance=data.balance, data_wait_s=data_wait, batches=batches, images_decoded=data.images_decoded,
-                          decode_s=data.decode_s)
+                          decode_s=data.decode_s, digests=data.digests)
 
     def train(self) -> TrainResult:
         """Steps from the checkpoint resumed (or 1) to max_steps: train_step, then the metrics (every
@@ -631,6 +657,8 @@ class Trainer:
                             bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}", refresh=False)
                     if bar is not None:
                         bar.update(1)
+                    if self.distributed and (saving or step == start + 1):
+                        check_ranks_agree(result.digests, self.specs, self.device, f"the packs planned up to step {step}")
                     if saving:
                         self.checkpoints.save(step, self._trainer_state(step), self.model, self.optimizer)
                     else:

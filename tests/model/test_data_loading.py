@@ -90,9 +90,10 @@ def _indexes(specs, encoder, tiler):
     return {spec.name: load_or_build_index(spec, encoder, tiler) for spec in specs}
 
 
-def _planner(specs, encoder, tiler, indexes, dp_rank=0, dp_world=1, packs_per_rank=2):
+def _planner(specs, encoder, tiler, indexes, dp_rank=0, dp_world=1, packs_per_rank=2, ahead=0):
     stream = MixedStream(_datasets(specs, encoder, tiler, indexes), 1, 3, DataErrors(journal=[]), shapes=True)
-    return StepPlanner(stream, Packer(PACKING, seed=SEED), packs_per_rank, dp_rank, dp_world, cost=lambda plan: float(plan.num_tokens))
+    return StepPlanner(stream, Packer(PACKING, seed=SEED), packs_per_rank, dp_rank, dp_world, cost=lambda plan: float(plan.num_tokens),
+                       ahead=ahead)
 
 
 def _decoder(specs, encoder, tiler, indexes, peer=0, peers=1):
@@ -261,22 +262,27 @@ def test_ranks_decode_only_their_own_packs(data):
     assert sum(d.images_decoded for d in decoders[0].datasets.values()) < sum(d.images_decoded for d in single_decoder.datasets.values())
 
 
-def test_peers_sharing_packs_decode_each_pack_once(data):
-    """Three peers (tensor- or context-parallel ranks) on the same shares of 4 packs: peer p decodes packs
-    p, p + 3, ... and leaves the others None; together they give every pack of one decoder, decoding
-    the images it did."""
+@pytest.mark.parametrize("packs", [4, 1])
+def test_peers_sharing_packs_decode_each_pack_once(data, packs):
+    """Three peers (tensor- or context-parallel ranks) on the same shares of ``packs`` packs: at step s peer p
+    decodes packs j with (s + j) % 3 == p and leaves the others None; together they give every pack of one
+    decoder, decoding the images it did; with one pack a step the peers take turns."""
     specs, encoder, tiler = data
     indexes = _indexes(specs, encoder, tiler)
-    planners = [_planner(specs, encoder, tiler, indexes, packs_per_rank=4) for _ in range(4)]
+    planners = [_planner(specs, encoder, tiler, indexes, packs_per_rank=packs) for _ in range(4)]
     whole_decoder = _decoder(specs, encoder, tiler, indexes)
     peers = [_decoder(specs, encoder, tiler, indexes, peer, 3) for peer in range(3)]
-    for _ in range(4):
+    decoded = [0, 0, 0]
+    for _ in range(6):
         whole = whole_decoder[planners[0].plan_step()]
         parts = [decoder[planner.plan_step()] for planner, decoder in zip(planners[1:], peers)]
         for index, batch in enumerate(whole.batches):
-            assert [part.batches[index] is not None for part in parts] == [peer == index % 3 for peer in range(3)]
-            assert _same_batch(parts[index % 3].batches[index], batch)
+            owner = (whole.step + index) % 3
+            assert [part.batches[index] is not None for part in parts] == [peer == owner for peer in range(3)]
+            assert _same_batch(parts[owner].batches[index], batch)
+            decoded[owner] += 1
         assert sum(part.images_decoded for part in parts) == whole.images_decoded
+    assert decoded == [2 * packs] * 3
     with pytest.raises(ValueError, match="peer"):
         _decoder(specs, encoder, tiler, indexes, 3, 3)
 
@@ -381,3 +387,55 @@ def test_several_images_share_the_tile_budget(tmp_path):
         sample = dataset.load_record(record)
         assert sample.tiles_per_image == tiles and sample.pixel_values.shape[0] == sum(tiles)
         assert index.item_shape(record) == sample.shape()
+
+
+def _keys(share) -> list:
+    return [[tuple(key) for key in plan.keys] for plan in share.plans]
+
+
+def test_planning_ahead_in_a_thread_gives_the_same_shares_states_and_resume(data):
+    """StepPlanner(ahead=2) plans in a thread of its own: the same shares as planning on demand, its
+    state_dict the position right after the share last taken (not the steps planned ahead), and restoring it
+    (which stops the thread) continues as the uninterrupted planner does."""
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    plain = _planner(specs, encoder, tiler, indexes, dp_rank=1, dp_world=2)
+    expected = [plain.plan_step() for _ in range(12)]
+    ahead = _planner(specs, encoder, tiler, indexes, dp_rank=1, dp_world=2, ahead=2)
+    shares = iter(ahead)
+    taken = [next(shares) for _ in range(5)]
+    assert [_keys(share) for share in taken] == [_keys(share) for share in expected[:5]]
+    assert [share.digests for share in taken] == [share.digests for share in expected[:5]]
+    state = ahead.state_dict()
+    assert state["steps"] == 5
+    ahead.load_state_dict(state)
+    rest = iter(ahead)
+    assert [_keys(next(rest)) for _ in range(7)] == [_keys(share) for share in expected[5:]]
+    ahead.close()
+    with pytest.raises(ValueError, match="ahead"):
+        _planner(specs, encoder, tiler, indexes, ahead=-1)
+
+
+def test_plan_digests_agree_between_ranks_and_name_a_changed_record(data, tmp_path):
+    """The per-dataset digests cover every rank's packs (equal for dp ranks 0 and 1), and a record whose
+    shape differs in one rank's copy of a file changes that file's index content digest (only) and its
+    dataset's plan digest."""
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    ranks = [_planner(specs, encoder, tiler, indexes, dp_rank=rank, dp_world=2) for rank in range(2)]
+    steps = [[planner.plan_step() for _ in range(10)] for planner in ranks]
+    assert [share.digests for share in steps[0]] == [share.digests for share in steps[1]]
+    assert set(steps[0][-1].digests) == {"text", "mm"}
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    lines = open(specs[0].annotation).read().splitlines()
+    lines[3] = json.dumps({"text": "a much longer text " * 3})
+    (copy / "text.jsonl").write_text("\n".join(lines) + "\n")
+    changed_specs = [DatasetSpec("text", str(copy / "text.jsonl"))] + specs[1:]
+    changed_indexes = _indexes(changed_specs, encoder, tiler)
+    assert changed_indexes["text"].content_digest() != indexes["text"].content_digest()
+    assert changed_indexes["mm"].content_digest() == indexes["mm"].content_digest()
+    changed = _planner(changed_specs, encoder, tiler, changed_indexes, dp_rank=0, dp_world=2)
+    last = [changed.plan_step() for _ in range(10)][-1]
+    assert last.digests["text"] != steps[0][-1].digests["text"]
