@@ -77,6 +77,9 @@ class DatasetIndex:
     def __init__(self, path: str, arrays: dict, fingerprint: str):
         self.path = path  # the annotation file
         self.fingerprint = fingerprint
+        # Plain ndarray views of memory-mapped arrays (the same pages): np.memmap's indexing costs several
+        # times a plain array's, and planning reads the index a few times per sample.
+        arrays = {name: array.view(np.ndarray) if isinstance(array, np.memmap) else array for name, array in arrays.items()}
         self.offsets = arrays["offsets"]
         self.line_numbers = arrays["line_numbers"]
         self.kinds = arrays["kinds"]  # KIND_CODES, or BAD
@@ -107,10 +110,10 @@ class DatasetIndex:
         return len(self.reasons)
 
     def _sample(self, sample: int, source: str) -> SampleShape:
-        first, last = int(self.sample_images[sample]), int(self.sample_images[sample + 1])
-        spans = [tuple(int(v) for v in span) for span in self.image_span[first:last]]
-        tiles = [int(t) for t in self.image_tiles[first:last]]
-        return SampleShape(int(self.sample_length[sample]), int(self.sample_first_target[sample]), spans, tiles, source)
+        first, last = self.sample_images[sample : sample + 2].tolist()  # tolist: Python ints, read at C speed
+        spans = [tuple(span) for span in self.image_span[first:last].tolist()]
+        return SampleShape(int(self.sample_length[sample]), int(self.sample_first_target[sample]), spans,
+                           self.image_tiles[first:last].tolist(), source)
 
     def preference_pairs(self) -> tuple[int, int]:
         """(the preference records, how many of them carry precomputed reference log-probabilities)."""
