@@ -369,3 +369,23 @@ def test_demo_learning_benchmark_trains_each_route_on_each_kind(tmp_path):
     assert "| model | motion |" in next(tmp_path.glob("*_demo-learning.md")).read_text()
     with pytest.raises(SystemExit):
         demo_learning.main(["--kinds", "size"])
+
+
+def test_video_decode_benchmark_times_both_clips(tmp_path):
+    """python -m bench.video_decode at a tiny size: both clips' frames and times, their ratios, a JSON record and
+    a table."""
+    import json
+
+    pytest.importorskip("av")
+    from bench import video_decode
+
+    assert video_decode.main(["--long-seconds", "4", "--short-seconds", "1", "--gop", "15", "--size", "32", "--quick",
+                              "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*_video-decode.json")).read_text())
+    long, short = record["clips"]
+    assert (long["frames"], short["frames"], len(long["indices"])) == (120, 30, 8)
+    assert all(clip["seek_ms"] > 0 and clip["in_order_ms"] > 0 for clip in record["clips"])
+    assert record["ratio"] == long["seek_ms"] / short["seek_ms"]
+    assert "| 4 s | 120 |" in next(tmp_path.glob("*_video-decode.md")).read_text()
+    with pytest.raises(SystemExit):
+        video_decode.main(["--short-seconds", "20", "--long-seconds", "10"])

@@ -4,6 +4,7 @@ index measures the same shape without decoding; packing gives each frame its own
 missing and empty videos are skipped and counted; a bad frame count is refused."""
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -269,3 +270,143 @@ def test_drawn_frames_give_the_shape_the_index_predicts_and_the_frames_they_name
     # The index is measured with the least count: other upper bounds and offsets share it, another least count does not.
     assert load_or_build_index(spec, encoder, tiler, video_frames=FrameSampling(2, 4)).fingerprint == index.fingerprint
     assert load_or_build_index(spec, encoder, tiler, video_frames=FrameSampling(3, 12)).fingerprint != index.fingerprint
+
+
+def test_frame_indices_equal_transformers_processor_for_every_length_and_count():
+    """transformers' InternVLVideoProcessor.sample_frames itself, for every total of 1..3000 frames and every
+    count of 1..64 (192,000 cases, the 152-frame video in 12 among them: its frame 95 is the exact middle of
+    segment 7, where floating point gave 94). Its float32 arange agrees with the exact middles up to about
+    150,000 frames; beyond, it can round a middle up to the next frame."""
+    pytest.importorskip("transformers")
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    processor = InternVLVideoProcessor()
+    assert sample_frame_indices(152, 12)[7] == 95
+    for total in range(1, 3001):
+        metadata = VideoMetadata(total_num_frames=total, fps=30)
+        for count in range(1, 65):
+            expected = processor.sample_frames(metadata, num_frames=min(count, total)).tolist()
+            assert sample_frame_indices(total, count) == expected, (total, count)
+
+
+BITS = 10  # frames of a numbered video: at most 2 ** BITS
+
+
+def write_numbered_video(path, frames: int, gop: int, codec="mpeg4", pts=None):
+    """A 30 fps video whose frame i shows i in binary (BITS black or white 16x16 squares), with a keyframe
+    every ``gop`` frames and no others; ``pts(i)``: frame i's timestamp in 1/120 s (default: its place at 30 fps)."""
+    container = av.open(str(path), mode="w")
+    stream = container.add_stream(codec, rate=30, options={"sc_threshold": "1000000000", "x264-params": "scenecut=0"} if codec == "libx264"
+                                  else {"sc_threshold": "1000000000"})
+    stream.width, stream.height = 16 * BITS, 16
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.gop_size = gop
+    if pts is not None:
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 120)
+    for index in range(frames):
+        bits = np.array([(index >> bit) & 1 for bit in range(BITS)], dtype=np.uint8) * 255
+        frame = av.VideoFrame.from_ndarray(np.repeat(np.repeat(bits[None, :, None], 16, 0), 16, 1).repeat(3, 2), format="rgb24")
+        if pts is not None:
+            frame.pts, frame.time_base = pts(index), Fraction(1, 120)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def frame_numbers(images) -> list[int]:
+    """The numbers the frames of a write_numbered_video show."""
+    numbers = []
+    for image in images:
+        squares = np.asarray(image.convert("L"), dtype=np.float32)[4:12].reshape(8, BITS, 16)[:, :, 4:12].mean(axis=(0, 2))
+        numbers.append(int(sum(1 << bit for bit in range(BITS) if squares[bit] > 128)))
+    return numbers
+
+
+class CountingContainer:
+    """A PyAV container counting the frames it decodes and the seeks asked of it."""
+
+    def __init__(self, container):
+        self.container, self.decoded, self.seeks = container, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def decode(self, *args, **kwargs):
+        for frame in self.container.decode(*args, **kwargs):
+            self.decoded += 1
+            yield frame
+
+    def seek(self, *args, **kwargs):
+        self.seeks += 1
+        return self.container.seek(*args, **kwargs)
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The containers load_frames opens, as CountingContainers, in order."""
+    from model.data import video
+
+    containers, open_container = [], video._open
+
+    def counting(path):
+        containers.append(CountingContainer(open_container(path)))
+        return containers[-1]
+
+    monkeypatch.setattr(video, "_open", counting)
+    return containers
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_frames_of_a_long_video_are_the_ones_asked_for(tmp_path, codec, opened):
+    """A 900-frame video with a keyframe every 30 frames (libx264: B-frames too): the frames load_frames returns
+    are those asked for, by the number each shows, at the sampled middles, across keyframes, side by side and
+    at random; reached by seeking (one container: the timestamps named the frames)."""
+    import random
+
+    from model.data.video import load_frames
+
+    if codec not in av.codecs_available:
+        pytest.skip(f"PyAV has no {codec} encoder")
+    write_numbered_video(tmp_path / "long.mp4", 900, gop=30, codec=codec)
+    draws = random.Random(0)
+    cases = [sample_frame_indices(900, 8), sample_frame_indices(900, 64), [0], [899], [29, 30, 31, 59, 60, 61], list(range(400, 406)),
+             [0, 899], sorted(draws.sample(range(900), 12)), FrameSampling(4, 16, "random").indices(900, draws)]
+    for indices in cases:
+        opened.clear()
+        assert frame_numbers(load_frames(str(tmp_path / "long.mp4"), indices)) == indices
+        assert len(opened) == 1
+
+
+def test_a_long_video_is_decoded_by_seeking(tmp_path, opened):
+    """8 frames of a 900-frame video with a keyframe every 30: each is reached from the keyframe before it,
+    so about 8 groups of pictures are decoded, not the 844 frames up to the last one."""
+    from model.data.video import load_frames
+
+    write_numbered_video(tmp_path / "long.mp4", 900, gop=30)
+    indices = sample_frame_indices(900, 8)
+    assert frame_numbers(load_frames(str(tmp_path / "long.mp4"), indices)) == indices
+    (container,) = opened
+    assert container.seeks == 8 and container.decoded <= 1 + 8 * 30
+
+
+@pytest.mark.parametrize("kind", ["variable-rate", "no-timestamps"])
+def test_a_video_whose_timestamps_do_not_name_its_frames_is_decoded_in_order(tmp_path, kind, opened):
+    """A variable frame rate (30 fps and 120 fps stretches by turns: the average rate's grid does not hold the
+    timestamps) or a raw H.264 stream (no timestamps): load_frames decodes from the first frame in order, and
+    frame n is still the n-th frame shown."""
+    from model.data.video import load_frames
+
+    if kind == "variable-rate":
+        path = tmp_path / "variable.mp4"
+        write_numbered_video(path, 300, gop=30, pts=lambda index: sum(4 if (i // 10) % 2 == 0 else 1 for i in range(index)))
+    else:
+        if "libx264" not in av.codecs_available:
+            pytest.skip("PyAV has no libx264 encoder")
+        path = tmp_path / "raw.h264"
+        write_numbered_video(path, 300, gop=30, codec="libx264")
+    indices = sample_frame_indices(300, 8)
+    assert frame_numbers(load_frames(str(path), indices)) == indices
+    assert len(opened) == 2 and opened[-1].decoded == indices[-1] + 1 and opened[-1].seeks == 0
