@@ -13,7 +13,11 @@ header reads is found later, by the rank that decodes it.
 
 Cache: ``<annotation>.index-<fingerprint>.npz``, the fingerprint covering the file (path, size,
 modification time), the tokenizer, the encoder's and the tiler's settings, the image root and the least frames per video:
-changing any of them builds a new index. When the annotation's folder is not writable the index goes to
+changing any of them builds a new index, beside the others: jobs with different settings share the folder
+without rebuilding each other's. An index's modification time is its last use (touched on each load); after
+a build, the indexes of the same file beyond its KEEP_INDEXES most recently used are deleted once unused for
+UNUSED_FOR_S (a job maps its index from its start to its end). Written atomically: a temporary file in the
+same folder, renamed. When the annotation's folder is not writable the index goes to
 ``$INTERNVL3_INDEX_CACHE`` (default ``~/.cache/internvl3-engine/index``). Under torch.distributed the
 ranks measure interleaved shares of the records, gather them, and rank 0 writes the file. A cached index
 is memory-mapped: the ranks of a node share its pages, and each holds in memory only what it reads.
@@ -25,6 +29,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zipfile
 from dataclasses import asdict
 from typing import Callable, Optional, Union
@@ -40,6 +45,15 @@ from .video import FrameSampling
 FORMAT = 3
 KIND_CODES = {"sample": 0, "pair": 1}
 BAD = -1
+
+KEEP_INDEXES = 4
+"""The indexes of one annotation file (other settings', or of earlier versions of the file) kept in its cache
+folder whatever their age: the most recently used."""
+
+UNUSED_FOR_S = 7 * 24 * 3600
+"""How long an index beyond the KEEP_INDEXES most recently used must have gone unused before a build deletes
+it. A job touches its index only when it loads it, at its start, and keeps it mapped to its end: deleting a
+file another node maps on NFS can kill that job, so the age is far beyond a run's length."""
 
 
 def _fingerprint(spec: DatasetSpec, encoder: ConversationEncoder, tiler: ImageTiler, frames: FrameSampling) -> str:
@@ -134,7 +148,8 @@ class DatasetIndex:
         return self._sample(first, source)
 
     def save(self, target: str) -> None:
-        """Written atomically (a temporary file renamed), replacing older indexes of the same file."""
+        """Written atomically (a temporary file renamed); then the indexes of the same annotation file that
+        the cache no longer keeps are deleted (prune_indexes)."""
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         arrays = {name: getattr(self, name) for name in ("offsets", "line_numbers", "kinds", "record_samples", "sample_length",
@@ -145,10 +160,7 @@ class DatasetIndex:
             np.savez(stream, reasons=np.array(json.dumps({str(k): v for k, v in self.reasons.items()})),
                      fingerprint=np.array(self.fingerprint), **arrays)
         os.replace(temporary, target)
-        prefix = os.path.basename(target).split(".index-")[0] + ".index-"
-        for name in os.listdir(folder):
-            if name.startswith(prefix) and name.endswith(".npz") and os.path.join(folder, name) != target:
-                os.remove(os.path.join(folder, name))
+        prune_indexes(target)
 
     @classmethod
     def load(cls, path: str, annotation: str, fingerprint: str) -> Optional["DatasetIndex"]:
@@ -164,7 +176,32 @@ class DatasetIndex:
                 arrays = _mapped_arrays(path, stored)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             return None  # unreadable or from another format: rebuilt
+        try:
+            os.utime(path)  # used now: kept by prune_indexes
+        except OSError:
+            pass  # another user's cache: usable, its age is that of its owner's last use
         return cls(annotation, arrays, fingerprint)
+
+
+def prune_indexes(target: str) -> None:
+    """Deletes the indexes in ``target``'s folder of the same annotation file as ``target`` that are beyond
+    the KEEP_INDEXES most recently used and unused for UNUSED_FOR_S; ``target`` stays."""
+    folder, name = os.path.split(target)
+    prefix = name.split(".index-")[0] + ".index-"
+    used = []
+    for other in os.listdir(folder):
+        if other.startswith(prefix) and other.endswith(".npz") and other != name:
+            try:
+                used.append((os.stat(os.path.join(folder, other)).st_mtime, other))
+            except FileNotFoundError:
+                continue  # deleted by another job meanwhile
+    now = time.time()
+    for mtime, other in sorted(used, reverse=True)[KEEP_INDEXES - 1:]:
+        if now - mtime > UNUSED_FOR_S:
+            try:
+                os.remove(os.path.join(folder, other))
+            except FileNotFoundError:
+                pass
 
 
 def _mapped_arrays(path: str, stored) -> dict:

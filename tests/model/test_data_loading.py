@@ -166,7 +166,60 @@ def test_index_is_cached_and_rebuilt_when_its_inputs_change(data, monkeypatch):
     changed = load_or_build_index(specs[0], encoder, tiler)
     assert len(changed) == len(first) + 1 and changed.fingerprint != first.fingerprint
     names = [name for name in os.listdir(os.path.dirname(specs[0].annotation)) if ".index-" in name]
-    assert len(names) == 1  # the stale index was replaced
+    assert len(names) == 2  # the index of the file before the change stays: used just now, a job may map it
+
+
+def test_indexes_of_other_settings_stay_cached_beside_each_other(data, monkeypatch):
+    """Two jobs with different settings on one annotation file: each one's index is built once, then both
+    load from the cache, whichever was built last."""
+    specs, encoder, tiler = data
+    other = ConversationEncoder(ByteTokenizer(), num_image_token=TOKENS_PER_TILE + 1, system_message=None)
+    first, second = load_or_build_index(specs[0], encoder, tiler), load_or_build_index(specs[0], other, tiler)
+    assert first.fingerprint != second.fingerprint
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(index_module, "_measure", fail)
+    for settings, built in ((encoder, first), (other, second), (encoder, first)):
+        cached = load_or_build_index(specs[0], settings, tiler)
+        assert cached.fingerprint == built.fingerprint and np.array_equal(cached.sample_length, built.sample_length)
+
+
+def test_a_build_deletes_only_indexes_beyond_the_most_recently_used_and_long_unused(data):
+    """After a build, of the other indexes of the same file the KEEP_INDEXES - 1 most recently used stay (with
+    the new one: KEEP_INDEXES); beyond them those unused for UNUSED_FOR_S go, but none used recently, however
+    many. Loading an index marks it used. Another file's indexes are not touched."""
+    import time
+
+    specs, encoder, tiler = data
+    folder = os.path.dirname(specs[0].annotation)
+    keep, unused = index_module.KEEP_INDEXES, index_module.UNUSED_FOR_S
+
+    def indexes(names_and_ages: dict, annotation="text.jsonl"):
+        for name, age in names_and_ages.items():
+            path = os.path.join(folder, f"{annotation}.index-{name}.npz")
+            open(path, "wb").close()
+            os.utime(path, (time.time() - age, time.time() - age))
+
+    def cached() -> set:
+        return {name.split(".index-")[1][:-len(".npz")] for name in os.listdir(folder) if name.startswith("text.jsonl.index-")}
+
+    indexes({f"old{rank}": unused + 3600 * (rank + 1) for rank in range(keep + 2)})  # old0 the most recently used
+    indexes({"other": 10 * unused}, "mm.jsonl")
+    first = load_or_build_index(specs[0], encoder, tiler)
+    assert cached() == {first.fingerprint} | {f"old{rank}" for rank in range(keep - 1)}
+    assert os.path.exists(os.path.join(folder, "mm.jsonl.index-other.npz"))
+
+    indexes({f"recent{rank}": 60 * (rank + 1) for rank in range(keep + 1)})  # used in the last minutes: all stay
+    other = ConversationEncoder(ByteTokenizer(), num_image_token=TOKENS_PER_TILE + 1, system_message=None)
+    second = load_or_build_index(specs[0], other, tiler)
+    assert cached() == {second.fingerprint, first.fingerprint} | {f"recent{rank}" for rank in range(keep + 1)}
+
+    path = index_module.cache_path(specs[0], first.fingerprint)
+    os.utime(path, (time.time() - 2 * unused, time.time() - 2 * unused))
+    load_or_build_index(specs[0], encoder, tiler)
+    assert time.time() - os.stat(path).st_mtime < 3600  # loaded: used now
 
 
 def test_a_cached_index_is_memory_mapped_and_equal_to_the_built_one(data):
