@@ -1,7 +1,9 @@
 """Meta JSON and JSONL datasets: record kinds, bad records reported with file and line (each once), repeat_time."""
 
 import json
+import types
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -129,14 +131,14 @@ def test_epoch_orders_and_repeat_time(data_dir):
     first, second = text.epoch_order(0), text.epoch_order(1)
     assert sorted(first) == sorted(second) and len(set(first)) == 5  # the same subsample, reshuffled
     again, _ = _datasets(data_dir)
-    assert again["text"].epoch_order(0) == first and again["text"].epoch_order(1) == second
+    assert np.array_equal(again["text"].epoch_order(0), first) and np.array_equal(again["text"].epoch_order(1), second)
     other_seed, _ = _datasets(data_dir, seed=1)
-    assert other_seed["text"].epoch_order(0) != first
+    assert not np.array_equal(other_seed["text"].epoch_order(0), first)
 
     encoder = ConversationEncoder(ByteTokenizer(), num_image_token=1, system_message=None)
     spec = DatasetSpec(name="t", annotation=str(data_dir / "text.jsonl"), repeat_time=2.5)
     repeated = RecordDataset(spec, encoder, ImageTiler(tile_size=28))
-    order = repeated.epoch_order(0)
+    order = repeated.epoch_order(0).tolist()
     assert len(order) == 25 and all(order.count(i) in (2, 3) for i in range(10))
     assert sum(order.count(i) == 3 for i in range(10)) == 5
     with pytest.raises(ValueError):
@@ -146,8 +148,54 @@ def test_epoch_orders_and_repeat_time(data_dir):
 def test_augmentation_is_seeded_by_position(data_dir):
     first, _ = _datasets(data_dir)
     second, _ = _datasets(data_dir)
-    a = first["conv"].get(0, first["conv"].epoch_order(0).index(0))
-    b = second["conv"].get(0, second["conv"].epoch_order(0).index(0))
+    a = first["conv"].get(0, first["conv"].epoch_order(0).tolist().index(0))
+    b = second["conv"].get(0, second["conv"].epoch_order(0).tolist().index(0))
     assert a.pixel_values.equal(b.pixel_values)
     plain = first["conv"].load_record(0)
     assert not plain.pixel_values.equal(a.pixel_values)  # the JPEG round trip changed the pixels
+
+
+def _index(records: int):
+    """What a RecordDataset takes from a DatasetIndex of ``records`` records: their offsets (no file is read)."""
+    return types.SimpleNamespace(offsets=np.zeros(records, np.int64), line_numbers=np.zeros(records, np.int64))
+
+
+def _indexed_dataset(folder, index, name="big", seed=0, repeat_time=1.0):
+    """A text dataset of ``index``'s records."""
+    spec = DatasetSpec(name, str(folder / f"{name}.jsonl"), kind="text", modality="language", repeat_time=repeat_time)
+    encoder = ConversationEncoder(ByteTokenizer(), num_image_token=1, system_message=None)
+    return RecordDataset(spec, encoder, ImageTiler(tile_size=28), seed=seed, index=index)
+
+
+def test_an_epoch_order_of_10m_records_takes_40_mb(tmp_path):
+    """The order of an epoch of 10M records: an int32 permutation, 40 MB at its peak (tracemalloc over building
+    the dataset and the order), the same built again (another rank), another in the next epoch."""
+    import tracemalloc
+
+    records = 10_000_000
+    index = _index(records)
+    tracemalloc.start()
+    try:
+        dataset = _indexed_dataset(tmp_path, index)
+        order = dataset.epoch_order(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert order.dtype == np.int32 and peak < 100 * 2**20, peak
+    assert np.array_equal(np.sort(order), np.arange(records, dtype=np.int32))
+    assert np.array_equal(_indexed_dataset(tmp_path, index).epoch_order(0), order)
+    assert not np.array_equal(dataset.epoch_order(1)[:100], order[:100])
+
+
+def test_epoch_orders_are_seeded_by_seed_name_and_epoch(tmp_path):
+    index = _index(1000)
+    orders = {(seed, name, epoch): _indexed_dataset(tmp_path, index, name, seed, repeat_time=1.5).epoch_order(epoch).tolist()
+              for seed in (0, 1) for name in ("a", "b") for epoch in (0, 1)}
+    assert len({tuple(order) for order in orders.values()}) == 8
+    assert orders[0, "a", 0] == _indexed_dataset(tmp_path, index, "a", 0, repeat_time=1.5).epoch_order(0).tolist()
+    for (seed, name, epoch), order in orders.items():
+        counts = np.bincount(order, minlength=1000)
+        assert len(order) == 1500 and set(counts.tolist()) == {1, 2}
+        assert np.array_equal(counts, np.bincount(orders[seed, name, 1 - epoch], minlength=1000))  # the same subsample every epoch
+    with pytest.raises(ValueError):  # the order is the dataset's own
+        _indexed_dataset(tmp_path, index).epoch_order(0)[0] = 1
