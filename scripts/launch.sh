@@ -8,30 +8,44 @@
 #                 (srun runs this script once per node; SLURM's environment gives the defaults below)
 #
 # Settings (environment):  NNODES         nodes in the job            (SLURM_NNODES, else 1)
-#   NPROC_PER_NODE  processes per node: one per GPU (the GPUs nvidia-smi lists, else 1)
-#   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node (the job's first node under
-#                   SLURM, port RDZV_PORT (29500); else 127.0.0.1:29500)
+#   NPROC_PER_NODE  processes per node: one per GPU (the GPUs CUDA_VISIBLE_DEVICES names, else SLURM's
+#                   SLURM_GPUS_ON_NODE, else the GPUs nvidia-smi lists, else 1)
+#   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node: the job's first node under
+#                   SLURM, port RDZV_PORT (29500 + the job id modulo 10000: jobs sharing a node do not
+#                   collide); one node outside SLURM: a free local port; several nodes outside SLURM: required
 #   RDZV_ID         a name shared by the job's nodes (SLURM_JOB_ID, else internvl3-engine)
 #   RDZV_JOIN_TIMEOUT  seconds to wait for all nodes before giving up with an error (600)
 #   TORCHRUN        the launcher command (python -m torch.distributed.run)
-# NCCL: the defaults below report errors instead of hanging; on InfiniBand clusters also set the interfaces
-# your admins name, e.g. NCCL_SOCKET_IFNAME=ib0 (bootstrap network) and NCCL_IB_HCA=mlx5 (IB adapters);
-# NCCL_DEBUG=INFO prints the transport NCCL chose (check it says NET/IB, not NET/Socket, across nodes).
+# Networks: NCCL (training's collectives) and gloo (the background checkpoint writer's, and everything on the
+# CPU) each pick a network interface; on nodes with several (a management Ethernet beside InfiniBand or a
+# fast Ethernet), name the one the nodes reach each other on: NCCL_SOCKET_IFNAME=ib0 (NCCL's bootstrap),
+# NCCL_IB_HCA=mlx5 (its IB adapters) and GLOO_SOCKET_IFNAME=ib0 (or eth1, ...); a wrong pick shows as a hang
+# or a timeout at the first collective. NCCL_DEBUG=INFO prints the transport NCCL chose (check it says
+# NET/IB, not NET/Socket, across nodes). The defaults below report NCCL errors instead of hanging.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 nodes=${NNODES:-${SLURM_NNODES:-1}}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    NPROC_PER_NODE=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+  elif [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then
+    NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
+  else
+    NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  fi
   [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
 fi
 if [ -z "${RDZV_ENDPOINT:-}" ]; then
   if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    RDZV_ENDPOINT="$first:${RDZV_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 10000))}"
+  elif [ "$nodes" -eq 1 ]; then
+    RDZV_ENDPOINT=127.0.0.1:0  # a free port, chosen by torchrun
   else
-    first=127.0.0.1
+    echo "launch: $nodes nodes outside SLURM need RDZV_ENDPOINT=host:port, a port free on a host every node reaches" >&2
+    exit 2
   fi
-  RDZV_ENDPOINT="$first:${RDZV_PORT:-29500}"
 fi
 rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-internvl3-engine}}
 

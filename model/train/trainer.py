@@ -262,8 +262,8 @@ class Trainer:
             self.parallel_state = self._sharded(self.model, policy_plan)
             self.dp_rank, self.dp_world = self.parallel_state.dp_rank, self.parallel_state.dp_world_size
             self.cp_group = self.parallel_state.cp_group
-            if self.reference is not None:
-                self._sharded(self.reference, reference_plan(plan))
+            if self.reference is not None:  # on the policy's meshes: no process groups of its own
+                self._sharded(self.reference, reference_plan(plan), self.parallel_state.meshes)
         else:
             self.model.to(self.device)
             if self.reference is not None:
@@ -285,10 +285,11 @@ class Trainer:
             self._say(f"removed {folder}: a checkpoint an earlier run did not finish")
         self._build_loader()
 
-    def _sharded(self, model: InternVL3, plan: ParallelPlan) -> ParallelState:
-        """parallelize ``model`` (on the meta device) under ``plan``, then materialise its shards on this rank's
-        device and read them from the --init checkpoint, or initialise them as one process would."""
-        state = parallelize(model, plan)
+    def _sharded(self, model: InternVL3, plan: ParallelPlan, meshes=None) -> ParallelState:
+        """parallelize ``model`` (on the meta device) under ``plan`` (on ``meshes``, else its own), then
+        materialise its shards on this rank's device and read them from the --init checkpoint, or initialise
+        them as one process would."""
+        state = parallelize(model, plan, mesh=meshes)
         model.to_empty(device=self.device)
         if self.config.init:
             load_weights_distributed(model, self.config.init)
@@ -371,10 +372,7 @@ class Trainer:
                                    cost=self._plan_flops, ahead=PLAN_AHEAD)
         decoder = PackDecoder({dataset.name: dataset for dataset in datasets()}, self.packing, config.seed,
                               self.rank % self._pack_peers, self._pack_peers)
-        self._peer_group = None
-        if self._pack_peers > 1:  # the ranks of a data-parallel index: contiguous, tensor- and context-parallel ranks innermost
-            peers = init_device_mesh(self.device.type, (self.world // self._pack_peers, self._pack_peers), mesh_dim_names=("data", "peer"))
-            self._peer_group = peers["peer"].get_group()
+        self._peer_group = self._pack_peer_group()
         self.loader = build_loader(self.planner, decoder, data.num_workers, data.prefetch_factor, self.device.type == "cuda", config.seed)
         self._steps = None  # the loader's iterator, started at the first step (after a resume restored the loader)
         self._decode_errors: list = []  # this rank's decoding skips not yet recorded by the other ranks
@@ -390,6 +388,20 @@ class Trainer:
         tile under a plan, which costs time too)."""
         tiles = plan.num_tiles or (1 if self.packing.blank_tile_size is not None else 0)
         return self._flops(plan.num_tokens, tiles, plan.sample_lengths())
+
+    def _pack_peer_group(self):
+        """The process group of the ranks sharing this rank's packs (None alone): the tensor- or the
+        context-parallel group when only one of them has more than one rank, else a new group over both
+        (contiguous ranks, tensor- and context-parallel ranks innermost)."""
+        if self._pack_peers == 1:
+            return None
+        plan = self.parallel_state.plan
+        if plan.cp == 1:
+            return self.parallel_state.meshes.tensor_parallel("zero3").get_group()
+        if plan.tp == 1:
+            return self.cp_group
+        peers = init_device_mesh(self.device.type, (self.world // self._pack_peers, self._pack_peers), mesh_dim_names=("data", "peer"))
+        return peers["peer"].get_group()
 
     @property
     def _pack_peers(self) -> int:
