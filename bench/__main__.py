@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from internvl3_engine.cli import ArgumentParser
+
 from . import harness, kernels, report, train
 from .ceilings import measure_ceilings
 
@@ -17,7 +19,7 @@ SUITES = {"kernels": ("kernels",), "train": ("train",), "all": ("kernels", "trai
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench",
         description="Time internvl3_engine's ops on every backend ('torch' = the PyTorch reference, 'triton', "
         "'cuda') and against other libraries' baselines, and a training step of the reference model, against "

@@ -36,6 +36,8 @@ from internvl3_engine.ops.attention.blocks import (
     BLOCKS_ENV_VAR, KERNELS, attention_blocks, check_blocks, padded_head_dim,
 )
 
+from internvl3_engine.cli import ArgumentParser
+
 from .attention import Segments, attention_flops, make_attention
 from .harness import Timer, device_ms
 
@@ -232,7 +234,7 @@ def _case_names(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.attention_blocks", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.attention_blocks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=_case_names, default=[case.name for case in CASES],
                         help="comma-separated cases to sweep (default: all: " + ", ".join(case.name for case in CASES) + ")")
     parser.add_argument("--calls", type=int, default=5, help="forward+backward calls timed per candidate")

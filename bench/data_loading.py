@@ -15,7 +15,6 @@ the cost of a resume at an early and a late step.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from internvl3_engine.cli import ArgumentParser
 
 from .harness import command_line, device_info, provenance, utc_now, versions, write_record_and_table
 
@@ -114,7 +115,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.data_loading", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.data_loading", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", default="2,4", type=lambda text: [int(w) for w in text.split(",")], help="world sizes beside 1")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--packs", type=int, default=4, help="packs per step (the global batch); each world size must divide it")

@@ -17,7 +17,6 @@ The record keeps the held-out accuracy at every fifth of the steps, and the seco
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from internvl3_engine.cli import ArgumentParser
 
 from .harness import command_line, device_info, provenance, utc_now, versions, write_record_and_table
 
@@ -179,7 +180,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.demo_learning", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.demo_learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default="shape,motion", type=lambda text: text.split(","), help=f"question kinds among {KINDS}")
     parser.add_argument("--routes", default="head,model", type=lambda text: text.split(","), help=f"among {ROUTES}")
     parser.add_argument("--steps", type=int, default=600)

@@ -13,7 +13,6 @@ load, beside the process's wall time, and the planner's prediction of the parame
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from internvl3_engine.cli import ArgumentParser
 
 from .harness import command_line, device_info, provenance, utc_now, versions, write_record_and_table
 
@@ -89,7 +90,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.start", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.start", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="internvl3-1b", help="the architecture (a model preset)")
     parser.add_argument("--worlds", default="1,2,4", type=lambda text: [int(w) for w in text.split(",")])
     parser.add_argument("--checkpoint", type=Path, help="a transformers-layout checkpoint (default: made from --preset)")

@@ -12,7 +12,6 @@ The target: the long clip within 3x of the short one's time.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from internvl3_engine.cli import ArgumentParser
 
 from .harness import Timer, command_line, device_info, provenance, utc_now, versions, write_record_and_table
 
@@ -93,7 +94,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.video_decode", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.video_decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--long-seconds", type=float, default=600.0)
     parser.add_argument("--short-seconds", type=float, default=10.0)
     parser.add_argument("--fps", type=int, default=30)

@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
+from internvl3_engine.cli import ArgumentParser, run_command
 
 from .config import PRESETS, InternVL3Config
 
@@ -58,7 +58,7 @@ def _convert(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model", description="InternVL3 reference model")
+    parser = ArgumentParser(prog="python -m model", description="InternVL3 reference model")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="parameter counts per component (meta device, nothing allocated)")
     source = info.add_mutually_exclusive_group()
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     convert.add_argument("target", help="the folder to write")
     convert.add_argument("--layout", choices=("hf", "opengvlab"), default="hf")
     args = parser.parse_args(argv)
-    return _info(args) if args.command == "info" else _convert(args)
+    return run_command(parser.prog, lambda: _info(args) if args.command == "info" else _convert(args))
 
 
 if __name__ == "__main__":

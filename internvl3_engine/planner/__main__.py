@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import ArgumentParser, run_command
 from ..parallel.plan import COMPONENTS, ParallelPlan
 from .calibration import calibrate, default_results_dir
 from .cost import Assumptions, PlanCost, Workload
@@ -22,7 +23,7 @@ from .shape import ModelShape, model_shape
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m internvl3_engine.planner",
         description="Recommend a parallelism plan (per-component sharding, activation checkpointing, tensor "
         "parallelism, HSDP) for training an InternVL model, with memory per GPU and a predicted step time "
@@ -192,6 +193,10 @@ def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptio
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_command("python -m internvl3_engine.planner", lambda: _plan(args))
+
+
+def _plan(args: argparse.Namespace) -> int:
     gpu = gpu_kind(args.gpu)
     shape = model_shape(args.config if args.config is not None else args.preset)
     workload = Workload(args.tokens_per_pack, args.tiles_per_pack, args.micro_batches, args.sample_length, args.reference_model)

@@ -163,11 +163,17 @@ def read_config(source: Union[str, os.PathLike, dict]) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"config {source!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file")
+        if not os.path.exists(os.fspath(source)):
+            raise FileNotFoundError(f"config {os.fspath(source)}: no such file or folder (nor a preset: {', '.join(PRESETS)})")
+        raise ValueError(f"config {os.fspath(source)}: a folder without config.json (a preset is one of {', '.join(PRESETS)})")
     with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    if data.get("model_type") != "internvl":
-        raise ValueError(f"config {path} is not a transformers InternVL config (model_type {data.get('model_type')!r})")
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config {path}: not valid JSON: {error}") from None
+    if not isinstance(data, dict) or data.get("model_type") != "internvl":
+        model_type = data.get("model_type") if isinstance(data, dict) else None
+        raise ValueError(f"config {path} is not a transformers InternVL config (model_type {model_type!r})")
     return data
 
 

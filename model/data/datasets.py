@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -151,10 +152,19 @@ class DatasetSpec:
             raise ValueError(f"dataset {self.name!r}: weight must be >= 0, got {self.weight}")
 
 
+# The settings of a dataset in a meta file (InternVL's names), and those of InternVL's that are read and ignored
+# with a warning.
+META_KEYS = frozenset({"root", "annotation", "repeat_time", "length", "data_augment", "kind", "modality", "weight"})
+IGNORED_META_KEYS = frozenset({"max_dynamic_patch"})
+
+
 def load_meta(path: str) -> list[DatasetSpec]:
     """The datasets of a meta JSON file, in file order."""
     with open(path, encoding="utf-8") as handle:
-        meta = json.load(handle)
+        try:
+            meta = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(meta, dict) or not meta:
         raise ValueError(f"{path}: a meta file maps dataset names to their settings")
     base = os.path.dirname(os.path.abspath(path))
@@ -162,12 +172,25 @@ def load_meta(path: str) -> list[DatasetSpec]:
     for name, entry in meta.items():
         if not isinstance(entry, dict) or "annotation" not in entry:
             raise ValueError(f"{path}: dataset {name!r} needs an 'annotation' path")
-        known = {"root", "annotation", "repeat_time", "length", "data_augment", "kind", "modality", "weight"}
-        settings = {key: value for key, value in entry.items() if key in known}
+        unknown = sorted(set(entry) - META_KEYS - IGNORED_META_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: dataset {name!r} has unknown settings {unknown}; known: {sorted(META_KEYS)}")
+        for key in sorted(set(entry) & IGNORED_META_KEYS):
+            warnings.warn(f"{path}: dataset {name!r}: {key} is not supported (the data settings' max_num applies to every "
+                          "dataset); ignored", stacklevel=2)
+        settings = {key: value for key, value in entry.items() if key in META_KEYS}
+        for key, kinds, what in (("annotation", str, "a path"), ("root", str, "a path"), ("repeat_time", (int, float), "a number"),
+                                 ("data_augment", bool, "true or false")):
+            value = settings.get(key)
+            if value is not None and (not isinstance(value, kinds) or (kinds is not bool and isinstance(value, bool))):
+                raise ValueError(f"{path}: dataset {name!r}: {key} must be {what}, got {value!r}")
         settings["annotation"] = os.path.join(base, settings["annotation"])
         settings["root"] = os.path.join(base, settings.get("root", "") or "")
         settings["repeat_time"] = float(settings.get("repeat_time", 1.0))
-        specs.append(DatasetSpec(name=name, **settings))
+        try:
+            specs.append(DatasetSpec(name=name, **settings))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     return specs
 
 

@@ -42,7 +42,8 @@ Flags given on the command line win over the config file, which wins over the pr
 data.path, --save-every checkpoint.save_every, --keep-last checkpoint.keep_last, --log-every
 logging.log_every, --log logging.log, and the others their namesakes at the top. A bad setting, a
 missing input file (config, plan, meta file, annotation file, eval file, --resume checkpoint) or a missing
---log package ends the command with one line on stderr and exit status 2, before anything is built.
+--log package ends the command with one line on stderr and exit status 2, before anything is built; so does
+any other user error met later (INTERNVL3_DEBUG=1 shows its traceback).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from typing import Optional
 
-from .metrics import MissingPackageError
+from internvl3_engine.cli import ArgumentParser, run_command
+
 from .checkpointing import resolve_resume
 from .config import MODES, load_config_file
 from .presets import TRAIN_PRESETS, preset_config
@@ -76,9 +77,10 @@ def load_plan(path: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0],
+    parser = ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    parser.add_argument("--preset", default="demo", choices=TRAIN_PRESETS, help="demo (default) or a model preset")
+    parser.add_argument("--preset", choices=TRAIN_PRESETS,
+                        help="demo (the default) or a model preset; with --init it must describe the weights' architecture")
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig settings (nested: optim: {lr: ...}) overriding the preset")
     parser.add_argument("--data", help="meta JSON of the datasets (default: the generated demo data)")
     parser.add_argument("--mode", choices=MODES, help="pretrain (default), sft or mpo")
@@ -122,46 +124,65 @@ def config_from_args(args):
     """The TrainConfig: preset (with the mode's defaults), then --config, then the flags."""
     file_settings = load_config_file(args.config) if args.config else {}
     mode = args.mode or file_settings.get("mode", "pretrain")
+    preset = args.preset or "demo"
     try:
-        config = preset_config(args.preset, mode).updated(file_settings)
+        config = preset_config(preset, mode).updated(file_settings)
     except ValueError as error:
         raise ValueError(f"{args.config}: {error}") from None
     config = config.updated(flag_settings(args))
-    if args.preset == "demo" and mode == "mpo" and config.init is None and "init" not in file_settings:
-        # MPO refines a trained model: start from the pre-trained demo's weights when they are there.
-        pretrained = os.path.join(os.path.dirname(config.output_dir) or ".", "demo", "final")
-        if os.path.isfile(os.path.join(pretrained, "config.json")):
-            config = config.updated({"init": pretrained})
+    if preset == "demo" and mode == "mpo" and config.init is None and "init" not in file_settings:
+        config = _with_pretrained_demo(config)
+    if config.init is not None and args.preset is not None:
+        _check_init_matches_preset(config, args.preset)
     return config
 
 
-def _fail(parser: argparse.ArgumentParser, error: Exception) -> int:
-    """One line on stderr for an error whose message says it all (the file, setting or package), status 2."""
-    print(f"{parser.prog}: error: {error}", file=sys.stderr)
-    return 2
+def _with_pretrained_demo(config):
+    """The demo's MPO starts from the pre-trained demo's final weights: beside the output folder (runs/demo
+    beside runs/demo-mpo), else where the demo writes them by default; without them it says it starts from
+    a fresh initialisation."""
+    default = os.path.join(preset_config("demo").output_dir, "final")
+    for pretrained in (os.path.join(os.path.dirname(config.output_dir) or ".", "demo", "final"), default):
+        if os.path.isfile(os.path.join(pretrained, "config.json")):
+            print(f"MPO starts from the pre-trained demo's weights: {pretrained}")
+            return config.updated({"init": pretrained})
+    print(f"no pre-trained demo weights at {default}: MPO starts from a fresh initialisation (train the demo first, "
+          "`python -m model.train --preset demo`, or give --init)")
+    return config
 
 
-def main(argv: Optional[list] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-        plan = load_plan(args.plan) if args.plan else None
-        if plan is not None:  # refused before anything is built
-            plan.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
-            check_plan(plan, config)
-        resolve_resume(args.resume, config.output_dir)  # a --resume that is no checkpoint, named before the build
-    except (FileNotFoundError, ValueError, TypeError) as error:  # a missing file or a bad setting
-        return _fail(parser, error)
-    try:
-        trainer = Trainer(config, plan=plan, resume=args.resume, show_progress=not args.no_progress)
-    except (FileNotFoundError, MissingPackageError) as error:  # checked first: missing data files, --log packages
-        return _fail(parser, error)
-    with trainer:  # on every way out: the loader's workers, the checkpoint writer and the process group ended
+def _check_init_matches_preset(config, preset: str) -> None:
+    """ValueError when --init's weights are not of --preset's architecture (the weights' config.json would set
+    the model without a word)."""
+    from ..weights import read_config
+
+    weights, named = read_config(config.init), config.model_config()
+    if (weights.vision, weights.projector, weights.text) != (named.vision, named.projector, named.text):
+        raise ValueError(f"--init {config.init} holds a {weights.name} model, not --preset {preset}'s architecture: drop --preset "
+                         "(the weights' config.json sets the model) or give weights of that preset")
+
+
+def _run(args) -> int:
+    config = config_from_args(args)
+    plan = load_plan(args.plan) if args.plan else None
+    if plan is not None:  # refused before anything is built
+        plan.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+        check_plan(plan, config)
+    resolve_resume(args.resume, config.output_dir)  # a --resume that is no checkpoint, named before the build
+    with Trainer(config, plan=plan, resume=args.resume, show_progress=not args.no_progress) as trainer:
+        # On every way out: the loader's workers, the checkpoint writer and the process group ended.
         result = trainer.train()
         if result.stopped:
             return STOPPED_STATUS
         if args.export:
             trainer.export(args.export)
     return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """The command: a user error (a missing file, a bad setting, a missing --log package) ends it with one
+    line on stderr and status 2 (INTERNVL3_DEBUG=1: the traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(parser.prog, lambda: _run(args))
 

@@ -192,6 +192,7 @@ class Trainer:
         self.resume = resume
         self.show_progress = show_progress
         self.echo = echo
+        self.resumed_from: Optional[tuple[str, int]] = None  # (checkpoint, step) once train() restored one
         self.distributed = plan is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = resolve_device(config.device)
         self._owns_process_group = self.distributed and not dist.is_initialized()  # close() ends what it began
@@ -363,7 +364,11 @@ class Trainer:
                 if not built:
                     raise ValueError(f"{self.meta_path}: --mode mpo needs preference datasets (records with chosen/rejected)")
                 return built
-            return [dataset for dataset in built if dataset.kind != "preference"]
+            built = [dataset for dataset in built if dataset.kind != "preference"]
+            if not built:
+                raise ValueError(f"{self.meta_path}: every dataset holds preference pairs (chosen/rejected): train on them "
+                                 f"with --mode mpo, or add {config.mode} data")
+            return built
 
         # Every rank must run the ViT at every step (FSDP's collectives): text-only packs get a blank tile.
         self.packing = data.packing(blank_tile_size=model_config.vision.image_size if self.distributed else None)
@@ -485,7 +490,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim.warmup_steps, max(config.max_steps, 1), config.optim.min_lr_ratio,
                                          completed_steps=done)
         before, now = saved["lr_lambdas"][0], vars(self.scheduler.lr_lambdas[0])
-        if before != now:
+        if before != now and config.max_steps > 0:  # a dry run takes no step: it has no schedule to report
             self._say(f"learning-rate schedule from step {done} on: {now} (the checkpoint's run had {before})")
 
     # ---- forward passes
@@ -727,7 +732,11 @@ class Trainer:
         resume_path = checkpointing.resolve_resume(self.resume, self.config.output_dir)
         if resume_path is not None:
             start = self._restore(resume_path)
+            if 0 < self.config.max_steps < start:
+                raise ValueError(f"--resume {resume_path}: the checkpoint is at step {start}, past max_steps "
+                                 f"{self.config.max_steps}: give --max-steps above {start} to train on from it")
             self._say(f"resumed from {resume_path} at step {start}")
+            self.resumed_from = (resume_path, start)
             return start, resume_path
         if self.resume == "auto":
             self._say(f"no checkpoint in {self.config.output_dir}: starting fresh")
@@ -785,8 +794,12 @@ class Trainer:
         where = f"{self.device.type}" + (f" x{self.world} ({'plan' if self.plan else 'ddp'})" if self.distributed else "")
         params = (f"{counts['total'] / 1e6:.2f}M parameters (vision {counts['vision'] / 1e6:.2f}M, projector "
                   f"{counts['projector'] / 1e6:.2f}M, language {counts['language'] / 1e6:.2f}M)")
+        if self.resumed_from is not None:
+            weights = f"weights of {self.resumed_from[0]} (step {self.resumed_from[1]})"
+        else:
+            weights = f"weights from {config.init}" if config.init else f"weights initialised from seed {config.seed}"
         return (
-            f"{config.mode}: {model_config.name} model, {params} on {where}; data {self.meta_path}; "
+            f"{config.mode}: {model_config.name} model, {params} on {where}; {weights}; data {self.meta_path}; "
             f"{config.max_steps} steps of {config.grad_accum} x {config.data.max_packed_tokens}-token packs; output {config.output_dir}"
         )
 
@@ -815,7 +828,8 @@ class Trainer:
             if skipped:
                 self.echo(f"skipped steps (non-finite loss or gradients): {skipped}")
             fractions = stream.token_fractions()
-            self.echo("token mix: " + ", ".join(f"{name} {fraction:.1%}" for name, fraction in fractions.items()))
+            if losses:  # a run resumed at its last step took none
+                self.echo("token mix: " + ", ".join(f"{name} {fraction:.1%}" for name, fraction in fractions.items()))
             finite = [value for value in losses if value is not None]
             if finite:
                 head = sum(finite[: max(1, len(finite) // 10)]) / max(1, len(finite[: max(1, len(finite) // 10)]))
