@@ -1,7 +1,8 @@
 """internvl3_engine.integrations.transformers: transformers' InternVL and Qwen2 patched in place give the
 unpatched models' outputs and gradients (float32, relative 1e-4) on padded batches, packed rows and images;
 float V2PE positions equal the reference model's; a plain training loop runs unchanged; generation with a KV
-cache gives the same tokens; square-averaged loss weights; patching twice is harmless; transformers stays
+cache gives the same tokens; square-averaged loss weights; patching twice is harmless; the engine's activation
+checkpointing (checkpoint_blocks, or a plan under parallelize) trains as without it; transformers stays
 optional. CI runs this file on the newest and the oldest transformers release that pyproject's extra allows."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from internvl3_engine.integrations.transformers import (  # noqa: E402
     apply_internvl3_engine_to_internvl,
     apply_internvl3_engine_to_qwen2,
 )
+from internvl3_engine.parallel import checkpoint_blocks  # noqa: E402
 
 IMG = 261
 PER_TILE = 4
@@ -124,6 +126,7 @@ def test_padded_batch_with_images_matches_the_unpatched_model():
     patched = apply_internvl3_engine_to_internvl(copy.deepcopy(reference))
     language = patched.model.language_model
     assert language.config._attn_implementation == ATTENTION_IMPLEMENTATION
+    assert patched.config._attn_implementation == ATTENTION_IMPLEMENTATION
     assert patched.model.vision_tower.config._attn_implementation == ATTENTION_IMPLEMENTATION
     batch, mask = padded_batch_with_images()
     assert_same(reference, patched, batch, mask)
@@ -195,6 +198,75 @@ def test_a_plain_training_loop_runs_unchanged():
         given = patched(**batch, num_items_in_batch=count * 2).loss
         plain = patched(**batch).loss
     assert abs(given.item() - plain.item() / 2) <= 1e-5 * plain.item()
+
+
+def sgd_steps(model, batches):
+    """Losses of an SGD step on each batch, and the last step's gradients (sharded ones gathered)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for batch in batches:
+        out, grads = outputs_and_grads(model, batch)
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses, {name: g.full_tensor() if hasattr(g, "full_tensor") else g for name, g in grads.items()}
+
+
+def assert_same_training(actual, expected):
+    (actual_losses, actual_grads), (expected_losses, expected_grads) = actual, expected
+    assert actual_losses == pytest.approx(expected_losses, rel=1e-6)
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert rel_err(actual_grads[name], grad) <= 1e-6, name
+
+
+def training_batches():
+    """Padded batches with images (the model's default use_cache=True) around a packed row."""
+    return [padded_batch_with_images()[0], packed_row()[0], padded_batch_with_images()[0]]
+
+
+def test_checkpointed_blocks_train_as_without_checkpointing():
+    """checkpoint_blocks on the language and vision blocks: the same losses and gradients (float32) as the
+    uncheckpointed model, the KV cache turned off with a warning (recomputing a block would write it twice);
+    generation, under torch.no_grad, keeps its cache and gives the same tokens."""
+    reference = internvl().train()
+    plain = apply_internvl3_engine_to_internvl(copy.deepcopy(reference))
+    checkpointed = apply_internvl3_engine_to_internvl(copy.deepcopy(reference))
+    checkpoint_blocks(checkpointed.model.language_model.layers)
+    checkpoint_blocks(checkpointed.model.vision_tower.encoder.layer)
+    ids = torch.cat([text_ids(2), image_ids(1), text_ids(3)])[None]
+    pixels = torch.randn(1, 3, 56, 56)
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(checkpointed.generate(input_ids=ids, pixel_values=pixels, **options),
+                       plain.generate(input_ids=ids, pixel_values=pixels, **options))
+    batches = training_batches()
+    expected = sgd_steps(plain, batches)
+    with pytest.warns(UserWarning, match="without a KV cache"):
+        actual = sgd_steps(checkpointed, batches)
+    assert_same_training(actual, expected)
+
+
+def test_a_one_process_plan_that_checkpoints_trains_as_without_it():
+    """parallelize with activation checkpointing in the vision and language plans (one gloo process): the
+    unparallelized model's losses and gradients."""
+    import torch.distributed as dist
+
+    from internvl3_engine.parallel import ComponentPlan, ParallelPlan, parallelize
+
+    reference = internvl().train()
+    plain = apply_internvl3_engine_to_internvl(copy.deepcopy(reference))
+    planned = apply_internvl3_engine_to_internvl(copy.deepcopy(reference))
+    batches = training_batches()
+    expected = sgd_steps(plain, batches)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        plan = ParallelPlan(vision=ComponentPlan("zero2", activation_checkpointing=True),
+                            language=ComponentPlan(activation_checkpointing=True))
+        parallelize(planned, plan)
+        with pytest.warns(UserWarning, match="without a KV cache"):
+            actual = sgd_steps(planned, batches)
+    finally:
+        dist.destroy_process_group()
+    assert_same_training(actual, expected)
 
 
 def test_patching_twice_is_harmless():

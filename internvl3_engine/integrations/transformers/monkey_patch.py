@@ -118,8 +118,10 @@ def apply_internvl3_engine_to_internvl(
         vision = base.vision_tower
         if getattr(vision.config, "attention_dropout", 0.0):
             raise ValueError(f"the {ATTENTION_IMPLEMENTATION} attention has no dropout, but the vision attention_dropout is {vision.config.attention_dropout}")
-        vision.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     _patch_qwen2_decoders(base.language_model, attention, rotary)
+    if attention:
+        # The vision tower's and the top-level config's too, so that model.config says what runs.
+        base.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     if pixel_unshuffle_layernorm:
         projector = base.multi_modal_projector
         if projector.layer_norm.weight is None or projector.layer_norm.bias is None:
