@@ -73,7 +73,21 @@ KERNEL_COLUMNS = [
 ]
 
 
+def _skipped_lines(rows: list[dict]) -> list[str]:
+    """The skipped rows (implementations that cannot run on this machine) as one line per implementation and
+    reason, instead of table rows of dashes."""
+    reasons: dict = {}
+    for row in rows:
+        reasons.setdefault((row["implementation"], row["reason"]), []).append(row["op"])
+    lines = [f"Not run here ({len(rows)} rows):", ""]
+    for (implementation, reason), ops in sorted(reasons.items()):
+        lines.append(f"- {implementation} ({len(ops)} rows: {', '.join(sorted(set(ops)))}): {reason}".replace("\n", " "))
+    return lines + [""]
+
+
 def _kernel_lines(rows: list[dict]) -> list[str]:
+    skipped = [row for row in rows if row["status"] == "skipped"]
+    rows = [row for row in rows if row["status"] != "skipped"]
     cells = []
     for row in rows:
         workspace = row.get("workspace_bytes")
@@ -98,7 +112,7 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
         "torch.profiler), without the host's overhead; 'of copy (device)' is the bandwidth over the device time.",
         "",
     ]
-    return intro + _table(KERNEL_COLUMNS, cells)
+    return intro + _table(KERNEL_COLUMNS, cells) + (_skipped_lines(skipped) if skipped else [])
 
 
 TRAIN_COLUMNS = [

@@ -44,6 +44,12 @@ def test_tiny_run_writes_a_complete_record(tiny_run):
     assert record["device"]["type"] == "cpu" and record["versions"]["internvl3_engine"]["version"]
     errors = [row for row in record["results"] + record["train"] if row["status"] == "error"]
     assert exit_code == (1 if errors else 0)  # a broken op is recorded and fails the run
+    # Implementations that cannot run on this machine are listed once each, not as table rows of dashes.
+    kernels_section = markdown.split("## Kernels")[1].split("## Training step")[0]
+    skipped = [row for row in record["results"] if row["status"] == "skipped"]
+    table_rows = [line for line in kernels_section.splitlines() if line.startswith("| ")][1:]
+    assert len(table_rows) == len(record["results"]) - len(skipped)
+    assert not skipped or f"Not run here ({len(skipped)} rows):" in kernels_section
 
 
 def test_tiny_kernel_rows(tiny_run):
