@@ -11,23 +11,28 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import re
+import struct
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
 from .config import InternVL3Config
-from .slice_reader import SliceReader
+from .slice_reader import SAFETENSORS_DTYPES, SliceReader
 
 LAYOUTS = ("hf", "opengvlab")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # one file of a checkpoint in several
 HEAD = "language.lm_head.weight"
 EMBEDDINGS = "language.embed_tokens.weight"
 _HF_HEAD = "language_model.lm_head.weight"  # HEAD as the 'hf' layout writes it
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 # ---- name rules: (this model's prefix, the layout's prefix); {n} is a layer index. A name maps by its first
@@ -240,8 +245,7 @@ def save_pretrained(model, path, *, layout: str = "hf", max_shard_size: int = 5 
     from safetensors.torch import save_file
 
     _check_layout(layout)
-    if max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    _check_shard_size(max_shard_size)
     config: InternVL3Config = model.config
     if layout == "opengvlab" and config.vision.final_norm:
         raise ValueError("the OpenGVLab layout has no final vision LayerNorm (config.vision.final_norm)")
@@ -254,33 +258,72 @@ def save_pretrained(model, path, *, layout: str = "hf", max_shard_size: int = 5 
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in to_layout(state, layout).items()}
 
     folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
+    _clear_weights(folder)
     _write_config(folder, config, layout, next(iter(tensors.values())).dtype if tensors else torch.float32)
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in tensors.items()}
+    files = _split_into_files(sizes, max_shard_size)
+    for file, names in files:
+        save_file({name: tensors[name] for name in names}, os.path.join(folder, file), metadata={"format": "pt"})
+    _write_index(folder, files, sizes)
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name in sorted(tensors):
-        size = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and shard_bytes + size > max_shard_size:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensors[name]
-        shard_bytes += size
-    for stale in (WEIGHTS_NAME, INDEX_NAME):
-        if os.path.exists(os.path.join(folder, stale)):
-            os.remove(os.path.join(folder, stale))
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, WEIGHTS_NAME), metadata=metadata)
+
+def _check_shard_size(max_shard_size: int) -> None:
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+
+
+def _split_into_files(sizes: dict[str, int], max_shard_size: int) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names) of each weights file of tensors of ``sizes`` (name -> bytes): the names in
+    sorted order, a new file begun where the next tensor would take a file above ``max_shard_size``; one file
+    is model.safetensors, several model-0000i-of-0000N.safetensors (transformers' names)."""
+    groups: list[list[str]] = [[]]
+    group_bytes = 0
+    for name in sorted(sizes):
+        if groups[-1] and group_bytes + sizes[name] > max_shard_size:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(name)
+        group_bytes += sizes[name]
+    if len(groups) == 1:
+        return [(WEIGHTS_NAME, groups[0])]
+    return [(f"model-{index:05d}-of-{len(groups):05d}.safetensors", names) for index, names in enumerate(groups, start=1)]
+
+
+def _clear_weights(folder: str) -> None:
+    """Create ``folder`` and remove the weights files and index a checkpoint written there before left."""
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_FILE.match(name):
+            os.remove(os.path.join(folder, name))
+
+
+def _write_index(folder: str, files: list[tuple[str, list[str]]], sizes: dict[str, int]) -> None:
+    """model.safetensors.index.json (each tensor's file and the total bytes) of a checkpoint of several files."""
+    if len(files) == 1:
         return
-    weight_map = {}
-    for index, shard in enumerate(shards, start=1):
-        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, file), metadata=metadata)
-        weight_map.update({name: file for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {name: file for file, names in files for name in names}
     with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as handle:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
+        json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
+
+
+def _write_safetensors(path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable[torch.Tensor]) -> None:
+    """A safetensors file of the tensors ``entries`` describe ((name, dtype, shape), in file order), each
+    written as ``tensors`` yields it, in that order: one tensor in memory at a time. The header is the one
+    safetensors' save_file writes for tensors of one dtype (an 8-byte length, compact JSON with {"format":
+    "pt"} as its metadata, padded with spaces to a multiple of 8 bytes), so the bytes are save_file's."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors:
+            handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor  # freed before the next one is made
 
 
 def _check_names_and_shapes(folder: str, expected: dict, found: dict) -> None:
@@ -315,7 +358,7 @@ def _some(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-# ---- sharded models: each rank reads and writes only its own shards
+# ---- sharded models: each rank reads only its own shards and writes the files dealt to it
 
 
 def checkpoint_shapes(path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
@@ -396,26 +439,37 @@ def _check_tied_head(model, folder: str, alone: bool) -> None:
                          "them (tie_word_embeddings): set tie_word_embeddings to false in its config.json")
 
 
-def save_weights_distributed(model, path: Union[str, os.PathLike]) -> None:
-    """Write a sharded model as a transformers-layout checkpoint (config.json + safetensors) from its shards:
-    every rank writes its own slices (HuggingFaceStorageWriter), then the first rank consolidates them
-    file by file into full tensors; no rank gathers the model. Call it on every rank."""
-    import shutil
-
+def save_weights_distributed(model, path: Union[str, os.PathLike], *, max_shard_size: int = 5 * 1024**3) -> None:
+    """Write a sharded model (DTensors after internvl3_engine.parallel.parallelize; plain tensors write too)
+    as a transformers-layout checkpoint in ``path``: config.json and the files save_pretrained writes (byte
+    for byte when the tensors share one dtype). No rank holds the model: the weights files are dealt to the
+    ranks in turn (file i to rank i mod W), and tensor by tensor every rank takes part in gathering the whole
+    tensor from its shards (DTensor.full_tensor, a collective) while the rank of its file appends it to the
+    file. A rank holds its shards and one whole tensor (two while gloo gathers it: its all-gather copies the
+    result; on CUDA the gather is on the device and the file's rank copies the tensor to the host). Call it
+    on every rank."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
 
+    _check_shard_size(max_shard_size)
     folder = os.fspath(path)
-    first = not dist.is_initialized() or dist.get_rank() == 0
-    if first:
-        os.makedirs(folder, exist_ok=True)
-        for stale in os.listdir(folder):
-            if stale.endswith(".safetensors") or stale == INDEX_NAME:
-                os.remove(os.path.join(folder, stale))
-    writer = dcp.HuggingFaceStorageWriter(folder, save_distributed=True, enable_consolidation=True)
-    dcp.save(_sharded_state(model), storage_writer=writer, no_dist=not dist.is_initialized())
-    if first:
-        shutil.rmtree(os.path.join(folder, "sharded"), ignore_errors=True)
+    alone = not dist.is_initialized()
+    rank, world = (0, 1) if alone else (dist.get_rank(), dist.get_world_size())
+    state = _sharded_state(model)
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in state.items()}
+    files = _split_into_files(sizes, max_shard_size)
+    if rank == 0:
+        _clear_weights(folder)
+    if not alone:
+        dist.barrier()
+    for index, (file, names) in enumerate(files):
+        whole = (state[name].full_tensor() if isinstance(state[name], DTensor) else state[name] for name in names)
+        if index % world == rank:
+            _write_safetensors(os.path.join(folder, file), [(name, state[name].dtype, tuple(state[name].shape)) for name in names], whole)
+        else:
+            collections.deque(whole, maxlen=0)  # this rank's part in each gather, each tensor dropped at once
+    if rank == 0:
+        _write_index(folder, files, sizes)
         _write_config(folder, model.config, "hf", next(iter(model.parameters())).dtype)
-    if dist.is_initialized():
+    if not alone:
         dist.barrier()

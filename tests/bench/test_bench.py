@@ -335,7 +335,8 @@ def test_attention_blocks_case_selection():
 
 def test_start_benchmark_records_each_rank_at_each_world_size(tmp_path):
     """python -m bench.start on the tiny preset at W = 1 and 2: every rank's report (parameters held, peak
-    and anonymous memory, start time), the sharded parameters falling with W, a JSON record and a table."""
+    and anonymous memory, start time, peak memory with the export), the export's time and bytes, the
+    sharded parameters falling with W, a JSON record and a table."""
     import json
 
     from bench import start
@@ -346,6 +347,9 @@ def test_start_benchmark_records_each_rank_at_each_world_size(tmp_path):
     assert [len(one["ranks"]), len(two["ranks"])] == [1, 2]
     for rank in one["ranks"] + two["ranks"]:
         assert rank["peak_host_bytes"] > 0 and rank["start_s"] > 0 and rank["anon_bytes"] > 0
+        assert rank["export_peak_host_bytes"] >= rank["peak_host_bytes"]
+    assert one["export_s"] > 0 and two["export_s"] > 0
+    assert one["export_bytes"] == two["export_bytes"] == record["checkpoint_bytes"]
     whole = one["ranks"][0]["parameter_bytes"]
     assert sum(rank["parameter_bytes"] for rank in two["ranks"]) >= whole  # the replicated projector twice
     assert all(rank["parameter_bytes"] < 0.6 * whole for rank in two["ranks"])

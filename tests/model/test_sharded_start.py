@@ -1,11 +1,14 @@
 """A sharded model reads and writes transformers-layout checkpoints shard by shard (model.weights'
-load_weights_distributed / save_weights_distributed over torch.distributed.checkpoint's HuggingFace storage):
-2 gloo ranks, each plan's placements (FSDP2 zero2/zero3/replicate, tensor parallelism), exact values; names
-and shapes checked before anything is read."""
+load_weights_distributed over torch.distributed.checkpoint's HuggingFace storage, save_weights_distributed
+tensor by tensor into the files each rank is dealt): 2 gloo ranks, each plan's placements (FSDP2
+zero2/zero3/replicate, tensor parallelism), exact values; the export's files are save_pretrained's, byte for
+byte, written while a rank holds its shards and one whole tensor; names and shapes checked before anything
+is read."""
 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import os
 import traceback
@@ -44,7 +47,7 @@ def random_checkpoint(folder, tie: bool = False) -> dict:
     return dict(read_tensors(folder))
 
 
-def _worker(rank: int, init_file: str, folder: str, out: str, plan: dict, errors):
+def _worker(rank: int, init_file: str, folder: str, out: str, plan: dict, reports):
     import torch.distributed as dist
 
     from internvl3_engine.parallel import ParallelPlan, parallelize
@@ -64,29 +67,110 @@ def _worker(rank: int, init_file: str, folder: str, out: str, plan: dict, errors
         dist.barrier()
         dist.destroy_process_group()
     except Exception:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        reports.put({"error": f"rank {rank}: {traceback.format_exc()}"})
         raise
 
 
-def run_two_ranks(tmp_path, folder, out, plan):
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: the peak resident size), in bytes."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _export_worker(rank: int, init_file: str, folder: str, out: str, max_shard_size: int, reports):
+    """Load the default plan's shards, then export: reports how far the export took the resident size above
+    what the rank held before it."""
+    import torch.distributed as dist
+
+    from internvl3_engine.parallel import ParallelPlan, parallelize
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+        with torch.device("meta"):
+            model = InternVL3(read_config(folder))
+        parallelize(model, ParallelPlan())
+        model.to_empty(device="cpu")
+        load_weights_distributed(model, folder)
+        before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")  # VmHWM starts again from the resident size now
+        save_weights_distributed(model, out, max_shard_size=max_shard_size)
+        reports.put({"rank": rank, "export_growth": _status_bytes("VmHWM") - before})
+        dist.destroy_process_group()
+    except Exception:
+        reports.put({"error": f"rank {rank}: {traceback.format_exc()}"})
+        raise
+
+
+def run_two_ranks(tmp_path, worker, *args) -> list[dict]:
+    """``worker(rank, init_file, *args, reports)`` on 2 spawned ranks; what they put in ``reports``."""
     context = mp.get_context("spawn")
-    errors = context.SimpleQueue()
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(folder), str(out), plan, errors), nprocs=2, join=True,
-                       start_method="spawn")
-    if not errors.empty():
-        pytest.fail(errors.get())
+    reports = context.SimpleQueue()
+    mp.start_processes(worker, args=(str(tmp_path / "init"), *args, reports), nprocs=2, join=True, start_method="spawn")
+    found = []
+    while not reports.empty():
+        found.append(reports.get())
+    for report in found:
+        if "error" in report:
+            pytest.fail(report["error"])
+    return found
+
+
+def assert_same_files(folder, expected) -> None:
+    names = sorted(os.listdir(folder))
+    assert names == sorted(os.listdir(expected))
+    for name in names:
+        assert filecmp.cmp(os.path.join(folder, name), os.path.join(expected, name), shallow=False), name
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_each_rank_loads_its_shards_and_the_export_reproduces_the_checkpoint(tmp_path, plan):
     original = random_checkpoint(tmp_path / "ckpt", tie=plan == "default")
-    run_two_ranks(tmp_path, tmp_path / "ckpt", tmp_path / "export", PLANS[plan])
+    run_two_ranks(tmp_path, _worker, str(tmp_path / "ckpt"), str(tmp_path / "export"), PLANS[plan])
     exported = dict(read_tensors(tmp_path / "export"))
     assert exported.keys() == original.keys()
     for name, tensor in original.items():
         assert torch.equal(exported[name], tensor), name
     assert not (tmp_path / "export" / "sharded").exists()
     assert InternVL3.from_pretrained(tmp_path / "export").config.to_dict() == read_config(tmp_path / "ckpt").to_dict()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size through Linux's /proc")
+def test_ranks_export_the_files_save_pretrained_writes_each_holding_its_shards_and_one_tensor(tmp_path):
+    """2 ranks export a 212 MB model (24 layers of tensors of at most 2.4 MB) into 32 MiB files: both ranks
+    write files (dealt in turn), the folder is save_pretrained's byte for byte, and the export takes no
+    rank's resident size more than a quarter of the model above what it held (a rank holding its half of
+    the model once more, as DCP's staging of the shards did, would take half of it)."""
+    config = InternVL3Config.preset("tiny")
+    config.text = dataclasses.replace(config.text, hidden_size=384, intermediate_size=1536, num_layers=24)
+    model = InternVL3(config)
+    model_bytes = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    model.save_pretrained(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "expected", max_shard_size=32 * 1024**2)
+    del model
+    reports = run_two_ranks(tmp_path, _export_worker, str(tmp_path / "ckpt"), str(tmp_path / "export"), 32 * 1024**2)
+    assert len([name for name in os.listdir(tmp_path / "expected") if name.endswith(".safetensors")]) >= 4
+    assert_same_files(tmp_path / "export", tmp_path / "expected")
+    assert sorted(report["rank"] for report in reports) == [0, 1]
+    for report in reports:
+        assert report["export_growth"] < model_bytes / 4, (report, model_bytes)
+
+
+def test_without_a_process_group_the_export_is_save_pretrained_and_replaces_an_earlier_one(tmp_path):
+    """One process with plain tensors: one file and several, as save_pretrained writes them; an export into
+    a folder holding another checkpoint's files leaves none of them; a shard size that is not positive is
+    named."""
+    torch.manual_seed(0)
+    model = InternVL3(InternVL3Config.preset("tiny"))
+    for max_shard_size in (200_000, 5 * 1024**3):
+        model.save_pretrained(tmp_path / f"expected{max_shard_size}", max_shard_size=max_shard_size)
+        save_weights_distributed(model, tmp_path / "export", max_shard_size=max_shard_size)
+        assert_same_files(tmp_path / "export", tmp_path / f"expected{max_shard_size}")
+    with pytest.raises(ValueError, match="max_shard_size must be positive"):
+        save_weights_distributed(model, tmp_path / "export", max_shard_size=0)
 
 
 def test_mismatched_checkpoints_are_named_before_anything_is_read(tmp_path):
