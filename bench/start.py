@@ -16,7 +16,6 @@ markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from internvl3_engine.cli import ArgumentParser
 
 from .harness import command_line, device_info, provenance, utc_now, versions, write_record_and_table
 
@@ -59,7 +60,7 @@ def run_world(world: int, checkpoint: Path, data: Path, work: Path, device: str)
     plan = work / "plan.json"
     plan.write_text("{}\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-               "-m", "bench.rank_peak", str(peaks), "model.train", "--preset", "tiny", "--init", str(checkpoint),
+               "-m", "bench.rank_peak", str(peaks), "model.train", "--init", str(checkpoint),
                "--plan", str(plan), "--data", str(data), "--output-dir", str(output), "--max-steps", "0",
                "--no-progress", "--export", str(export)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -105,7 +106,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.start", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.start", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="internvl3-1b", help="the architecture (a model preset)")
     parser.add_argument("--worlds", default="1,2,4", type=lambda text: [int(w) for w in text.split(",")])
     parser.add_argument("--checkpoint", type=Path, help="a transformers-layout checkpoint (default: made from --preset)")
