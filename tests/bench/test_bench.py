@@ -356,6 +356,34 @@ def test_start_benchmark_records_each_rank_at_each_world_size(tmp_path):
     assert "| 2 |" in next(tmp_path.glob("*_start-tiny.md")).read_text()
 
 
+def test_step_planning_benchmark_records_each_world_size(tmp_path):
+    """python -m bench.step_planning at two small world sizes: per row the samples planned a step (growing
+    with the ranks), plan_step's time and the wait with planning ahead, a JSON record and a table."""
+    import json
+
+    from bench import step_planning
+
+    assert step_planning.main(["--worlds", "2,8", "--steps", "2", "--step-s", "0.05", "--records", "30", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*_step-planning.json")).read_text())
+    small, large = record["rows"]
+    assert [small["world"], large["world"]] == [2, 8] and 0 < small["samples_per_step"] < large["samples_per_step"]
+    assert all(row["plan_s"] > 0 and row["wait_s"] >= 0 and row["added"] == row["wait_s"] / 0.05 for row in record["rows"])
+    assert "| 8 |" in next(tmp_path.glob("*_step-planning.md")).read_text()
+
+
+def test_clean_exit_benchmark_counts_the_launches_that_exited_0(tmp_path):
+    """python -m bench.clean_exit, one launch of the W = 2 dry run: it exits 0 on every rank and the record
+    says so."""
+    import json
+
+    from bench import clean_exit
+
+    assert clean_exit.main(["--times", "1", "--cases", "dry-w2", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*_clean-exit.json")).read_text())
+    assert [run["status"] for run in record["cases"]["dry-w2"]] == [0]
+    assert "| dry-w2 | 1 | 1 | - |" in next(tmp_path.glob("*_clean-exit.md")).read_text()
+
+
 def test_demo_learning_benchmark_trains_each_route_on_each_kind(tmp_path):
     """python -m bench.demo_learning on a small generated demo folder: the head, whole-model and
     head-then-model routes on an image question and the clips' question, each run's held-out curve within
