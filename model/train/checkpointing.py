@@ -99,8 +99,7 @@ class CheckpointWriter:
     ``asynchronous``: ``save`` returns once the state is copied to CPU memory and a thread writes it; the
     folder is renamed into place by the first ``publish_finished`` that finds every rank's writer done, or
     by the next ``save`` or ``wait`` (call ``wait`` or ``close`` before the run ends); else ``save`` returns
-    once it is in place. ``device``: where the ranks' done flags are reduced (the training backend's device).
-    Removes the staging folders a crashed run left (rank 0, at construction)."""
+    once it is in place. ``device``: where the ranks' done flags are reduced (the training backend's device)."""
 
     def __init__(self, output_dir: str, sharded: bool, keep_last: int, asynchronous: bool, device: Optional[torch.device] = None):
         self.output_dir, self.sharded, self.keep_last, self.asynchronous = output_dir, sharded, keep_last, asynchronous
@@ -109,7 +108,6 @@ class CheckpointWriter:
         self._thread = ThreadPoolExecutor(max_workers=1) if asynchronous and not sharded else None
         # The DCP writer thread's collectives go over a group of their own, apart from training's.
         self._group = dist.new_group(backend="gloo") if asynchronous and sharded else None
-        self.removed_staging = remove_staging(output_dir) if _rank() == 0 else []
 
     def save(self, step: int, trainer_state: dict, model, optimizer) -> str:
         """Write (or start writing) the checkpoint of ``step``; returns its folder's final path."""
@@ -211,8 +209,9 @@ def _result(waiting) -> None:
 
 def remove_staging(output_dir: str) -> list[str]:
     """Remove the staging folders (``step_<N>.tmp``) in output_dir's checkpoints: saves a crashed run never
-    published (unfinished on some rank, or finished after the last step end that could publish them).
-    Returns the folders removed."""
+    published (unfinished on some rank, or finished after the last step end that could publish them). For a
+    run about to write checkpoints there (a dry run leaves them: another run may be writing one). Returns the
+    folders removed."""
     folder = checkpoint_dir(output_dir)
     removed = []
     if os.path.isdir(folder):

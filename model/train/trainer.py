@@ -282,8 +282,6 @@ class Trainer:
         self.reward_shift = RunningMean()
         self.checkpoints = checkpointing.CheckpointWriter(config.output_dir, self.distributed, config.checkpoint.keep_last,
                                                           config.checkpoint.asynchronous, self.device)
-        for folder in self.checkpoints.removed_staging:
-            self._say(f"removed {folder}: a checkpoint an earlier run did not finish")
         self._build_loader()
 
     def _sharded(self, model: InternVL3, plan: ParallelPlan, meshes=None) -> ParallelState:
@@ -633,6 +631,9 @@ class Trainer:
         if config.max_steps == 0:
             return self._dry_run(start)
         os.makedirs(config.output_dir, exist_ok=True)
+        if self.is_main:
+            for folder in checkpointing.remove_staging(config.output_dir):
+                self._say(f"removed {folder}: a checkpoint an earlier run did not finish")
         log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), enabled=self.is_main,
                          resume_step=start if resume_path else None, sinks=self.sinks)
         with StopRequest() as stop:  # SIGTERM: checkpoint the step being taken, then stop

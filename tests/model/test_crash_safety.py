@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from model.train.checkpointing import CheckpointWriter, list_checkpoints
+from model.train.checkpointing import CheckpointWriter, list_checkpoints, remove_staging
 from model.train.demo_data import generate
 from model.train.metrics import read_metrics
 from test_trainer import SMALL, SMALL_DATA, run, small_config
@@ -33,7 +33,8 @@ def data_dir(tmp_path_factory):
 
 def test_a_finished_background_save_is_published_at_the_next_step_end_and_stale_staging_is_removed(tmp_path, monkeypatch):
     """publish_finished: nothing while the writer writes, the folder in place at the first call after it
-    finished (no later save needed); a new writer removes the staging folders a crash left."""
+    finished (no later save needed); remove_staging (a new run's, before its first step) removes the staging
+    folders a crash left."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     release, real_save = threading.Event(), torch.save
@@ -54,12 +55,10 @@ def test_a_finished_background_save_is_published_at_the_next_step_end_and_stale_
     assert [path for _, path in list_checkpoints(str(tmp_path))] == [final]
     assert writer.publish_finished() is None  # nothing in flight
 
-    monkeypatch.setattr(torch, "save", real_save)
+    writer.close()
     os.makedirs(os.path.join(tmp_path, "checkpoints", "step_00000006.tmp", "model"))  # a crash mid-save
-    again = CheckpointWriter(str(tmp_path), sharded=False, keep_last=2, asynchronous=True)
-    assert again.removed_staging == [os.path.join(tmp_path, "checkpoints", "step_00000006.tmp")]
+    assert remove_staging(str(tmp_path)) == [os.path.join(tmp_path, "checkpoints", "step_00000006.tmp")]
     assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["step_00000003"]
-    again.close()
 
 
 def test_an_exception_between_two_saves_keeps_the_finished_one(data_dir, tmp_path, monkeypatch):
