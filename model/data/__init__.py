@@ -6,7 +6,7 @@ from .datasets import DataErrors, DatasetSpec, JsonlFile, RecordDataset, load_me
 from .index import DatasetIndex, load_or_build_index
 from .loading import PackDecoder, StepData, StepPlanner, StepShare, build_loader, decoding_peer
 from .mixing import MixedStream
-from .packing import DELTA_CHOICES, PackedBatch, Packer, PackingConfig, PackPlan, collate, shift_labels
+from .packing import DELTA_CHOICES, PackedBatch, Packer, PackingConfig, PackPlan, check_budget_fits, collate, shift_labels
 from .tiling import IMAGENET_MEAN, IMAGENET_STD, ImageTiler, candidate_grids, closest_grid, image_size, load_image, tile_image
 from .tokenizer import (
     INTERNVL3_SYSTEM_MESSAGE,
@@ -53,6 +53,7 @@ __all__ = [
     "build_loader",
     "decoding_peer",
     "candidate_grids",
+    "check_budget_fits",
     "chat_turn",
     "closest_grid",
     "collate",

@@ -201,13 +201,20 @@ class _PlanningThread:
                 except queue.Full:
                     continue
             if entry[1] is None:
+                del entry  # see __iter__
                 return
 
     def __iter__(self):
         while True:
             share, state = self._queue.get()
             if state is None:
-                raise share
+                try:
+                    raise share
+                finally:
+                    # A local holding the error is in a cycle with its traceback's frames, which keep what it was
+                    # raised through (a loader iterator being built, and its worker processes) alive past the
+                    # error: the interpreter's exit would wait on those workers forever.
+                    del share
             self.position = state
             yield share
 

@@ -10,7 +10,9 @@ sample goes into the fullest open buffer that can take it under both budgets; a 
 budget exactly is emitted at once; when no buffer can take the sample and all are open, the fullest is
 emitted and the sample opens a new one. A sample (or an MPO pair, which always stays in one pack, chosen
 then rejected) over a budget is truncated (default; the cut never splits an image, a pair's members get
-half the budgets each) or dropped, with a warning; a sample left with no target is dropped.
+half the budgets each) or dropped, with a warning; a sample left with no target is dropped. A budget that
+fits none of the data is an error, not an endless search for a sample to pack: before training
+(check_budget_fits, from the data index) and, failing that, once DROPPED_IN_A_ROW items were dropped in a row.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from internvl3_engine import loss_weights, pack_lengths, v2pe_position_ids
@@ -30,6 +33,10 @@ from .datasets import Item, seeded_rng
 DELTA_CHOICES = tuple(1.0 / 2**k for k in range(9))  # V2PE's training deltas 1, 1/2, ..., 1/256
 OVERLONG_POLICIES = ("truncate", "drop")
 LOSS_MODES = ("square", "token", "sample")
+
+DROPPED_IN_A_ROW = 1000
+"""Items Packer.add may drop in a row before it raises: a budget that fits no sample would have the planner
+draw samples forever. A budget dropping 9 samples in 10 gives a run of 1,000 with odds of about 1e-46."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,8 @@ class Packer:
         self.batches_emitted = 0
         self.truncated = 0
         self.dropped = 0
+        self._drops_in_a_row = 0
+        self._smallest_dropped: Optional[tuple] = None  # (tokens, tiles, source) of the items dropped in a row
 
     def _fit_budget(self, item: Item, report: bool = True) -> Optional[Item]:
         """The item within budgets (truncated or None per the policy); ``report`` counts and warns."""
@@ -285,10 +294,23 @@ class Packer:
         batch.keys = list(plan.keys)
         return batch
 
+    def _count_drop(self, item: Item) -> None:
+        """One more item dropped in a row; DROPPED_IN_A_ROW of them is a ValueError naming the budget and
+        the smallest of them."""
+        size = (len(item), item.num_tiles, item.source)
+        self._smallest_dropped = size if self._smallest_dropped is None else min(self._smallest_dropped, size)
+        self._drops_in_a_row += 1
+        if self._drops_in_a_row >= DROPPED_IN_A_ROW:
+            tokens, tiles, source = self._smallest_dropped
+            raise ValueError(f"{self._drops_in_a_row} samples in a row dropped: none fits {_budget(self.config)}; "
+                             f"the smallest of them, {source}, has {tokens} tokens / {tiles} tiles")
+
     def add(self, item: Item, key: Any = None) -> list[PackPlan]:
-        item = self._fit_budget(item)
-        if item is None:
+        fitted = self._fit_budget(item)
+        if fitted is None:
+            self._count_drop(item)
             return []
+        item, self._drops_in_a_row, self._smallest_dropped = fitted, 0, None
         config = self.config
         fitting = [
             buffer
@@ -331,3 +353,55 @@ class Packer:
             for key, item in entries:
                 buffer.add(key, self.refit(item))
             self.buffers.append(buffer)
+
+
+def _budget(config: PackingConfig) -> str:
+    return f"the pack budget (data.max_packed_tokens {config.max_packed_tokens}, data.max_tiles {config.max_tiles})"
+
+
+_CHECKED_AT_ONCE = 1 << 20
+"""Samples check_budget_fits measures at once: its memory stays about 50 MB whatever the data's size, and a
+budget most samples fit is found fitting after the first of them."""
+
+
+def _least_needs(index, overlong: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, tiles) each sample start..stop-1 of ``index`` (a DatasetIndex) needs to stay in a pack: its
+    size under overlong 'drop'; under 'truncate' the prefix through its first target with the images in it
+    (its size without a target: it is kept only whole)."""
+    lengths, first_target = index.sample_length[start:stop], index.sample_first_target[start:stop]
+    images = index.sample_images[start : stop + 1]
+    owner = np.repeat(np.arange(stop - start), np.diff(images))  # each image's sample, from start
+    image_tiles = index.image_tiles[images[0] : images[-1]]
+    tiles = np.bincount(owner, weights=image_tiles, minlength=stop - start).astype(np.int64)
+    if overlong == "drop":
+        return lengths, tiles
+    before_target = index.image_span[images[0] : images[-1], 0] < first_target[owner]
+    tiles_before = np.bincount(owner, weights=np.where(before_target, image_tiles, 0), minlength=stop - start).astype(np.int64)
+    has_target = first_target > 0
+    return np.where(has_target, first_target + 1, lengths), np.where(has_target, tiles_before, tiles)
+
+
+def check_budget_fits(config: PackingConfig, indexes: Sequence) -> None:
+    """A ValueError when no sample of ``indexes`` (DatasetIndexes: the shapes of the records a run draws
+    from) fits ``config``'s budget as Packer.add fits it, naming the budget setting and the sample that
+    needs the least: the Packer would drop every sample and never complete a pack. A sample needs its size
+    under overlong 'drop', its prefix through its first target under 'truncate'. An MPO pair needs at least
+    what each of its samples does and the index measures a video at its fewest frames, so a budget that
+    passes can still drop all that is drawn: Packer.add's DROPPED_IN_A_ROW ends that."""
+    smallest = None  # (tokens, tiles, source) of the sample needing the fewest tokens
+    for index in indexes:
+        for start in range(0, len(index.sample_length), _CHECKED_AT_ONCE):
+            tokens, tiles = _least_needs(index, config.overlong, start, min(start + _CHECKED_AT_ONCE, len(index.sample_length)))
+            if np.any((tokens <= config.max_packed_tokens) & (tiles <= config.max_tiles)):
+                return
+            sample = int(np.argmin(tokens))
+            record = int(np.searchsorted(index.record_samples, start + sample, side="right")) - 1
+            need = (int(tokens[sample]), int(tiles[sample]), f"{index.path}:{int(index.line_numbers[record])}")
+            smallest = need if smallest is None else min(smallest, need)
+    if smallest is None:
+        return
+    tokens, tiles, source = smallest
+    over = [f"{name} {budget}" for name, need, budget in (("data.max_packed_tokens", tokens, config.max_packed_tokens),
+                                                          ("data.max_tiles", tiles, config.max_tiles)) if need > budget]
+    raise ValueError(f"no sample fits {_budget(config)}: the smallest, {source}, needs {tokens} tokens / {tiles} tiles to stay "
+                     f"in a pack (data.overlong {config.overlong}), over {' and '.join(over)}")

@@ -54,6 +54,7 @@ from ..data import (
     RecordDataset,
     StepPlanner,
     build_loader,
+    check_budget_fits,
     decoding_peer,
     load_meta,
     load_or_build_index,
@@ -371,6 +372,8 @@ class Trainer:
         # Every rank must run the ViT at every step (FSDP's collectives): text-only packs get a blank tile.
         self.packing = data.packing(blank_tile_size=model_config.vision.image_size if self.distributed else None)
         stream = MixedStream(datasets(), data.language_weight, data.multimodal_weight, DataErrors(journal=[]), shapes=True)
+        # A budget no sample fits: an error now, not a planner drawing samples forever (datasets the stream draws from).
+        check_budget_fits(self.packing, [stream.datasets[name].index for names in stream.groups.values() for name in names])
         self.planner = StepPlanner(stream, Packer(self.packing, seed=config.seed), config.grad_accum, self.dp_rank, self.dp_world,
                                    cost=self._plan_flops, ahead=PLAN_AHEAD)
         decoder = PackDecoder({dataset.name: dataset for dataset in datasets()}, self.packing, config.seed,

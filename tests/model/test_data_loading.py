@@ -5,6 +5,10 @@ without decoding anything again."""
 
 import json
 import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,14 +29,18 @@ from model.data import (
     RecordDataset,
     StepPlanner,
     build_loader,
+    check_budget_fits,
     load_or_build_index,
 )
 from model.data import index as index_module
+from model.data import packing as packing_module
+from model.data.packing import DROPPED_IN_A_ROW
 from model.data.tokenizer import ByteTokenizer
 
 TOKENS_PER_TILE = 4
 PACKING = PackingConfig(max_packed_tokens=160, max_tiles=8, max_buffers=3)
 SEED = 3
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_data(folder):
@@ -419,6 +427,101 @@ def test_planner_arguments_are_checked(data):
     with pytest.raises(ValueError, match="no index"):
         RecordDataset(specs[0], encoder, tiler).get_shape(0, 0)
     assert isinstance(indexes["text"], DatasetIndex)
+
+
+def _survives(shape, config) -> bool:
+    """Whether Packer.add keeps ``shape`` (whole or truncated) under ``config``."""
+    packer = Packer(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packer.add(shape)
+    return packer.dropped == 0
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+@pytest.mark.parametrize("at_once", [3, None])
+def test_a_budget_no_sample_fits_is_refused_from_the_index(data, overlong, at_once, monkeypatch):
+    """check_budget_fits refuses a budget exactly when no sample of the index stays in a pack as the
+    Packer fits it, naming the budget and the sample needing the fewest tokens (also measuring the samples
+    3 at a time)."""
+    if at_once is not None:
+        monkeypatch.setattr(packing_module, "_CHECKED_AT_ONCE", at_once)
+    specs, encoder, tiler = data
+    index = _indexes(specs, encoder, tiler)["mm"]
+    shapes = [index.item_shape(record) for record in range(len(index)) if record not in index.reasons]
+    for tokens, tiles in [(2, 8), (12, 8), (20, 0), (20, 1), (40, 2), (60, 8), (400, 8)]:
+        config = PackingConfig(max_packed_tokens=tokens, max_tiles=tiles, overlong=overlong)
+        if any(_survives(shape, config) for shape in shapes):
+            check_budget_fits(config, [index])
+            continue
+        with pytest.raises(ValueError) as caught:
+            check_budget_fits(config, [index])
+        least = min(budget for budget in range(2, 2000)
+                    if any(_survives(shape, PackingConfig(max_packed_tokens=budget, max_tiles=99, overlong=overlong)) for shape in shapes))
+        message = str(caught.value)
+        assert message.startswith(f"no sample fits the pack budget (data.max_packed_tokens {tokens}, data.max_tiles {tiles}): "
+                                  f"the smallest, {index.path}:")
+        assert f"needs {least} tokens / " in message and f"(data.overlong {overlong}), over data.max_" in message
+        line = int(message.split(f"{index.path}:")[1].split(",")[0])
+        named = index.item_shape(int(np.flatnonzero(index.line_numbers == line)[0]))
+        assert _survives(named, PackingConfig(max_packed_tokens=least, max_tiles=99, overlong=overlong))
+
+
+def test_planning_with_a_budget_no_sample_fits_raises(data, monkeypatch):
+    """Planning on a budget that drops every sample ends in the Packer's ValueError (in the planning
+    thread too), not in an endless draw (bounded here so that a planner without the guard fails)."""
+    specs, encoder, tiler = data
+    indexes = _indexes(specs, encoder, tiler)
+    for ahead in (0, 2):
+        stream = MixedStream(_datasets(specs, encoder, tiler, indexes, kinds=("conversation",)), 1, 3, DataErrors(journal=[]), shapes=True)
+        draw, draws = stream.next, []
+
+        def bounded_draw():
+            draws.append(1)
+            if len(draws) > 2 * DROPPED_IN_A_ROW:
+                raise RuntimeError("the planner kept drawing samples")
+            return draw()
+
+        monkeypatch.setattr(stream, "next", bounded_draw)
+        planner = StepPlanner(stream, Packer(PackingConfig(max_packed_tokens=6, max_tiles=8)), 1, ahead=ahead)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match=f"{DROPPED_IN_A_ROW} samples in a row dropped: none fits the pack budget "
+                                                 r"\(data.max_packed_tokens 6, data.max_tiles 8\); the smallest of them, .*mm.jsonl:"):
+                next(iter(planner))
+        planner.close()
+        assert len(draws) == DROPPED_IN_A_ROW
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from model.train.demo_data import DemoDataConfig, generate
+
+    folder = tmp_path_factory.mktemp("demo_data")
+    generate(str(folder), config=DemoDataConfig(train_images=8, eval_images=2, preference_pairs=2, image_size=56, train_videos=1,
+                                                eval_videos=1, clip_frames=4))
+    return folder
+
+
+@pytest.mark.parametrize("mode, meta, tokens, error", [
+    # The reported hang: the demo's SFT (multimodal data only) with a budget below every sample's first target,
+    # refused from the index before anything is planned.
+    ("sft", "meta.json", 16, "no sample fits the pack budget (data.max_packed_tokens 16, data.max_tiles 64): the smallest, "),
+    # MPO pairs whose samples need 65 tokens each to keep a target (the index check passes at 100) but a pair
+    # truncates each of its samples to half the budget: every pair is dropped, and the Packer's guard ends it.
+    ("mpo", "meta_mpo.json", 100, f"{DROPPED_IN_A_ROW} samples in a row dropped: none fits the pack budget "
+                                  "(data.max_packed_tokens 100, data.max_tiles 64); the smallest of them, "),
+])
+def test_the_training_command_ends_a_budget_no_sample_fits_with_one_line(demo_data, tmp_path, mode, meta, tokens, error):
+    """A subprocess with a timeout: without the checks the planner draws samples forever (a SIGTERM does not
+    stop it), and an error raised while the loader starts must not leave the interpreter waiting on its workers."""
+    (tmp_path / "run.yaml").write_text(f"cpu_threads: 1\ndata: {{max_packed_tokens: {tokens}}}\n")
+    command = [sys.executable, "-W", "ignore", "-m", "model.train", "--preset", "demo", "--mode", mode, "--config",
+               str(tmp_path / "run.yaml"), "--data", str(demo_data / meta), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+               "--no-progress"]
+    ended = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert ended.returncode == 2, ended.stderr[-2000:]
+    assert ended.stderr.startswith(f"python -m model.train: error: {error}") and ended.stderr.count("\n") == 1
 
 
 def test_several_images_share_the_tile_budget(tmp_path):

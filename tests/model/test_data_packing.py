@@ -12,7 +12,7 @@ import torch
 from model.data.conversation import IGNORE_INDEX, ConversationEncoder
 from model.data.datasets import DataErrors, DatasetSpec, RecordDataset
 from model.data.mixing import MixedStream
-from model.data.packing import DELTA_CHOICES, Packer, PackingConfig, collate, shift_labels
+from model.data.packing import DELTA_CHOICES, DROPPED_IN_A_ROW, Packer, PackingConfig, collate, shift_labels
 from model.data.tiling import ImageTiler
 from model.data.tokenizer import ByteTokenizer
 
@@ -155,6 +155,29 @@ def test_overlong_policies(encoder):
         assert packer.add(long_sample) == []
     assert packer.dropped == 1 and packer.flush() == []
     assert tokenizer.decode(batches[0].input_ids[:7]) == "<|im_start|>user\n<img>"
+
+
+def test_dropping_every_sample_is_an_error_after_a_run_of_drops(encoder):
+    """A budget no sample fits (each truncated to no target) ends in a ValueError naming the budget and the
+    smallest sample dropped, instead of a caller drawing samples forever; a sample kept ends a run."""
+    def sample(question, source):
+        return encoder.encode_conversation([{"from": "human", "value": question}, {"from": "gpt", "value": "y"}], [], source)
+
+    short, longer = sample("q" * 20, "f.jsonl:2"), sample("q" * 30, "f.jsonl:1")
+    fits = encoder.encode_text("ok", source="g.jsonl:1")
+    packer = Packer(PackingConfig(max_packed_tokens=12, max_tiles=3, max_buffers=1, delta=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # a run one drop short, then a sample kept
+            for index in range(DROPPED_IN_A_ROW - 1):
+                assert packer.add(longer if index % 2 else short) == []
+            packer.add(fits)
+        for _ in range(DROPPED_IN_A_ROW - 1):
+            assert packer.add(longer) == []
+        with pytest.raises(ValueError) as caught:
+            packer.add(short)
+    assert str(caught.value) == (f"{DROPPED_IN_A_ROW} samples in a row dropped: none fits the pack budget (data.max_packed_tokens "
+                                 f"12, data.max_tiles 3); the smallest of them, f.jsonl:2, has {len(short)} tokens / 0 tiles")
 
 
 def test_preference_pair_stays_together(encoder):
