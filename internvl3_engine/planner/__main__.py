@@ -18,7 +18,7 @@ from .calibration import calibrate, default_results_dir
 from .cost import Assumptions, PlanCost, Workload
 from .hardware import GIB, GPUS, GPU, gpu as gpu_kind
 from ..architectures import PRESETS
-from .search import Recommendation, recommend
+from .search import PREDICTION_MARGIN, Recommendation, recommend
 from .shape import ModelShape, model_shape
 
 
@@ -99,6 +99,7 @@ def result_dict(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assu
         "considered": recommendation.considered,
         "skipped_tp": {str(tp): why for tp, why in recommendation.skipped_tp.items()},
         "reason": recommendation.reason,
+        "warnings": list(recommendation.warnings),
         "best": None if recommendation.best is None else cost_dict(recommendation.best),
         "alternatives": [cost_dict(cost) for cost in recommendation.alternatives],
     }
@@ -126,6 +127,8 @@ def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptio
     # Piped output would be cut to rich's 80 columns, too narrow for the breakdown.
     console = Console(width=None if sys.stdout.isatty() else 132)
     console.print(f"[bold]{shape.name}[/bold] on {gpus} x {gpu.name}: {recommendation.considered} plans costed")
+    for warning in recommendation.warnings:
+        console.print(f"[yellow]warning: {warning}[/yellow]", highlight=False)
     best = recommendation.best
     if best is None:
         console.print(f"[red]{recommendation.reason}[/red]")
@@ -161,7 +164,8 @@ def render(shape: ModelShape, gpus: int, gpu: GPU, workload: Workload, assumptio
             f"{best.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {best.mfu:.1%}"
         )
     if recommendation.alternatives:
-        table = Table(title="Runners-up")
+        table = Table(title=f"Runners-up: within {PREDICTION_MARGIN:.0%} of the fastest first, the leanest first; no variant of a "
+                      f"plan above (the same tp, cp and dp_replicate within {PREDICTION_MARGIN:.0%} in step time and memory)")
         for column in ("plan", "memory (GiB)", "step (s)", "tokens/s/GPU", "MFU"):
             table.add_column(column, justify="left" if column == "plan" else "right")
         for cost in recommendation.alternatives:

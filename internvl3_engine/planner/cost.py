@@ -73,6 +73,25 @@ class Workload:
         whole, rest = divmod(self.tokens_per_pack, self.sample_length)
         return [self.sample_length] * whole + ([rest] if rest else [])
 
+    def check(self, shape: ModelShape) -> None:
+        """A ValueError when a pack cannot hold its tiles: their image tokens (``shape``'s tokens a tile) over
+        tokens_per_pack."""
+        image_tokens = self.tiles_per_pack * shape.tokens_per_tile
+        if image_tokens > self.tokens_per_pack:
+            raise ValueError(f"tiles_per_pack {self.tiles_per_pack} x {shape.tokens_per_tile} image tokens a tile of {shape.name} = "
+                             f"{image_tokens:,} tokens, more than tokens_per_pack {self.tokens_per_pack:,}")
+
+    def warnings(self, shape: ModelShape) -> list[str]:
+        """What of this workload the cost model takes otherwise than given, or cannot be as given, for ``shape``."""
+        found = []
+        if self.sample_length > self.tokens_per_pack:
+            found.append(f"sample_length {self.sample_length:,} is longer than tokens_per_pack {self.tokens_per_pack:,}: "
+                         "costed as one sample filling the pack")
+        if self.tiles_per_pack and min(self.sample_length, self.tokens_per_pack) < shape.tokens_per_tile:
+            found.append(f"samples of {min(self.sample_length, self.tokens_per_pack):,} tokens cannot hold a tile's "
+                         f"{shape.tokens_per_tile} image tokens (tiles_per_pack {self.tiles_per_pack})")
+        return found
+
 
 @dataclass(frozen=True)
 class Assumptions:
@@ -247,6 +266,7 @@ def estimate(
     shape: ModelShape, plan: ParallelPlan, gpus: int, gpu: GPU, workload: Workload, assumptions: Assumptions
 ) -> PlanCost:
     """Memory per GPU and step time of ``plan`` training ``shape`` on ``gpus`` GPUs of kind ``gpu``."""
+    workload.check(shape)
     tp, replicas, cp = plan.tp, plan.dp_replicate, plan.cp
     dp_shard = _sharding_ranks(plan, gpus)
     data_parallel = gpus // tp

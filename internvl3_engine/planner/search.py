@@ -1,4 +1,4 @@
-"""The planner's search: every plan the engine can run on the GPUs, costed; the fastest that fits memory.
+"""The planner's search: every plan the engine can run on the GPUs, costed; the best that fits memory.
 
 Enumerated: each component's sharding (replicate, zero2, zero3), activation checkpointing of the ViT and
 the LLM (the projector has no blocks to checkpoint), the LLM's tensor-parallel degree (1, 2, 4, 8: within
@@ -7,7 +7,9 @@ with tp within a node, as Ulysses attention's head counts allow), and HSDP (dp_r
 replica group a node when there are several nodes). Mixed precision is fixed (bf16 parameters for compute,
 fp32 reductions) and so is prefetch (PREFETCH: the cost model never finds less prefetch faster). "Fastest"
 is the most tokens per second per GPU: tensor- and context-parallel peers share a pack, so step times of
-different tp and cp differ in tokens.
+different tp and cp differ in tokens. "Best" (rank): among the plans within PREDICTION_MARGIN of the fastest,
+the one with the most memory headroom; the runners-up leave out variants of a plan listed before them
+(alike).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ PREFETCH = 1
 TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8)
 CONTEXT_PARALLEL_DEGREES = (1, 2, 4, 8)
 
+PREDICTION_MARGIN = 0.03
+"""The differences the cost model cannot resolve, as a fraction of a step time and of the memory budget.
+Plans predicted within it of the fastest are ranked by memory (the leanest first: headroom is what a
+prediction's error, fragmentation or a longer pack than planned eats), runners-up within it of a listed
+plan in both step time and memory are left out as its variants, and a recommended plan within it of the
+budget is warned about. 3% is under the model's known error: its step times have not been checked against
+measured multi-GPU steps (bench/results/README.md, "Planner predictions"), the one compute efficiency it
+applies to every plan is the measured MFU of one preset, 9% off the next one's (H100: InternVL3-2B 28.1%,
+1B 25.7%), and plans this close differ in terms (exposed communication, recompute, all-to-alls) costed
+from assumed overlap and link efficiency."""
+
 
 def context_parallel_degrees(shape: ModelShape, tp: int, gpus: int, gpu: GPU) -> list[int]:
     """The cp degrees to try beside tensor-parallel degree ``tp``: their all-to-alls within a node, the
@@ -45,13 +58,15 @@ def context_parallel_degrees(shape: ModelShape, tp: int, gpus: int, gpu: GPU) ->
 
 @dataclass(frozen=True)
 class Recommendation:
-    """The fastest plan that fits (None if none does, with ``reason``) and the runners-up, fastest first."""
+    """The best plan that fits (None if none does, with ``reason``) and the runners-up in rank order (see
+    rank and alike), with what the user should know of the workload or the plan (``warnings``)."""
 
     best: PlanCost | None
     alternatives: list[PlanCost]
     considered: int
     reason: str | None
     skipped_tp: dict[int, str]  # degrees the engine or the model rule out, and why
+    warnings: list[str]
 
 
 def check_gpus(gpus: int, gpu: GPU) -> None:
@@ -105,19 +120,52 @@ def candidate_plans(shape: ModelShape, gpus: int, gpu: GPU) -> tuple[list[Parall
     return plans, skipped
 
 
+def rank(costs: list[PlanCost]) -> list[PlanCost]:
+    """The fitting plans best first: those predicted within PREDICTION_MARGIN of the fastest by memory, the
+    leanest first, then the others by speed."""
+    fitting = sorted((cost for cost in costs if cost.fits), key=lambda cost: (-cost.tokens_per_s_per_gpu, cost.memory_bytes))
+    if not fitting:
+        return []
+    floor = fitting[0].tokens_per_s_per_gpu * (1 - PREDICTION_MARGIN)
+    close = [cost for cost in fitting if cost.tokens_per_s_per_gpu >= floor]
+    return sorted(close, key=lambda cost: (cost.memory_bytes, -cost.tokens_per_s_per_gpu)) + fitting[len(close):]
+
+
+def alike(cost: PlanCost, other: PlanCost) -> bool:
+    """Whether two plans are variants the cost model cannot tell apart: the same tp, cp and dp_replicate, and
+    step times and memory within PREDICTION_MARGIN (of the shorter step, of the memory budget)."""
+    plan, other_plan = cost.plan, other.plan
+    return ((plan.tp, plan.cp, plan.dp_replicate) == (other_plan.tp, other_plan.cp, other_plan.dp_replicate)
+            and abs(cost.step_s - other.step_s) <= PREDICTION_MARGIN * min(cost.step_s, other.step_s)
+            and abs(cost.memory_bytes - other.memory_bytes) <= PREDICTION_MARGIN * cost.memory_budget_bytes)
+
+
 def recommend(
     shape: ModelShape, gpus: int, gpu: GPU, workload: Workload | None = None, assumptions: Assumptions | None = None,
     top: int = 5,
 ) -> Recommendation:
-    """Cost every candidate plan; the fastest that fits ``assumptions.memory_fraction`` of HBM, and the next
-    ``top - 1`` fitting ones."""
+    """Cost every candidate plan; the best (rank) that fits ``assumptions.memory_fraction`` of HBM, and the
+    next ``top - 1`` fitting ones that are no variant of a plan before them (alike). ValueError for a
+    workload the model cannot hold (Workload.check)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int, got {top!r}")
     workload = workload or Workload()
     assumptions = assumptions or Assumptions()
     plans, skipped = candidate_plans(shape, gpus, gpu)
     costs = [estimate(shape, plan, gpus, gpu, workload, assumptions) for plan in plans]
-    fitting = sorted((cost for cost in costs if cost.fits), key=lambda cost: (-cost.tokens_per_s_per_gpu, cost.memory_bytes))
+    listed: list[PlanCost] = []
+    for cost in rank(costs):
+        if len(listed) == top:
+            break
+        if not any(alike(cost, other) for other in listed):
+            listed.append(cost)
+    warnings = workload.warnings(shape)
+    if listed and listed[0].memory_bytes > (1 - PREDICTION_MARGIN) * listed[0].memory_budget_bytes:
+        warnings.append(f"the recommended plan needs {listed[0].memory_bytes / GIB:.1f} of {listed[0].memory_budget_bytes / GIB:.1f} "
+                        f"GiB, within the cost model's {PREDICTION_MARGIN:.0%} margin of the budget: it may run out of memory "
+                        "(more GPUs, or fewer tokens or tiles per pack, leave room)")
     reason = None
-    if not fitting:
+    if not listed:
         leanest = min(costs, key=lambda cost: cost.memory_bytes)
         reason = (
             f"no plan fits: the leanest needs {leanest.memory_bytes / GIB:.1f} GiB per GPU, over the budget of "
@@ -125,6 +173,6 @@ def recommend(
             "use more GPUs, fewer tokens or tiles per pack, or a GPU with more memory"
         )
     return Recommendation(
-        best=fitting[0] if fitting else None, alternatives=fitting[1:top], considered=len(costs), reason=reason,
-        skipped_tp=skipped,
+        best=listed[0] if listed else None, alternatives=listed[1:], considered=len(costs), reason=reason,
+        skipped_tp=skipped, warnings=warnings,
     )
