@@ -147,4 +147,6 @@ def test_every_command_ends_a_bad_input_with_one_line(files, tmp_path):
             failures.append(f"{name}: exit status 0")
         elif len(lines) != 1 or "Traceback" in completed.stderr or ": error: " not in lines[0]:
             failures.append(f"{name}: exit {completed.returncode}, {len(lines)} lines on stderr: {completed.stderr[-600:]!r}")
+        else:
+            print(f"| {name} | {completed.returncode} | {lines[0]} |")  # the table (pytest -rP shows it)
     assert not failures, "\n".join(failures)
