@@ -4,7 +4,7 @@ the resumable language/multimodal mixing stream, the data index and per-rank loa
 from .conversation import IGNORE_INDEX, ConversationEncoder, DataError, PreferencePair, Sample, SampleShape, num_image_tokens
 from .datasets import DataErrors, DatasetSpec, JsonlFile, RecordDataset, load_meta
 from .index import DatasetIndex, load_or_build_index
-from .loading import PackDecoder, StepData, StepPlanner, StepShare, build_loader, decoding_peer
+from .loading import PackDecoder, StepData, StepPlanner, StepShare, build_loader, decoding_peer, start_loader
 from .mixing import MixedStream
 from .packing import DELTA_CHOICES, PackedBatch, Packer, PackingConfig, PackPlan, check_budget_fits, collate, shift_labels
 from .tiling import IMAGENET_MEAN, IMAGENET_STD, ImageTiler, candidate_grids, closest_grid, image_size, load_image, tile_image
@@ -52,6 +52,7 @@ __all__ = [
     "Tokenizer",
     "build_loader",
     "decoding_peer",
+    "start_loader",
     "candidate_grids",
     "check_budget_fits",
     "chat_turn",

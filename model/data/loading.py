@@ -29,6 +29,7 @@ import queue
 import signal
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional
@@ -286,6 +287,22 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """A worker ignores SIGTERM: a scheduler signalling the whole process group (preemption, scancel) must
     not kill the workers under the step being finished; the training process stops them when it ends."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def start_loader(loader):
+    """``iter(loader)``; if starting fails (e.g. the first step's planning raises inside the iterator's
+    constructor), the half-built iterator's workers are shut down before the error goes on: they ignore
+    SIGTERM, which is how the interpreter ends leftover workers at exit, and the traceback keeps the iterator
+    (whose __del__ would shut them down) alive, so left behind the interpreter would wait on them forever."""
+    try:
+        return iter(loader)
+    except BaseException as error:
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            iterator = frame.f_locals.get("self")
+            if hasattr(iterator, "_shutdown_workers"):  # what the iterator's __del__ runs
+                iterator._shutdown_workers()
+                break
+        raise
 
 
 def build_loader(planner: StepPlanner, decoder: PackDecoder, num_workers: int, prefetch_factor: int, pin_memory: bool, seed: int):

@@ -85,7 +85,7 @@ are counted in ``errors`` (the caller's to save: the stream's state holds its po
                 self.modality_tokens[dataset.modality] += len(item)
                 self.items += 1
                 return key, item
-        raise RuntimeError(f"dataset {name!r}: {len(dataset)} bad records in a row, see:\n{self.errors.summary()}")
+        raise ValueError(f"dataset {name!r}: {len(dataset)} bad records in a row (every record of an epoch), see:\n{self.errors.summary()}")
 
     def __iter__(self) -> Iterator[tuple[tuple, Item]]:
         while True:

@@ -70,8 +70,9 @@ def load_plan(path: str):
     """A ParallelPlan from a YAML/JSON file (ParallelPlan.to_dict's layout: dtypes by name)."""
     from internvl3_engine.parallel import ParallelPlan
 
+    data = load_config_file(path)  # its errors name the file
     try:
-        return ParallelPlan.from_dict(load_config_file(path))
+        return ParallelPlan.from_dict(data)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
 

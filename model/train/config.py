@@ -42,6 +42,33 @@ class _Settings:
 
     SECTION: ClassVar[str] = ""  # the section's key in TrainConfig ("" for TrainConfig's own fields)
 
+    def __post_init__(self):
+        self._check_types()
+        self._check()
+
+    def _check_types(self) -> None:
+        """TypeError naming a field set to another type than its default's (a bool, an int, a number or a
+        string; fields defaulting to None or a tuple are checked by their section)."""
+        for entry in dataclasses.fields(self):
+            default, value = entry.default, getattr(self, entry.name)
+            if value is None and ("Optional" in str(entry.type) or "None" in str(entry.type)):
+                continue
+            if isinstance(default, bool):
+                kinds, what = (bool,), "true or false"
+            elif isinstance(default, int):
+                kinds, what = (int,), "an integer"
+            elif isinstance(default, float):
+                kinds, what = (int, float), "a number"
+            elif isinstance(default, str):
+                kinds, what = (str,), "a string"
+            else:
+                continue
+            if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
+                raise TypeError(f"{self._name(entry.name)} must be {what}, got {value!r}")
+
+    def _check(self) -> None:
+        """The section's own rules (ValueError naming the field)."""
+
     def _name(self, name: str) -> str:
         return f"{self.SECTION}.{name}" if self.SECTION else name
 
@@ -77,7 +104,7 @@ class OptimConfig(_Settings):
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
 
-    def __post_init__(self):
+    def _check(self) -> None:
         self.betas = tuple(self.betas)
         self._require("lr", self.lr > 0, "> 0")
         for name in ("lr_vision", "lr_projector", "lr_language"):
@@ -133,7 +160,7 @@ class DataConfig(_Settings):
     video_min_frames: Optional[int] = None
     video_frame_offsets: str = "middle"
 
-    def __post_init__(self):
+    def _check(self) -> None:
         try:  # the packer's and the tiler's own checks, run now
             self.packing()
             self.tiler()
@@ -173,7 +200,7 @@ class MpoConfig(_Settings):
     beta: float = field(default=MPO_BETA, metadata={"flat": "mpo_beta"})
     weights: tuple = field(default=MPO_WEIGHTS, metadata={"flat": "mpo_weights"})
 
-    def __post_init__(self):
+    def _check(self) -> None:
         self.weights = tuple(self.weights)
         self._require("beta", self.beta > 0, "> 0")
         self._require("weights", len(self.weights) == 3 and all(weight >= 0 for weight in self.weights),
@@ -195,7 +222,7 @@ class LoggingConfig(_Settings):
     eval_examples: Optional[int] = None
     eval_delta: float = 0.25
 
-    def __post_init__(self):
+    def _check(self) -> None:
         self.log = log_backends(self.log)
         self._at_least(1, "log_every")
         self._require("eval_examples", self.eval_examples is None or self.eval_examples >= 1, ">= 1 or None (all)")
@@ -214,7 +241,7 @@ class CheckpointConfig(_Settings):
     keep_last: int = 2
     asynchronous: bool = True
 
-    def __post_init__(self):
+    def _check(self) -> None:
         self._at_least(1, "save_every")
         self._at_least(0, "keep_last")
 
@@ -249,7 +276,7 @@ class TrainConfig(_Settings):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def __post_init__(self):
+    def _check(self) -> None:
         for key, section in SECTIONS.items():
             value = getattr(self, key)
             if not isinstance(value, section):
@@ -292,7 +319,12 @@ class TrainConfig(_Settings):
         config = InternVL3Config.preset(settings.pop("preset", "tiny"))
         for part in ("vision", "projector", "text"):
             if part in settings:
-                setattr(config, part, dataclasses.replace(getattr(config, part), **settings.pop(part)))
+                given, known = settings.pop(part), [entry.name for entry in dataclasses.fields(getattr(config, part))]
+                unknown = sorted(set(given) - set(known)) if isinstance(given, Mapping) else None
+                if unknown is None or unknown:
+                    raise ValueError(f"model.{part}: unknown settings {unknown}; known: {known}" if unknown
+                                     else f"model.{part}: a mapping of its settings, got {given!r}")
+                setattr(config, part, dataclasses.replace(getattr(config, part), **given))
         for key, value in settings.items():
             if not hasattr(config, key):
                 raise ValueError(f"unknown model setting {key!r}")

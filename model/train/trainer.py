@@ -56,6 +56,7 @@ from ..data import (
     build_loader,
     check_budget_fits,
     decoding_peer,
+    start_loader,
     load_meta,
     load_or_build_index,
     load_tokenizer,
@@ -418,7 +419,7 @@ class Trainer:
         """This rank's decoded packs of the next step (model.data.loading), its skips recorded: the
         planning's are the same on every rank, the decoding's this rank's until _share_errors."""
         if self._steps is None:
-            self._steps = iter(self.loader)
+            self._steps = start_loader(self.loader)
         data = next(self._steps)
         if self._peer_group is not None:  # each pack comes from the peer that decoded it (PackDecoder)
             data.batches = [broadcast_batch(batch, self._peer_group, decoding_peer(data.step, index, self._pack_peers), self.device)
